@@ -1,0 +1,134 @@
+"""Expert-load workloads for the benchmark and the demo: real traces, or a built-in synthetic one.
+
+Real traces live outside the project (``../shared/traces/NAME.npz``; format in that folder's README:
+``load`` float64 ``[T, L, E]`` tokens per window, layer and logical expert). A user's machine has no
+such folder: :func:`load_workload` then falls back to :func:`synthetic_trace` and says so.
+
+The synthetic workload is shaped like the real ones: per layer, expert popularity follows a Zipf
+law (exponent ``skew``, hottest expert ~5-10x the mean) over a random permutation of the experts;
+from window to window the log-popularities take a Gaussian random walk (``drift``), and every
+``shift_every`` windows two random experts of each layer swap popularity (an abrupt shift, as
+when the request mix changes). Counts are drawn multinomially: ``tokens`` routed tokens per layer
+per window, each token to ``top_k`` experts.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_TRACE = "dsv2lite_puffin"
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A load trace. ``load``: ``[T, L, E]`` float64 tokens per (window, layer, logical expert)."""
+
+    name: str
+    load: torch.Tensor
+    model: str = ""
+    synthetic: bool = False
+    top_k: int = 0  # 0 when unknown
+
+    @property
+    def static(self) -> bool:
+        return self.load.shape[0] == 1
+
+
+def default_traces_dir() -> Path | None:
+    """``$RAY_EPLB_TRACES``, else ``../shared/traces`` from the working directory or the checkout."""
+    env = os.environ.get("RAY_EPLB_TRACES")
+    candidates = [Path(env)] if env else []
+    candidates += [Path.cwd().parent / "shared" / "traces", Path(__file__).resolve().parents[2] / "shared" / "traces"]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
+def load_trace(name_or_path: str | os.PathLike, traces_dir: str | os.PathLike | None = None) -> Trace:
+    """Read a trace ``.npz`` given by path, or by name inside ``traces_dir``.
+
+    Raises ``FileNotFoundError`` naming where it looked, ``ValueError`` for a malformed file.
+    """
+    p = Path(name_or_path)
+    if p.suffix != ".npz" or not p.exists():
+        base = Path(traces_dir) if traces_dir is not None else default_traces_dir()
+        if base is None:
+            raise FileNotFoundError(f"trace {str(name_or_path)!r}: no traces folder found (set RAY_EPLB_TRACES)")
+        p = base / (p.name if p.suffix == ".npz" else f"{p.name}.npz")
+    if not p.exists():
+        raise FileNotFoundError(f"trace file {str(p)!r} does not exist")
+    with np.load(p, allow_pickle=False) as data:
+        if "load" not in data.files:
+            raise ValueError(f"trace {str(p)!r} has no 'load' array (found {data.files})")
+        load = np.asarray(data["load"], dtype=np.float64)
+        model = str(data["model"]) if "model" in data.files else ""
+    if load.ndim != 3 or min(load.shape) == 0:
+        raise ValueError(f"trace {str(p)!r}: 'load' must be [T, L, E] and non-empty, got shape {load.shape}")
+    if not np.isfinite(load).all() or (load < 0).any():
+        raise ValueError(f"trace {str(p)!r}: 'load' holds NaN, inf or negative values")
+    return Trace(name=p.stem, load=torch.from_numpy(load), model=model)
+
+
+def synthetic_trace(
+    num_windows: int = 20,
+    num_layers: int = 8,
+    num_experts: int = 64,
+    *,
+    top_k: int = 6,
+    tokens: int = 20_000,
+    skew: float = 0.9,
+    drift: float = 0.15,
+    shift_every: int = 5,
+    seed: int = 0,
+) -> Trace:
+    """The built-in skewed, drifting workload described in the module docstring. ``load``: ``[T, L, E]``."""
+    rng = np.random.default_rng(seed)
+    ranks = np.stack([rng.permutation(num_experts) for _ in range(num_layers)]) + 1  # [L, E]
+    logp = -skew * np.log(ranks.astype(np.float64))  # [L, E]
+    out = np.empty((num_windows, num_layers, num_experts))
+    for t in range(num_windows):
+        if t and shift_every and t % shift_every == 0:
+            for layer in range(num_layers):
+                a, b = rng.choice(num_experts, size=2, replace=False)
+                logp[layer, [a, b]] = logp[layer, [b, a]]
+        logp = logp + rng.normal(0.0, drift, size=logp.shape)
+        p = np.exp(logp - logp.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        for layer in range(num_layers):
+            out[t, layer] = rng.multinomial(tokens * top_k, p[layer])
+    return Trace(name="synthetic", load=torch.from_numpy(out), model="synthetic", synthetic=True, top_k=top_k)
+
+
+def load_workload(name_or_path: str | None = None, traces_dir: str | os.PathLike | None = None, **synthetic_kwargs) -> Trace:
+    """A real trace when one can be found, else the synthetic workload (with a printed notice).
+
+    An explicitly given path that does not exist is an error, not a fallback.
+    """
+    if name_or_path is not None and Path(name_or_path).suffix == ".npz":
+        return load_trace(name_or_path, traces_dir)
+    try:
+        return load_trace(name_or_path or DEFAULT_TRACE, traces_dir)
+    except FileNotFoundError as exc:
+        print(f"[ray-eplb] {exc}; using the built-in synthetic workload (skewed Zipf, drifting)")
+        return synthetic_trace(**synthetic_kwargs)
+
+
+def sample_windows(table: torch.Tensor, num_windows: int, tokens_per_layer: int, seed: int = 0) -> torch.Tensor:
+    """Draw windows from a static table: ``table [L, E]`` -> ``[num_windows, L, E]`` float64 counts.
+
+    Each window routes ``tokens_per_layer`` tokens per layer multinomially from the layer's
+    distribution (a layer with no load stays all-zero).
+    """
+    rng = np.random.default_rng(seed)
+    t = table.detach().cpu().numpy().astype(np.float64)
+    out = np.zeros((num_windows,) + t.shape)
+    for layer in range(t.shape[0]):
+        total = t[layer].sum()
+        if total > 0:
+            out[:, layer] = rng.multinomial(tokens_per_layer, t[layer] / total, size=num_windows)
+    return torch.from_numpy(out)

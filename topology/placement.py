@@ -1,0 +1,99 @@
+"""A versioned expert placement: the three maps of one epoch, checked against a Topology."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ray_eplb.solver.maps import logical_maps
+from ray_eplb.topology.shape import Topology
+
+
+class Placement(BaseModel):
+    """Which logical expert each slot holds, at one epoch.
+
+    Fields:
+        topology: the shape this placement is for.
+        epoch: version number; a newer placement has a larger epoch.
+        phy2log: ``[L, R]`` int64, logical expert of each slot.
+        log2phy: ``[L, E, R-E+1]`` int64, slots of each logical expert, ``-1`` padded.
+        logcnt: ``[L, E]`` int64, replicas per logical expert.
+    """
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    topology: Topology
+    epoch: int = Field(default=0, ge=0)
+    phy2log: torch.Tensor
+    log2phy: torch.Tensor
+    logcnt: torch.Tensor
+
+    @model_validator(mode="after")
+    def _check(self) -> "Placement":
+        t = self.topology
+        want = {
+            "phy2log": (t.num_layers, t.num_slots),
+            "log2phy": (t.num_layers, t.num_experts, t.num_slots - t.num_experts + 1),
+            "logcnt": (t.num_layers, t.num_experts),
+        }
+        for name, shape in want.items():
+            got = tuple(getattr(self, name).shape)
+            if got != shape:
+                raise ValueError(f"{name} has shape {got}, the topology needs {shape}")
+        if self.phy2log.dtype != torch.int64:
+            raise ValueError(f"phy2log must be int64, got {self.phy2log.dtype}")
+        log2phy, logcnt = logical_maps(self.phy2log, t.num_experts)
+        if not torch.equal(logcnt, self.logcnt.to(logcnt.device)):
+            raise ValueError("logcnt does not match phy2log")
+        if bool((logcnt == 0).any()):
+            layer, expert = (logcnt == 0).nonzero()[0].tolist()
+            raise ValueError(f"expert {expert} of layer {layer} has no slot")
+        if not torch.equal(log2phy, self.log2phy.to(log2phy.device)):
+            raise ValueError("log2phy does not invert phy2log")
+        return self
+
+    @classmethod
+    def from_phy2log(cls, topology: Topology, phy2log: torch.Tensor, epoch: int = 0) -> "Placement":
+        """Build a placement from its slot map ``phy2log [L, R]``."""
+        phy2log = torch.as_tensor(phy2log, dtype=torch.int64)
+        log2phy, logcnt = logical_maps(phy2log, topology.num_experts)
+        return cls(topology=topology, epoch=epoch, phy2log=phy2log, log2phy=log2phy, logcnt=logcnt)
+
+    @classmethod
+    def identity(cls, topology: Topology, epoch: int = 0) -> "Placement":
+        """Round-robin start placement: slot ``s`` holds expert ``s % E`` in every layer."""
+        row = torch.arange(topology.num_slots, dtype=torch.int64) % topology.num_experts
+        return cls.from_phy2log(topology, row.expand(topology.num_layers, -1).clone(), epoch)
+
+    def rank_experts(self, rank: int) -> torch.Tensor:
+        """``[L, S]`` logical experts held by ``rank``'s slots."""
+        s = self.topology.slots_per_gpu
+        return self.phy2log[:, rank * s : (rank + 1) * s]
+
+    def changed_slots(self, other: "Placement") -> torch.Tensor:
+        """``[L, R]`` bool: slots whose expert differs between ``self`` and ``other``."""
+        if other.topology != self.topology:
+            raise ValueError("placements are for different topologies")
+        return self.phy2log != other.phy2log.to(self.phy2log.device)
+
+    def with_epoch(self, epoch: int) -> "Placement":
+        return self.model_copy(update={"epoch": epoch})
+
+
+def plan(topology: Topology, weight: torch.Tensor, *, epoch: int = 0, **solver_kwargs: Any) -> Placement:
+    """Solve a placement for ``weight [L, E]`` on ``topology`` (typed front of ``rebalance_experts``).
+
+    ``solver_kwargs`` go to :func:`ray_eplb.solver.rebalance_experts` (``policy``, ``method``).
+    """
+    from ray_eplb.solver import rebalance_experts
+
+    if tuple(weight.shape) != (topology.num_layers, topology.num_experts):
+        raise ValueError(
+            f"weight has shape {tuple(weight.shape)}, the topology needs "
+            f"({topology.num_layers}, {topology.num_experts})"
+        )
+    phy2log, log2phy, logcnt = rebalance_experts(
+        weight, topology.num_slots, topology.num_groups, topology.num_nodes, topology.num_gpus, **solver_kwargs
+    )
+    return Placement(topology=topology, epoch=epoch, phy2log=phy2log, log2phy=log2phy, logcnt=logcnt)
