@@ -1,0 +1,369 @@
+"""``ray-eplb bench``: the solver benchmark on real MoE traces (issue 2, "8. Benchmark").
+
+For each case (a trace and a cluster shape) and each solver, every window ``i`` of the trace is
+planned on ``i`` and scored on ``i + 1`` (next-window balancedness: what a deployed plan meets) and
+on ``i`` itself (in-window: the solver's own job). Also reported: median solve time single-threaded,
+the fraction of slots changed since the previous plan, and duplicate (layer, GPU) pairs with how many
+of them were unavoidable. Solvers side by side: ours (``ray_eplb.solver.rebalance_experts``, default
+settings), optional variants (``--variants method=dhondt policy=global``), and the greedy baseline
+(:mod:`ray_eplb.solver.baseline`). Static tables (T == 1) become 12 windows of 200,000 routed tokens
+per layer. Without a traces folder the cases run on the built-in synthetic workload, and say so.
+
+    python -m ray_eplb.controller.bench_solver [--cases dsv2lite qwen3] [--windows 4] [--repeats 3] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ray_eplb.controller.workload import default_traces_dir, load_trace, sample_windows, synthetic_trace
+from ray_eplb.solver import balancedness, duplicate_pairs
+from ray_eplb.solver.baseline import greedy_rebalance_experts
+
+STATIC_WINDOWS = 12
+STATIC_TOKENS = 200_000
+ADRS_CASE = "dsv2lite_puffin 288,8,4,32"
+ADRS_MAX_MS = 1.0
+NEXT_WINDOW_SLACK = 0.01  # no case more than 1% below the greedy
+
+
+@dataclass(frozen=True)
+class Case:
+    trace: str
+    num_replicas: int
+    num_groups: int
+    num_nodes: int
+    num_gpus: int
+    target_in_window: float | None = None  # best published solver's in-window balancedness
+    synthetic_experts: int = 0  # > 0: a synthetic workload with this many experts
+
+    @property
+    def name(self) -> str:
+        return f"{self.trace} {self.num_replicas},{self.num_groups},{self.num_nodes},{self.num_gpus}"
+
+
+CASES = [
+    Case("dsv2lite_puffin", 288, 8, 4, 32, 0.997),
+    Case("dsv2lite_puffin", 72, 8, 2, 8, 0.996),
+    Case("llama4_maverick_mmlu", 144, 8, 2, 16, 0.911),
+    Case("llama4_maverick_mmlu", 160, 8, 4, 32, 0.892),
+    Case("qwen3_235b_prover", 144, 8, 2, 16, 0.996),
+    Case("qwen3_235b_prover", 136, 8, 1, 8, 0.9998),
+    Case("qwen3_30b_prover", 144, 8, 2, 16, 0.996),
+    Case("qwen2_57b_sharegpt", 72, 8, 2, 8, 0.995),
+    Case("qwen2_57b_multidomain", 80, 8, 2, 16, 0.988),
+    Case("olmoe_domains", 72, 8, 2, 8, 0.993),
+    Case("mixtral_domains", 16, 4, 2, 8, 0.962),
+]
+
+# Shapes of the real cases on the synthetic workload (no published targets there).
+SYNTHETIC_CASES = [
+    Case("synthetic_e64", 288, 8, 4, 32, synthetic_experts=64),
+    Case("synthetic_e64", 72, 8, 2, 8, synthetic_experts=64),
+    Case("synthetic_e128", 144, 8, 2, 16, synthetic_experts=128),
+    Case("synthetic_e8", 16, 4, 2, 8, synthetic_experts=8),
+]
+
+
+@dataclass
+class SolverResult:
+    next_window_balancedness: float
+    in_window_balancedness: float
+    median_solve_ms: float
+    timed_solves: int
+    repeats_per_window: int
+    slots_changed_frac: float
+    duplicate_pairs: int
+    unavoidable_duplicate_pairs: int
+    per_window_in: list[float] = field(default_factory=list)
+    per_window_next: list[float] = field(default_factory=list)
+
+
+Solver = Callable[[torch.Tensor, int, int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def case_windows(case: Case, traces_dir: Path | None, max_windows: int | None, seed: int) -> torch.Tensor:
+    """The case's load windows, ``[T, L, E]`` float64 (``T >= 2``), truncated to ``max_windows``."""
+    if case.synthetic_experts:
+        top_k = 2 if case.synthetic_experts <= 8 else 6
+        load = synthetic_trace(STATIC_WINDOWS, 12, case.synthetic_experts, top_k=top_k, seed=seed).load
+    else:
+        load = load_trace(case.trace, traces_dir).load  # [T, L, E]
+        if load.shape[0] == 1:
+            load = sample_windows(load[0], STATIC_WINDOWS, STATIC_TOKENS, seed)  # [12, L, E]
+    if max_windows is not None:
+        load = load[: max(2, max_windows)]
+    return load
+
+
+def unavoidable_duplicates(phy2log: torch.Tensor, logcnt: torch.Tensor, case: Case) -> int:
+    """Duplicates no placement with these counts can avoid: ``sum max(0, count - GPUs available)``.
+
+    ``phy2log [L, R]``, ``logcnt [L, E]``. An expert may use every GPU, or only its node's GPUs in a
+    layer whose placement keeps every expert group whole on one node (the hierarchical policy).
+    """
+    num_layers, num_slots = phy2log.shape
+    num_experts = logcnt.shape[1]
+    avail = torch.full((num_layers,), case.num_gpus, dtype=torch.int64)  # [L]
+    if case.num_nodes > 1 and case.num_groups % case.num_nodes == 0 and num_experts % case.num_groups == 0:
+        node = (torch.arange(num_slots) // (num_slots // case.num_nodes)).expand(num_layers, -1)  # [L, R]
+        group = phy2log.cpu() // (num_experts // case.num_groups)  # [L, R]
+        lo = torch.full((num_layers, case.num_groups), case.num_nodes, dtype=torch.int64)  # [L, G]
+        hi = torch.full((num_layers, case.num_groups), -1, dtype=torch.int64)  # [L, G]
+        lo.scatter_reduce_(1, group, node, "amin")
+        hi.scatter_reduce_(1, group, node, "amax")
+        whole = (lo == hi).all(dim=1)  # [L] every group on one node
+        avail = torch.where(whole, case.num_gpus // case.num_nodes, avail)
+    return int((logcnt.cpu() - avail.unsqueeze(1)).clamp(min=0).sum())
+
+
+def run_solver(solve: Solver, case: Case, windows: torch.Tensor, repeats: int) -> SolverResult:
+    """Plan every window of ``windows [T, L, E]`` with ``solve``; score, time and count duplicates."""
+    shape = (case.num_replicas, case.num_groups, case.num_nodes, case.num_gpus)
+    solve(windows[0], *shape)  # warm-up
+    times, plans = [], []
+    for w in windows:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            phy2log, _, logcnt = solve(w, *shape)
+            times.append(time.perf_counter() - t0)
+        plans.append((phy2log, logcnt))
+    p = case.num_gpus
+    inw = [balancedness(ph, c, w, p) for (ph, c), w in zip(plans, windows)]
+    nxt = [balancedness(ph, c, w, p) for (ph, c), w in zip(plans[:-1], windows[1:])]
+    changed = [float((a[0] != b[0]).double().mean()) for a, b in zip(plans[:-1], plans[1:])]
+    return SolverResult(
+        next_window_balancedness=statistics.fmean(nxt),
+        in_window_balancedness=statistics.fmean(inw),
+        median_solve_ms=statistics.median(times) * 1e3,
+        timed_solves=len(times),
+        repeats_per_window=repeats,
+        slots_changed_frac=statistics.fmean(changed),
+        duplicate_pairs=sum(duplicate_pairs(ph, p) for ph, _ in plans),
+        unavoidable_duplicate_pairs=sum(unavoidable_duplicates(ph, c, case) for ph, c in plans),
+        per_window_in=inw,
+        per_window_next=nxt,
+    )
+
+
+def _parse_variant(spec: str) -> dict[str, str]:
+    kwargs = {}
+    for part in filter(None, spec.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"--variants: {spec!r} is not of the form key=value[,key=value]")
+        kwargs[key.strip()] = value.strip()
+    return kwargs
+
+
+def build_solvers(variants: list[str]) -> tuple[dict[str, Solver], str | None]:
+    """``{column: solver}`` with ``ours``, the variants and ``greedy``; plus a notice if ours is missing."""
+    try:
+        from ray_eplb.solver import rebalance_experts  # noqa: PLC0415 (may not exist yet)
+    except ImportError:
+        rebalance_experts = None
+    notice = None
+    solvers: dict[str, Solver] = {}
+    if rebalance_experts is None:
+        notice = "ray_eplb.solver.rebalance_experts is not importable: the 'ours' column runs the greedy baseline"
+        solvers["ours"] = greedy_rebalance_experts
+        if variants:
+            notice += f"; variants {variants} skipped"
+    else:
+        solvers["ours"] = rebalance_experts
+        for spec in variants:
+            kwargs = _parse_variant(spec)
+            solvers[f"ours[{spec}]"] = lambda w, *shape, _kw=kwargs: rebalance_experts(w, *shape, **_kw)
+    solvers["greedy"] = greedy_rebalance_experts
+    return solvers, notice
+
+
+def _mean(rows: list[dict], solver: str, key: str) -> float | None:
+    vals = [r["results"][solver][key] for r in rows if solver in r["results"] and "error" not in r["results"][solver]]
+    return statistics.fmean(vals) if vals else None
+
+
+def evaluate_targets(rows: list[dict], solver: str = "ours") -> list[dict]:
+    """The issue's targets against the measured values of ``solver``: ``[{target, measured, passed}]``."""
+    out = []
+    ok = [r for r in rows if "error" not in r["results"].get(solver, {"error": 1})]
+    for r in ok:
+        res = r["results"][solver]
+        if r["target_in_window"] is not None:
+            out.append(dict(target=f"{r['case']}: in-window >= {r['target_in_window']}",
+                            measured=f"{res['in_window_balancedness']:.4f}",
+                            passed=res["in_window_balancedness"] >= r["target_in_window"]))
+        if r["case"] == ADRS_CASE:
+            out.append(dict(target=f"{ADRS_CASE}: median solve <= {ADRS_MAX_MS} ms",
+                            measured=f"{res['median_solve_ms']:.3f} ms", passed=res["median_solve_ms"] <= ADRS_MAX_MS))
+    both = [r for r in ok if "error" not in r["results"].get("greedy", {"error": 1})]
+    if both:
+        ours_mean = statistics.fmean(r["results"][solver]["next_window_balancedness"] for r in both)
+        greedy_mean = statistics.fmean(r["results"]["greedy"]["next_window_balancedness"] for r in both)
+        out.append(dict(target="mean next-window >= greedy's", measured=f"{ours_mean:.4f} vs {greedy_mean:.4f}",
+                        passed=ours_mean >= greedy_mean))
+        worst = min(both, key=lambda r: r["results"][solver]["next_window_balancedness"]
+                    - r["results"]["greedy"]["next_window_balancedness"])
+        gap = worst["results"][solver]["next_window_balancedness"] - worst["results"]["greedy"]["next_window_balancedness"]
+        out.append(dict(target="no case next-window > 1% below greedy", measured=f"worst {gap:+.4f} ({worst['case']})",
+                        passed=gap >= -NEXT_WINDOW_SLACK))
+    avoidable = sum(r["results"][solver]["duplicate_pairs"] - r["results"][solver]["unavoidable_duplicate_pairs"] for r in ok)
+    out.append(dict(target="zero avoidable duplicate pairs", measured=str(avoidable), passed=avoidable == 0))
+    return out
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console  # noqa: PLC0415 (output only)
+    from rich.table import Table  # noqa: PLC0415
+
+    console = Console(width=max(150, Console().width))
+    rows, solvers = report["cases"], report["solvers"]
+    table = Table(title=f"Solver benchmark ({report['workload']}; torch threads=1)", show_lines=False)
+    for col in ("case", "solver", "next-win bal", "in-win bal", "target in-win", "median ms", "greedy/ours speed",
+                "slots changed", "dups (unavoid.)"):
+        table.add_column(col, justify="left" if col in ("case", "solver") else "right", no_wrap=col == "case")
+    for r in rows:
+        for i, s in enumerate(solvers):
+            res = r["results"].get(s)
+            label = r["case"] if i == 0 else ""
+            if res is None or "error" in res:
+                table.add_row(label, s, f"error: {res['error'] if res else 'missing'}", *[""] * 6)
+                continue
+            tgt = r["target_in_window"]
+            mark = "" if tgt is None or s == "greedy" else (" ✓" if res["in_window_balancedness"] >= tgt else " ✗")
+            ratio = r["speed_ratio"].get(s)
+            table.add_row(label, s, f"{res['next_window_balancedness']:.4f}", f"{res['in_window_balancedness']:.4f}",
+                          "" if tgt is None else f"{tgt}{mark}",
+                          f"{res['median_solve_ms']:.3f} ({res['repeats_per_window']}x{res['timed_solves'] // res['repeats_per_window']})",
+                          "" if ratio is None or s == "greedy" else f"{ratio:.1f}x", f"{res['slots_changed_frac']:.3f}",
+                          f"{res['duplicate_pairs']} ({res['unavoidable_duplicate_pairs']})")
+        table.add_section()
+    for i, s in enumerate(solvers):
+        m = report["mean"].get(s, {})
+        if not m:
+            continue
+        table.add_row("mean" if i == 0 else "", s, f"{m['next_window_balancedness']:.4f}",
+                      f"{m['in_window_balancedness']:.4f}", "", f"{m['median_solve_ms']:.3f}",
+                      "" if s == "greedy" or m.get("speed_ratio") is None else f"{m['speed_ratio']:.1f}x",
+                      f"{m['slots_changed_frac']:.3f}", f"{m['duplicate_pairs']} ({m['unavoidable_duplicate_pairs']})")
+    console.print(table)
+    console.print("median ms (RxW): median over W windows x R timed repeats per window, after one warm-up solve; "
+                  "'greedy' is our Python implementation of DeepSeek's published algorithm (solver/baseline.py); "
+                  "mean row: mean over cases (median ms: mean of the per-case medians; speed: geometric mean of ratios).")
+    if report["targets"]:
+        tt = Table(title=f"Issue 2 targets ({report['targets_solver']})")
+        for col in ("target", "measured", "pass"):
+            tt.add_column(col)
+        for t in report["targets"]:
+            tt.add_row(t["target"], t["measured"], "✓ pass" if t["passed"] else "✗ FAIL")
+        console.print(tt)
+    for note in report["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}")
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """Run the selected cases; return the report (also the JSON written by ``--json``)."""
+    notes: list[str] = []
+    traces_dir = Path(args.traces_dir) if args.traces_dir else default_traces_dir()
+    if args.synthetic or traces_dir is None or not traces_dir.is_dir():
+        if not args.synthetic:
+            notes.append(f"no traces folder found ({args.traces_dir or 'default: $RAY_EPLB_TRACES or ../shared/traces'}); "
+                         "running on the built-in SYNTHETIC workload, not real traces")
+        cases, workload, traces_dir = SYNTHETIC_CASES, "synthetic workload", None
+    else:
+        cases, workload = CASES, f"real traces from {traces_dir}"
+    if args.cases:
+        cases = [c for c in cases if any(w in c.name for w in args.cases)]
+        if not cases:
+            raise ValueError(f"--cases {args.cases!r} matches no case")
+    solvers, notice = build_solvers(args.variants or [])
+    if notice:
+        notes.append(notice)
+    rows = []
+    for case in cases:
+        try:
+            windows = case_windows(case, traces_dir, args.windows, args.seed)  # [T, L, E]
+        except (FileNotFoundError, ValueError) as exc:
+            notes.append(f"{case.name}: skipped ({exc})")
+            continue
+        row = dict(case=case.name, **asdict(case), windows=int(windows.shape[0]), layers=int(windows.shape[1]),
+                   experts=int(windows.shape[2]), results={}, speed_ratio={})
+        for name, solve in solvers.items():
+            reps = args.greedy_repeats if name == "greedy" and args.greedy_repeats else args.repeats
+            t0 = time.perf_counter()
+            try:
+                row["results"][name] = asdict(run_solver(solve, case, windows, reps))
+            except Exception as exc:  # noqa: BLE001 (a solver bug must not hide the others' numbers)
+                row["results"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+            if not args.quiet:
+                print(f"[bench] {case.name:<32} {name:<22} {time.perf_counter() - t0:6.1f} s", file=sys.stderr)
+        g = row["results"].get("greedy", {})
+        for name, res in row["results"].items():
+            if "error" not in res and "error" not in g and res["median_solve_ms"] > 0:
+                row["speed_ratio"][name] = g["median_solve_ms"] / res["median_solve_ms"]
+        rows.append(row)
+    mean: dict[str, dict] = {}
+    for s in solvers:
+        ok = [r for r in rows if "error" not in r["results"][s]]
+        if not ok:
+            continue
+        mean[s] = {k: _mean(rows, s, k) for k in ("next_window_balancedness", "in_window_balancedness",
+                                                   "median_solve_ms", "slots_changed_frac")}
+        mean[s]["duplicate_pairs"] = sum(r["results"][s]["duplicate_pairs"] for r in ok)
+        mean[s]["unavoidable_duplicate_pairs"] = sum(r["results"][s]["unavoidable_duplicate_pairs"] for r in ok)
+        ratios = [r["speed_ratio"][s] for r in ok if s in r["speed_ratio"]]
+        mean[s]["speed_ratio"] = statistics.geometric_mean(ratios) if ratios else None
+    return dict(workload=workload, synthetic=traces_dir is None, traces_dir=str(traces_dir) if traces_dir else None,
+                torch_threads=torch.get_num_threads(), repeats=args.repeats, greedy_repeats=args.greedy_repeats or args.repeats,
+                seed=args.seed, solvers=list(solvers), cases=rows, mean=mean, targets_solver="ours",
+                targets=evaluate_targets(rows) if rows else [], notes=notes)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="ray-eplb bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--traces-dir", help="folder of trace .npz files (default: $RAY_EPLB_TRACES or ../shared/traces)")
+    ap.add_argument("--synthetic", action="store_true", help="run the synthetic cases even if traces exist")
+    ap.add_argument("--cases", action="extend", nargs="+", help="keep cases whose name contains any of these substrings")
+    ap.add_argument("--variants", nargs="*", default=[], help="extra 'ours' columns, e.g. method=dhondt policy=global")
+    ap.add_argument("--windows", type=int, help="use only the first N windows (at least 2)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed solves per window (default 5)")
+    ap.add_argument("--greedy-repeats", type=int, help="timed solves per window for the greedy (default: --repeats)")
+    ap.add_argument("--seed", type=int, default=0, help="seed for sampling static tables into windows")
+    ap.add_argument("--json", help="write all results to this path")
+    ap.add_argument("--quiet", action="store_true", help="no per-case progress lines")
+    args = ap.parse_args(argv)
+    for name in ("repeats", "greedy_repeats", "windows"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            ap.error(f"--{name.replace('_', '-')}={value} must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = run_benchmark(args)
+    except ValueError as exc:
+        print(f"ray-eplb bench: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)
+    print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
