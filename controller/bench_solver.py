@@ -125,17 +125,8 @@ def unavoidable_duplicates(phy2log: torch.Tensor, logcnt: torch.Tensor, case: Ca
     return int((logcnt.cpu() - avail.unsqueeze(1)).clamp(min=0).sum())
 
 
-def run_solver(solve: Solver, case: Case, windows: torch.Tensor, repeats: int) -> SolverResult:
-    """Plan every window of ``windows [T, L, E]`` with ``solve``; score, time and count duplicates."""
-    shape = (case.num_replicas, case.num_groups, case.num_nodes, case.num_gpus)
-    solve(windows[0], *shape)  # warm-up
-    times, plans = [], []
-    for w in windows:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            phy2log, _, logcnt = solve(w, *shape)
-            times.append(time.perf_counter() - t0)
-        plans.append((phy2log, logcnt))
+def _score(case: Case, windows: torch.Tensor, plans: list, times: list[float], repeats: int) -> SolverResult:
+    """Score ``plans`` (one ``(phy2log [L, R], logcnt [L, E])`` per window of ``windows [T, L, E]``)."""
     p = case.num_gpus
     inw = [balancedness(ph, c, w, p) for (ph, c), w in zip(plans, windows)]
     nxt = [balancedness(ph, c, w, p) for (ph, c), w in zip(plans[:-1], windows[1:])]
@@ -152,6 +143,56 @@ def run_solver(solve: Solver, case: Case, windows: torch.Tensor, repeats: int) -
         per_window_in=inw,
         per_window_next=nxt,
     )
+
+
+def run_solvers(solvers: dict[str, Solver], case: Case, windows: torch.Tensor, repeats: dict[str, int]) -> dict:
+    """Plan every window of ``windows [T, L, E]`` with every solver; ``{name: result dict or {"error"}}``.
+
+    The solvers take turns window by window (each timed ``repeats[name]`` times per window after one
+    warm-up solve), so load from other processes on the machine hits all of them alike. A solver that
+    raises is dropped from the case with its error; the others go on.
+    """
+    shape = (case.num_replicas, case.num_groups, case.num_nodes, case.num_gpus)
+    errors: dict[str, str] = {}
+    times: dict[str, list[float]] = {n: [] for n in solvers}
+    plans: dict[str, list] = {n: [] for n in solvers}
+
+    def attempt(name: str, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 (a solver bug must not hide the others' numbers)
+            errors[name] = f"{type(exc).__name__}: {exc}"
+
+    for name, solve in solvers.items():
+        attempt(name, lambda: solve(windows[0], *shape))  # warm-up
+    for w in windows:
+        for name, solve in solvers.items():
+            if name in errors:
+                continue
+
+            def timed(name=name, solve=solve, w=w):
+                for _ in range(repeats[name]):
+                    t0 = time.perf_counter()
+                    phy2log, _, logcnt = solve(w, *shape)
+                    times[name].append(time.perf_counter() - t0)
+                plans[name].append((phy2log, logcnt))
+
+            attempt(name, timed)
+    out = {}
+    for name in solvers:
+        if name not in errors:  # a malformed plan fails here, in scoring
+            attempt(name, lambda n=name: out.update({n: asdict(_score(case, windows, plans[n], times[n], repeats[n]))}))
+        if name in errors:
+            out[name] = {"error": errors[name]}
+    return out
+
+
+def run_solver(solve: Solver, case: Case, windows: torch.Tensor, repeats: int) -> SolverResult:
+    """One solver alone (see :func:`run_solvers`); raises what the solver raises."""
+    res = run_solvers({"s": solve}, case, windows, {"s": repeats})["s"]
+    if "error" in res:
+        raise RuntimeError(res["error"])
+    return SolverResult(**res)
 
 
 def _parse_variant(spec: str) -> dict[str, str]:
@@ -296,15 +337,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             continue
         row = dict(case=case.name, **asdict(case), windows=int(windows.shape[0]), layers=int(windows.shape[1]),
                    experts=int(windows.shape[2]), results={}, speed_ratio={})
-        for name, solve in solvers.items():
-            reps = args.greedy_repeats if name == "greedy" and args.greedy_repeats else args.repeats
-            t0 = time.perf_counter()
-            try:
-                row["results"][name] = asdict(run_solver(solve, case, windows, reps))
-            except Exception as exc:  # noqa: BLE001 (a solver bug must not hide the others' numbers)
-                row["results"][name] = {"error": f"{type(exc).__name__}: {exc}"}
-            if not args.quiet:
-                print(f"[bench] {case.name:<32} {name:<22} {time.perf_counter() - t0:6.1f} s", file=sys.stderr)
+        reps = {n: args.greedy_repeats if n == "greedy" and args.greedy_repeats else args.repeats for n in solvers}
+        t0 = time.perf_counter()
+        row["results"] = run_solvers(solvers, case, windows, reps)
+        if not args.quiet:
+            print(f"[bench] {case.name:<32} {time.perf_counter() - t0:6.1f} s", file=sys.stderr)
         g = row["results"].get("greedy", {})
         for name, res in row["results"].items():
             if "error" not in res and "error" not in g and res["median_solve_ms"] > 0:

@@ -119,3 +119,30 @@ def test_smoke_real_trace(tmp_path):
 def test_no_matching_case_is_an_error(capsys):
     assert bench_solver.main(["--synthetic", "--cases", "no-such-case", "--quiet"]) == 2
     assert "no-such-case" in capsys.readouterr().err
+
+
+def test_variants_and_a_failing_solver(tmp_path, monkeypatch):
+    import ray_eplb.solver as solver_pkg
+    from ray_eplb.solver.baseline import greedy_rebalance_experts
+
+    seen = []
+
+    def fake(weight, *shape, **kwargs):
+        seen.append(kwargs)
+        if kwargs.get("policy") == "broken":
+            raise RuntimeError("boom")
+        return greedy_rebalance_experts(weight, *shape)
+
+    monkeypatch.setattr(solver_pkg, "rebalance_experts", fake, raising=False)
+    out = tmp_path / "bench.json"
+    rc = bench_solver.main(["--synthetic", "--cases", "synthetic_e8", "--windows", "2", "--repeats", "1",
+                            "--variants", "method=dhondt", "policy=broken", "--json", str(out), "--quiet"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["solvers"] == ["ours", "ours[method=dhondt]", "ours[policy=broken]", "greedy"]
+    assert {} in seen and {"method": "dhondt"} in seen
+    (row,) = report["cases"]
+    assert row["results"]["ours[policy=broken]"] == {"error": "RuntimeError: boom"}
+    assert "ours[policy=broken]" not in report["mean"]
+    assert row["results"]["ours[method=dhondt]"]["in_window_balancedness"] > 0
+    assert not any("not importable" in n for n in report["notes"])
