@@ -6,3 +6,12 @@ from ray_eplb.topology.shape import Topology
 from ray_eplb.topology.placement import Placement, plan
 
 __all__ = ["Topology", "Placement", "plan"]
+
+
+def __getattr__(name: str):
+    # Lazy: importing ray_eplb.topology must not import Ray; discover_topology imports it when called.
+    if name == "discover_topology":
+        from ray_eplb.topology.discovery import discover_topology
+
+        return discover_topology
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

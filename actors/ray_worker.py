@@ -1,0 +1,178 @@
+"""The Ray side of the worker: one factory that turns :class:`ExpertWorker` into named actors,
+placed with one placement group per topology node so the ranks of a node share a Ray node.
+
+Rank resources: ``GPU`` when the cluster has GPUs (the actor then computes on cuda), else the custom
+resource ``eplb_rank`` when the nodes declare it (the demo's stand-in for GPUs: ``gpus_per_node`` of
+it per node, so two nodes' groups can never pack onto one Ray node), else a sliver of ``CPU``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ray_eplb.actors.weights import WeightSource
+from ray_eplb.actors.worker import ExpertWorker
+from ray_eplb.topology import Placement, Topology
+
+NAMESPACE = "ray_eplb"
+WORKER_NAME = "ray_eplb_worker_{rank}"
+RANK_RESOURCE = "eplb_rank"
+ZERO_COPY_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
+
+
+class RayFetcher:
+    """Peer transfers through Ray's object store: one ``export`` call per source rank, all in flight
+    together; with zero-copy torch tensors the receiver maps the sender's bytes without a copy."""
+
+    def __init__(self, namespace: str = NAMESPACE):
+        self.namespace = namespace
+        self._handles: dict[int, Any] = {}
+
+    def _handle(self, rank: int) -> Any:
+        import ray
+
+        if rank not in self._handles:
+            self._handles[rank] = ray.get_actor(WORKER_NAME.format(rank=rank), namespace=self.namespace)
+        return self._handles[rank]
+
+    def __call__(self, requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, list[torch.Tensor]]:
+        import ray
+
+        refs = {r: self._handle(r).export.remote(items) for r, items in requests.items()}
+        values = ray.get(list(refs.values()), timeout=timeout_s)
+        return dict(zip(refs, values))
+
+
+class RayExpertWorker(ExpertWorker):
+    """:class:`ExpertWorker` inside a Ray actor: peers fetched by name, Ray node in its repr."""
+
+    def __init__(self, *args: Any, namespace: str = NAMESPACE, **kwargs: Any):
+        import ray
+
+        super().__init__(*args, fetcher=RayFetcher(namespace), **kwargs)
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", ray_node={self.node_id[:8]})"
+
+    def node(self) -> str:
+        return self.node_id
+
+    # Benchmark helpers: a plain object-store read of the same bytes, for the bandwidth baseline.
+    def make_blob(self, nbytes: int) -> int:
+        self._blob = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
+        return int(self._blob.numel() * 4)
+
+    def blob(self) -> torch.Tensor:
+        return self._blob
+
+    def time_fetch(self, src_rank: int, items: list[tuple[int, int]], raw: bool) -> float:
+        """Seconds to pull ``items`` from ``src_rank`` the way ``prepare`` does (``raw``: ``ray.get``
+        of the source's blob instead, into memory we own, as a plain read would)."""
+        import time
+
+        import ray
+
+        t0 = time.perf_counter()
+        if raw:
+            ray.get(self.fetcher._handle(src_rank).blob.remote()).clone()
+        else:
+            [self._to_device(w) for w in self.fetcher({src_rank: items}, 60.0)[src_rank]]
+        return time.perf_counter() - t0
+
+
+@dataclass
+class WorkerGroup:
+    """The launched workers: ``handles[rank]``, the placement groups (one per node), the device."""
+
+    topology: Topology
+    handles: list[Any]
+    placement_groups: list[Any] = field(default_factory=list)
+    device: str = "cpu"
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for h in self.handles:
+            ray.kill(h)
+        for pg in self.placement_groups:
+            remove_placement_group(pg)
+
+
+def rank_resource(device: str = "auto") -> str:
+    """Which resource one rank takes: ``GPU``, ``eplb_rank`` or ``CPU`` (see the module docstring)."""
+    import ray
+
+    total = ray.cluster_resources()
+    if device == "cuda" or (device == "auto" and total.get("GPU", 0) > 0):
+        return "GPU"
+    return RANK_RESOURCE if total.get(RANK_RESOURCE, 0) > 0 else "CPU"
+
+
+def launch_workers(
+    topology: Topology,
+    placement: Placement,
+    source: WeightSource,
+    *,
+    device: str = "auto",
+    namespace: str = NAMESPACE,
+    max_concurrency: int = 4,
+    ready_timeout_s: float = 180.0,
+) -> WorkerGroup:
+    """Start one named worker actor per rank of ``topology`` holding ``placement``'s slots.
+
+    ``device``: ``auto`` (cuda on a GPU cluster, else cpu), ``cuda`` or ``cpu``. Workers are
+    threaded actors (``max_concurrency``) so staging a swap never blocks dispatches. They do not
+    restart (a restarted worker would come back without its epoch's weights); the controller
+    aborts rounds a dead worker cannot join.
+    """
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device={device!r} must be auto, cuda or cpu")
+    res = rank_resource(device)
+    amount = 1.0 if res != "CPU" else 0.01
+    bundle = {res: amount}
+    pgs = []
+    for _ in range(topology.num_nodes):
+        pg = placement_group([dict(bundle) for _ in range(topology.gpus_per_node)], strategy="STRICT_PACK")
+        pgs.append(pg)
+    ray.get([pg.ready() for pg in pgs], timeout=ready_timeout_s)
+    worker_device = "cuda" if res == "GPU" else "cpu"
+    actor_cls = ray.remote(RayExpertWorker)
+    handles = []
+    for rank in range(topology.num_gpus):
+        node, local = divmod(rank, topology.gpus_per_node)
+        opts: dict[str, Any] = dict(
+            name=WORKER_NAME.format(rank=rank),
+            namespace=namespace,
+            max_concurrency=max_concurrency,
+            max_restarts=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pgs[node], placement_group_bundle_index=local),
+            runtime_env={"env_vars": dict(ZERO_COPY_ENV)},
+        )
+        if res == "GPU":
+            opts.update(num_gpus=1, num_cpus=0)
+        elif res == "CPU":
+            opts.update(num_cpus=amount)
+        else:
+            opts.update(num_cpus=0, resources={res: 1.0})
+        handles.append(
+            actor_cls.options(**opts).remote(
+                rank, topology, placement.rank_experts(rank).clone(), source,
+                device=worker_device, epoch=placement.epoch, namespace=namespace,
+            )
+        )
+    ray.get([h.ping.remote() for h in handles], timeout=ready_timeout_s)
+    return WorkerGroup(topology, handles, pgs, worker_device)
+
+
+def enable_zero_copy() -> None:
+    """Set the zero-copy torch tensor flag for this process (call before ``ray.init``)."""
+    os.environ.update({k: v for k, v in ZERO_COPY_ENV.items() if k not in os.environ})

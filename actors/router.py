@@ -1,0 +1,169 @@
+"""The serving side: turn each token's top-k logical experts into (worker, slot) dispatches.
+
+The :class:`Router` holds the placement of one epoch. For a token's choice of logical expert ``e``
+in layer ``l`` it picks one of ``e``'s ``logcnt[l, e]`` replicas round-robin (so an expert's tokens
+are split evenly among its replicas, the split the solver assumes), sends every worker one
+``forward(epoch, layer, local_slots, x)`` call for all its tokens, and combines the outputs with the
+gate weights. It subscribes to the controller's published maps by long poll (``wait_map``), checked
+without blocking before every dispatch; a worker that no longer holds the epoch answers
+:class:`StaleEpochError`, and the router then fetches the newest map and re-routes those tokens.
+
+Not thread-safe: use one Router per serving thread (each is a subscriber of its own).
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Sequence
+
+import torch
+
+from ray_eplb.actors.worker import StaleEpochError
+from ray_eplb.topology import Placement
+
+
+def route(placement: Placement, layer: int, topk_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Global slot for each (token, choice), spreading each expert's tokens over its replicas.
+
+    Args:
+        placement: the map to route by.
+        layer: MoE layer.
+        topk_ids: ``[N, K]`` int64 logical experts chosen for each token.
+        offset: round-robin start (the caller advances it between calls).
+
+    Returns:
+        ``[N * K]`` int64 slot ids (row-major over tokens then choices).
+    """
+    ids = topk_ids.reshape(-1).to(torch.int64)  # [N*K]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= placement.topology.num_experts):
+        raise ValueError(f"expert ids must lie in [0, {placement.topology.num_experts})")
+    cnt = placement.logcnt[layer, ids]  # [N*K]
+    pick = (torch.arange(ids.numel(), dtype=torch.int64) + offset) % cnt  # [N*K] replica index
+    return placement.log2phy[layer, ids, pick]  # [N*K]
+
+
+class Router:
+    """Dispatches MoE layers to the worker actors and combines their outputs.
+
+    Args:
+        workers: one actor handle per rank.
+        placement: the starting map (default: fetched from ``controller``).
+        controller: the controller actor handle to subscribe to (``None``: a fixed map).
+        timeout_s: deadline of one dispatch round.
+        poll_timeout_s: long-poll duration of the map subscription.
+    """
+
+    def __init__(
+        self,
+        workers: Sequence[Any],
+        placement: Placement | None = None,
+        controller: Any = None,
+        timeout_s: float = 60.0,
+        poll_timeout_s: float = 10.0,
+    ):
+        import ray
+
+        self._ray = ray
+        self.workers, self.controller = list(workers), controller
+        self.id = f"router-{uuid.uuid4().hex[:8]}"
+        self.timeout_s, self.poll_timeout_s = timeout_s, poll_timeout_s
+        if placement is None:
+            if controller is None:
+                raise ValueError("give a placement or a controller to subscribe to")
+            placement = ray.get(controller.wait_map.remote(-1, self.id, timeout_s))
+        self.placement: Placement = placement
+        t = placement.topology
+        if len(self.workers) != t.num_gpus:
+            raise ValueError(f"got {len(self.workers)} workers for {t.num_gpus} ranks")
+        self._poll = None
+        self._offset = 0
+        self.rank_tokens = torch.zeros(t.num_layers, t.num_gpus, dtype=torch.int64)  # [L, G] routed
+        self.max_stall_s = 0.0
+        self.retries = 0
+        self.map_updates = 0
+
+    def __repr__(self) -> str:
+        return f"Router({self.id}, epoch={self.placement.epoch}, ranks={len(self.workers)})"
+
+    # ------------------------------------------------------------------ subscription
+    def refresh(self, block: bool = False) -> bool:
+        """Adopt a newer published map if one has arrived (``block``: ask the controller now)."""
+        if self.controller is None:
+            return False
+        ray = self._ray
+        if block:
+            self._poll = None
+            newer = ray.get(self.controller.wait_map.remote(self.placement.epoch, self.id, 0.5), timeout=self.timeout_s)
+        else:
+            if self._poll is None:
+                self._poll = self.controller.wait_map.remote(self.placement.epoch, self.id, self.poll_timeout_s)
+            ready, _ = ray.wait([self._poll], timeout=0)
+            if not ready:
+                return False
+            newer, self._poll = ray.get(self._poll), None
+        adopted = newer is not None and newer.epoch > self.placement.epoch
+        if adopted:
+            self.placement = newer
+            self.map_updates += 1
+        if self._poll is None:  # re-subscribe at once: this poll also acks the map we now hold
+            self._poll = self.controller.wait_map.remote(self.placement.epoch, self.id, self.poll_timeout_s)
+        return adopted
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        """MoE layer output ``sum_k topk_w[:, k] * expert_{topk_ids[:, k]}(x)``.
+
+        Args:
+            layer: MoE layer.
+            x: ``[N, H]`` token activations.
+            topk_ids: ``[N, K]`` logical experts per token.
+            topk_w: ``[N, K]`` combine weights.
+
+        Returns:
+            ``[N, H]`` float32.
+        """
+        if x.dim() != 2 or topk_ids.shape != topk_w.shape or topk_ids.shape[0] != x.shape[0]:
+            raise ValueError(f"shapes do not fit: x {tuple(x.shape)}, ids {tuple(topk_ids.shape)}, w {tuple(topk_w.shape)}")
+        self.refresh()
+        n, k = topk_ids.shape
+        tok = torch.arange(n).repeat_interleave(k)  # [N*K] token of each assignment
+        ids = topk_ids.reshape(-1)  # [N*K]
+        w = topk_w.reshape(-1).to(x.dtype)  # [N*K]
+        out = torch.zeros_like(x)  # [N, H]
+        todo = torch.ones(n * k, dtype=torch.bool)  # assignments not yet served
+        t_first_stale = None
+        for attempt in range(4):
+            p = self.placement
+            idx = todo.nonzero().squeeze(1)  # [M]
+            slots = route(p, layer, ids[idx].unsqueeze(1), self._offset)  # [M]
+            self._offset += int(idx.numel())
+            ranks = slots // p.topology.slots_per_gpu
+            local = slots % p.topology.slots_per_gpu
+            calls = []
+            for r in ranks.unique().tolist():
+                m = idx[ranks == r]  # assignments for rank r
+                ref = self.workers[r].forward.remote(p.epoch, layer, local[ranks == r], x[tok[m]])
+                calls.append((r, m, ref))
+            for r, m, ref in calls:
+                try:
+                    y = self._ray.get(ref, timeout=self.timeout_s)  # [|m|, H]
+                except StaleEpochError:
+                    t_first_stale = t_first_stale or time.perf_counter()
+                    continue
+                out.index_add_(0, tok[m], y * w[m, None])
+                self.rank_tokens[layer, r] += int(m.numel())
+                todo[m] = False
+            if not bool(todo.any()):
+                break
+            self.retries += 1
+            self.refresh(block=True)
+        else:
+            raise RuntimeError(f"{self}: layer {layer} could not be served after 4 map refreshes")
+        if t_first_stale is not None:
+            self.max_stall_s = max(self.max_stall_s, time.perf_counter() - t_first_stale)
+        return out
+
+    def close(self) -> None:
+        if self._poll is not None:
+            self._ray.cancel(self._poll)
+            self._poll = None

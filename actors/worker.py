@@ -1,0 +1,400 @@
+"""The per-GPU expert worker as a plain class (no Ray import): weights, compute, counters, swap.
+
+A worker serves rank ``rank`` of a :class:`~ray_eplb.topology.Topology`: ``S = slots_per_gpu`` slots in
+each of ``L`` MoE layers. Its weights live in *tables*, one per epoch: ``table[l][j]`` is the packed
+``[3, I, H]`` tensor of local slot ``j`` in layer ``l``. Tables of different epochs share the tensors
+of slots that did not change, so a swap costs memory only for the slots it moves.
+
+Swap protocol (two-phase, epoch-versioned, zero-stall):
+
+- ``prepare(epoch, transfers, experts)`` builds the table of ``epoch`` off to the side: unchanged
+  slots are shared, changed slots come from this worker (another of its slots holds the expert),
+  from a peer worker (through :class:`Fetcher`) or from the :class:`WeightSource`. Dispatches keep
+  being served from the active table meanwhile.
+- ``commit(epoch)`` makes the staged table the active one. The previous table is *retired*: it keeps
+  serving dispatches tagged with its epoch until ``release(epoch)`` says no router routes with it any
+  more *and* no dispatch of it is in flight; then its buffers are dropped.
+- ``abort(epoch)`` drops a staged table, or rolls a committed-but-unpublished epoch back.
+- Every call is idempotent; calls for an epoch older than the worker's state are answered
+  ``"stale"`` and change nothing.
+
+A dispatch (``forward``) names the epoch of the map it was routed by and is computed with that
+epoch's table; an epoch the worker does not hold raises :class:`StaleEpochError` (the router then
+refreshes its map and re-routes), so a token never meets the wrong expert.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Protocol, Sequence
+
+import torch
+
+from ray_eplb.actors.weights import WeightSource, swiglu
+from ray_eplb.topology import Topology
+
+
+class Transfer(NamedTuple):
+    """One expert move of a transfer plan: put ``expert`` of ``layer`` into ``dst_slot`` (a global slot
+    id) of ``dst_rank``, fetched from ``src_rank`` (``src_rank == dst_rank``: a local copy; ``-1``: the
+    weight source)."""
+
+    layer: int
+    expert: int
+    src_rank: int
+    dst_rank: int
+    dst_slot: int
+
+
+class StaleEpochError(RuntimeError):
+    """A dispatch named an epoch this worker does not hold (never committed, or already released)."""
+
+    def __init__(self, rank: int, epoch: int, held: Sequence[int]):
+        super().__init__(f"worker {rank}: epoch {epoch} is not served here (held: {sorted(held)})")
+        self.rank, self.epoch, self.held = rank, epoch, list(held)
+
+    def __reduce__(self):
+        return (StaleEpochError, (self.rank, self.epoch, self.held))
+
+
+class Fetcher(Protocol):
+    """Fetches packed expert weights from peer workers, in parallel over sources."""
+
+    def __call__(self, requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, list[torch.Tensor]]:
+        """``{src_rank: [(layer, expert), ...]}`` -> ``{src_rank: [packed [3, I, H], ...]}`` in order."""
+        ...
+
+
+@dataclass
+class _Table:
+    epoch: int
+    experts: torch.Tensor  # [L, S] int64, logical expert of each local slot
+    weights: list[list[torch.Tensor]]  # [L][S] -> packed [3, I, H]
+    in_flight: int = 0
+    releasable: bool = False
+
+
+@dataclass
+class _Stats:
+    dispatches: int = 0
+    tokens: int = 0
+    max_lock_wait_s: float = 0.0
+    fetched_bytes: int = 0
+    fetch_s: float = 0.0
+    moved: int = 0
+    stale_dispatches: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class ExpertWorker:
+    """Expert weights and compute of one rank. Thread-safe (Ray runs it as a threaded actor).
+
+    Args:
+        rank: this worker's rank in ``topology``.
+        topology: the deployment shape.
+        experts: ``[L, S]`` int64, logical expert of each local slot at ``epoch``.
+        source: where weights come from when no peer has them.
+        fetcher: peer transfer function (``None``: everything not local comes from ``source``).
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (cuda when available).
+        epoch: epoch of ``experts``.
+        keep_count_epochs: how many epochs' token counters to keep for telemetry.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        topology: Topology,
+        experts: torch.Tensor,
+        source: WeightSource,
+        fetcher: Fetcher | None = None,
+        device: str = "auto",
+        epoch: int = 0,
+        keep_count_epochs: int = 8,
+    ):
+        if not 0 <= rank < topology.num_gpus:
+            raise ValueError(f"rank={rank} is outside the topology's {topology.num_gpus} ranks")
+        experts = torch.as_tensor(experts, dtype=torch.int64).cpu()
+        want = (topology.num_layers, topology.slots_per_gpu)
+        if tuple(experts.shape) != want:
+            raise ValueError(f"experts has shape {tuple(experts.shape)}, rank {rank} needs {want}")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.rank, self.topology, self.source, self.fetcher = rank, topology, source, fetcher
+        self.device = torch.device(device)
+        self.keep_count_epochs = keep_count_epochs
+        self._lock = threading.Lock()
+        self._faults: dict[str, float] = {}
+        self.stats = _Stats()
+        weights = [[self._to_device(source.expert(layer, int(e))) for e in row] for layer, row in enumerate(experts)]
+        self._tables: dict[int, _Table] = {epoch: _Table(epoch, experts, weights)}
+        self.epoch = epoch
+        self._staged: _Table | None = None
+        self._max_aborted = -1
+        self._counts: dict[int, torch.Tensor] = {epoch: torch.zeros(want, dtype=torch.int64)}  # epoch -> [L, S]
+
+    # ------------------------------------------------------------------ identity
+    def __repr__(self) -> str:
+        t = self.topology
+        return (
+            f"ExpertWorker(rank={self.rank}, node={t.node_of_rank(self.rank)}, slots={t.slots_per_gpu}, "
+            f"layers={t.num_layers}, hidden={self.source.hidden_size}, ffn={self.source.ffn_size}, "
+            f"device={self.device.type})"
+        )
+
+    def _to_device(self, w: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            # Zero-copy tensors from the object store are read-only views of shared memory: own a copy.
+            return w.clone() if not w.is_contiguous() or _read_only(w) else w
+        return w.to(self.device, non_blocking=True)
+
+    def _fault(self, method: str) -> None:
+        delay = self._faults.get(method, 0.0)
+        if delay > 0:
+            time.sleep(delay)
+
+    def inject_delay(self, method: str, seconds: float) -> None:
+        """Fault injection for tests and benchmarks: ``method`` sleeps ``seconds`` before working (0 clears)."""
+        if method not in ("collect", "prepare", "commit", "forward", "ping"):
+            raise ValueError(f"cannot inject a delay into {method!r}")
+        self._faults[method] = float(seconds)
+
+    def ping(self) -> int:
+        """The no-op call (the fan-out baseline of the runtime benchmark)."""
+        self._fault("ping")
+        return self.rank
+
+    # ------------------------------------------------------------------ serving
+    def forward(self, epoch: int, layer: int, slots: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Compute the expert outputs of one dispatch.
+
+        Args:
+            epoch: epoch of the map the router used.
+            layer: MoE layer.
+            slots: ``[N]`` int64 local slot (``0 <= j < S``) of each token.
+            x: ``[N, H]`` token activations.
+
+        Returns:
+            ``[N, H]`` (on cpu when the worker is on a GPU, so the router can combine anywhere).
+        """
+        self._fault("forward")
+        if not 0 <= layer < self.topology.num_layers:
+            raise ValueError(f"layer={layer} is outside [0, {self.topology.num_layers})")
+        slots = torch.as_tensor(slots, dtype=torch.int64)
+        if slots.dim() != 1 or x.dim() != 2 or x.shape[0] != slots.shape[0]:
+            raise ValueError(f"slots {tuple(slots.shape)} and x {tuple(x.shape)} must be [N] and [N, H]")
+        if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= self.topology.slots_per_gpu):
+            raise ValueError(f"local slot ids must lie in [0, {self.topology.slots_per_gpu})")
+        t0 = time.perf_counter()
+        with self._lock:
+            wait = time.perf_counter() - t0
+            table = self._tables.get(epoch)
+            if table is None:
+                self.stats.stale_dispatches += 1
+                raise StaleEpochError(self.rank, epoch, self._tables)
+            table.in_flight += 1
+            self.stats.max_lock_wait_s = max(self.stats.max_lock_wait_s, wait)
+        try:
+            xd = x.to(self.device, non_blocking=True)
+            out = torch.empty_like(xd)  # [N, H]
+            per_slot = torch.bincount(slots, minlength=self.topology.slots_per_gpu)  # [S]
+            order = torch.argsort(slots, stable=True)  # [N] tokens grouped by slot
+            start = 0
+            for j, n in enumerate(per_slot.tolist()):
+                if n:
+                    idx = order[start : start + n].to(self.device)
+                    out[idx] = swiglu(xd[idx], table.weights[layer][j])
+                    start += n
+        finally:
+            with self._lock:
+                table.in_flight -= 1
+                counts = self._counts.get(epoch)
+                if counts is not None:
+                    counts[layer] += per_slot
+                self.stats.dispatches += 1
+                self.stats.tokens += int(slots.numel())
+                self._drop_released()
+        return out.cpu() if out.device.type != "cpu" else out
+
+    def collect(self) -> dict:
+        """Telemetry: cumulative token counts ``{epoch: [L, S] int64}`` of the last few epochs."""
+        self._fault("collect")
+        with self._lock:
+            return {"rank": self.rank, "epoch": self.epoch, "counts": {e: c.clone() for e, c in self._counts.items()}}
+
+    # ------------------------------------------------------------------ swap protocol
+    def export(self, items: Sequence[tuple[int, int]], epoch: int | None = None) -> list[torch.Tensor]:
+        """Packed weights ``[3, I, H]`` (cpu) of ``(layer, expert)`` pairs this worker holds, for a peer."""
+        with self._lock:
+            table = self._tables[self.epoch if epoch is None else epoch]
+        out = []
+        for layer, expert in items:
+            hits = (table.experts[layer] == expert).nonzero()
+            if hits.numel() == 0:
+                raise ValueError(f"worker {self.rank} does not hold expert {expert} of layer {layer}")
+            out.append(table.weights[layer][int(hits[0])].cpu())
+        return out
+
+    def prepare(self, epoch: int, transfers: Sequence[Transfer], experts: torch.Tensor, timeout_s: float = 60.0) -> dict:
+        """Stage the table of ``epoch``: ``experts [L, S]`` is this rank's new slot map and
+        ``transfers`` the moves whose ``dst_rank`` is this rank (one per changed slot)."""
+        self._fault("prepare")
+        experts = torch.as_tensor(experts, dtype=torch.int64).cpu()
+        if tuple(experts.shape) != tuple(self._tables[self.epoch].experts.shape):
+            raise ValueError(f"experts has shape {tuple(experts.shape)}, want {tuple(self._tables[self.epoch].experts.shape)}")
+        with self._lock:
+            verdict = self._check_new_epoch(epoch)
+            if verdict:
+                return verdict
+            base = self._tables[self.epoch]
+        s = self.topology.slots_per_gpu
+        weights = [list(row) for row in base.weights]
+        by_slot: dict[tuple[int, int], Transfer] = {}
+        for t in transfers:
+            t = Transfer(*t)
+            j = t.dst_slot - self.rank * s
+            if t.dst_rank != self.rank or not 0 <= j < s:
+                raise ValueError(f"transfer {t} is not for rank {self.rank}")
+            if int(experts[t.layer, j]) != t.expert:
+                raise ValueError(f"transfer {t} disagrees with the new map (slot holds {int(experts[t.layer, j])})")
+            by_slot[(t.layer, j)] = t
+        changed = (experts != base.experts).nonzero().tolist()
+        missing = [(layer, j) for layer, j in changed if (layer, j) not in by_slot]
+        if missing:
+            raise ValueError(f"worker {self.rank}: changed slots {missing[:4]} have no transfer")
+        remote: dict[int, list[Transfer]] = defaultdict(list)
+        for (layer, j), t in by_slot.items():
+            if t.src_rank == self.rank:
+                weights[layer][j] = self.export([(t.layer, t.expert)], base.epoch)[0].to(self.device)
+            elif t.src_rank < 0 or self.fetcher is None:
+                weights[layer][j] = self._to_device(self.source.expert(t.layer, t.expert))
+            else:
+                remote[t.src_rank].append(t)
+        if remote:
+            t0 = time.perf_counter()
+            got = self.fetcher({r: [(t.layer, t.expert) for t in ts] for r, ts in remote.items()}, timeout_s)
+            for r, ts in remote.items():
+                for t, w in zip(ts, got[r], strict=True):
+                    weights[t.layer][t.dst_slot - self.rank * s] = self._to_device(w)
+                    self.stats.fetched_bytes += w.numel() * w.element_size()
+            self.stats.fetch_s += time.perf_counter() - t0
+        with self._lock:
+            verdict = self._check_new_epoch(epoch)  # an abort may have arrived while we fetched
+            if verdict:
+                return verdict
+            self._staged = _Table(epoch, experts, weights)
+            self.stats.moved += len(by_slot)
+        return {"status": "prepared", "rank": self.rank, "epoch": epoch, "moved": len(by_slot)}
+
+    def _check_new_epoch(self, epoch: int) -> dict | None:
+        """Under the lock: why ``epoch`` must not be staged now (or ``None`` if it may)."""
+        if epoch <= self.epoch or epoch <= self._max_aborted:
+            return {"status": "stale", "rank": self.rank, "epoch": epoch, "active": self.epoch}
+        if self._staged is not None and self._staged.epoch == epoch:
+            return {"status": "prepared", "rank": self.rank, "epoch": epoch, "duplicate": True}
+        if self._staged is not None and self._staged.epoch > epoch:
+            return {"status": "stale", "rank": self.rank, "epoch": epoch, "active": self.epoch}
+        return None
+
+    def commit(self, epoch: int) -> dict:
+        """Activate the staged table of ``epoch``. Committing the active epoch again is a no-op."""
+        self._fault("commit")
+        with self._lock:
+            if epoch == self.epoch:
+                return {"status": "committed", "rank": self.rank, "epoch": epoch, "duplicate": True}
+            if epoch < self.epoch or epoch <= self._max_aborted:
+                return {"status": "stale", "rank": self.rank, "epoch": epoch, "active": self.epoch}
+            if self._staged is None or self._staged.epoch != epoch:
+                return {"status": "not_prepared", "rank": self.rank, "epoch": epoch, "active": self.epoch}
+            self._tables[epoch] = self._staged
+            self._staged = None
+            self.epoch = epoch
+            self._counts[epoch] = torch.zeros_like(self._tables[epoch].experts)
+            for old in sorted(self._counts)[: -self.keep_count_epochs]:
+                del self._counts[old]
+            return {"status": "committed", "rank": self.rank, "epoch": epoch}
+
+    def abort(self, epoch: int) -> dict:
+        """Drop the staging of ``epoch``, or roll back a committed ``epoch`` to the previous table."""
+        with self._lock:
+            self._max_aborted = max(self._max_aborted, epoch)
+            if self._staged is not None and self._staged.epoch <= epoch:
+                self._staged = None
+                return {"status": "aborted", "rank": self.rank, "epoch": epoch}
+            if epoch == self.epoch:
+                older = [e for e in self._tables if e < epoch]
+                if not older:
+                    return {"status": "cannot_roll_back", "rank": self.rank, "epoch": epoch}
+                prev = max(older)
+                self._tables[prev].releasable = False
+                self.epoch = prev
+                self._tables[epoch].releasable = True
+                self._drop_released()
+                return {"status": "rolled_back", "rank": self.rank, "epoch": epoch, "active": prev}
+            return {"status": "nothing_to_abort", "rank": self.rank, "epoch": epoch}
+
+    def release(self, epoch: int) -> dict:
+        """No router routes with epochs ``<= epoch`` any more: free their retired tables once idle."""
+        with self._lock:
+            for e, t in self._tables.items():
+                if e <= epoch and e != self.epoch:
+                    t.releasable = True
+            freed = self._drop_released()
+            return {"status": "released", "rank": self.rank, "freed": freed, "held": sorted(self._tables)}
+
+    def _drop_released(self) -> list[int]:
+        gone = [e for e, t in self._tables.items() if t.releasable and t.in_flight == 0 and e != self.epoch]
+        for e in gone:
+            del self._tables[e]
+        return gone
+
+    # ------------------------------------------------------------------ inspection
+    def state(self) -> dict:
+        """Epoch, slot map ``experts [L, S]``, staged epoch, held tables and counters."""
+        with self._lock:
+            return {
+                "rank": self.rank,
+                "epoch": self.epoch,
+                "experts": self._tables[self.epoch].experts.clone(),
+                "staged": None if self._staged is None else self._staged.epoch,
+                "held": sorted(self._tables),
+                "max_aborted": self._max_aborted,
+                "device": self.device.type,
+                "dispatches": self.stats.dispatches,
+                "tokens": self.stats.tokens,
+                "stale_dispatches": self.stats.stale_dispatches,
+                "max_lock_wait_ms": 1e3 * self.stats.max_lock_wait_s,
+                "moved": self.stats.moved,
+                "fetched_bytes": self.stats.fetched_bytes,
+                "fetch_s": self.stats.fetch_s,
+            }
+
+    def verify(self, epoch: int | None = None) -> list[tuple[int, int, int]]:
+        """Identity check: ``(layer, local slot, expert)`` of every slot whose weights differ from the
+        source's weights of the expert the map says it holds (empty list: all correct)."""
+        with self._lock:
+            table = self._tables[self.epoch if epoch is None else epoch]
+        bad = []
+        for layer, row in enumerate(table.experts.tolist()):
+            for j, e in enumerate(row):
+                if not torch.equal(table.weights[layer][j].cpu(), self.source.expert(layer, e)):
+                    bad.append((layer, j, e))
+        return bad
+
+
+def _read_only(t: torch.Tensor) -> bool:
+    """True for tensors backed by read-only memory (zero-copy tensors from Ray's object store)."""
+    try:
+        return not t.numpy().flags.writeable
+    except (RuntimeError, TypeError):
+        return False
+
+
+def local_fetcher(workers: Callable[[int], ExpertWorker]) -> Fetcher:
+    """A :class:`Fetcher` over in-process workers (unit tests, single-process use)."""
+
+    def fetch(requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, list[torch.Tensor]]:
+        return {r: [w.clone() for w in workers(r).export(items)] for r, items in requests.items()}
+
+    return fetch

@@ -1,0 +1,83 @@
+"""The Ray side of the controller: one factory that turns :class:`EplbController` into the named,
+restartable, zero-CPU async actor ``ray_eplb_controller`` (namespace ``ray_eplb``)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ray_eplb.controller.config import ControllerConfig
+from ray_eplb.controller.controller import EplbController
+from ray_eplb.topology import Placement, Topology
+
+CONTROLLER_NAME = "ray_eplb_controller"
+NAMESPACE = "ray_eplb"
+
+_DESCRIPTIONS = {
+    "eplb_balancedness": "GPU-level balancedness (mean/max) of the current placement on the recent load window",
+    "eplb_epoch": "epoch of the placement the workers serve",
+    "eplb_solve_seconds": "seconds the last solve took",
+    "eplb_swap_seconds": "seconds the last committed swap took (plan, prepare, commit, publish)",
+    "eplb_phase_seconds": "seconds the last run of each controller phase took",
+    "eplb_rebalances_total": "committed rebalances",
+    "eplb_experts_moved_total": "expert slots whose weights were moved",
+    "eplb_aborts_total": "rebalances aborted (a worker failed or missed a deadline)",
+}
+
+
+class RayMetrics:
+    """``ray.util.metrics`` gauges and counters, created on first use (Prometheus names get ``ray_``)."""
+
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        self._m = metrics
+        self._gauges: dict[str, Any] = {}
+        self._counters: dict[str, Any] = {}
+
+    def gauge(self, name: str, value: float, tags: dict | None = None) -> None:
+        if name not in self._gauges:
+            self._gauges[name] = self._m.Gauge(name, description=_DESCRIPTIONS.get(name, name), tag_keys=tuple(tags or ()))
+        self._gauges[name].set(float(value), tags=tags)
+
+    def count(self, name: str, value: float = 1.0) -> None:
+        if name not in self._counters:
+            self._counters[name] = self._m.Counter(name, description=_DESCRIPTIONS.get(name, name))
+        if value > 0:
+            self._counters[name].inc(float(value))
+
+
+class ControllerActor(EplbController):
+    """:class:`EplbController` with Ray metrics; its repr names it on the dashboard's Actors page."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, metrics=RayMetrics(), **kwargs)
+
+    def __repr__(self) -> str:
+        t = self.topology
+        return (
+            f"EplbController(ranks={t.num_gpus}, nodes={t.num_nodes}, slots={t.num_slots}, experts={t.num_experts}, "
+            f"layers={t.num_layers}, trigger={self.config.trigger}, interval={self.config.interval_s}s)"
+        )
+
+
+def start_controller(
+    topology: Topology,
+    workers: Sequence[Any],
+    config: ControllerConfig | None = None,
+    placement: Placement | None = None,
+    *,
+    start_loop: bool = True,
+    namespace: str = NAMESPACE,
+) -> Any:
+    """Create the controller actor (restarted forever by Ray; it re-reads the placement from the
+    workers on start) and, with ``start_loop``, start its control loop. Returns the handle."""
+    import ray
+
+    handle = (
+        ray.remote(ControllerActor)
+        .options(name=CONTROLLER_NAME, namespace=namespace, num_cpus=0, max_restarts=-1, max_concurrency=1000)
+        .remote(topology, list(workers), config or ControllerConfig(), placement)
+    )
+    ray.get(handle.status.remote())
+    if start_loop:
+        ray.get(handle.start.remote())
+    return handle

@@ -1,0 +1,458 @@
+"""The EPLB controller as a plain async class (the Ray actor wraps it; unit tests drive it directly).
+
+One :meth:`EplbController.step` is one control round:
+
+1. **collect** cumulative per-(layer, slot) token counts from every worker, in parallel, under a
+   deadline (a worker that misses it is skipped this round; its counts arrive with the next one,
+   because they are cumulative and diffed here);
+2. **aggregate** the new counts to logical load ``[L, E]`` through the ``phy2log`` of the epoch they
+   were served under;
+3. **forecast**: an EMA of the per-round load, and the recent window's balancedness;
+4. **decide** (periodic / drift / forced) and **solve** (``rebalance_experts``, in a thread);
+5. **plan** the transfers (old vs new placement), **prepare** on all workers, **commit** on all or
+   **abort** on all, **publish** the new map to routers, and later **release** the retired epoch.
+
+Workers are handle-likes: ``worker.method.remote(*args)`` returns an awaitable (a Ray ``ObjectRef``,
+or a coroutine in unit tests). Nothing here blocks the event loop on a worker.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any, Awaitable, Sequence
+
+import torch
+
+from ray_eplb.controller.config import ControllerConfig
+from ray_eplb.controller.transfer import plan_summary, split_by_rank, transfer_plan
+from ray_eplb.solver import balancedness
+from ray_eplb.topology import Placement, Topology, plan
+
+log = logging.getLogger("ray_eplb.controller")
+PHASES = ("collect", "aggregate", "forecast", "decide", "solve", "plan", "prepare", "commit", "publish")
+
+
+class NullMetrics:
+    """Metrics sink that drops everything (the plain class outside Ray)."""
+
+    def gauge(self, name: str, value: float, tags: dict | None = None) -> None:
+        pass
+
+    def count(self, name: str, value: float = 1.0) -> None:
+        pass
+
+
+async def _await(x: Awaitable) -> Any:
+    return await x
+
+
+class EplbController:
+    """Telemetry, forecast, decision, solve and the two-phase push for one expert-parallel group.
+
+    Args:
+        topology: the deployment shape.
+        workers: one handle per rank (index = rank).
+        config: the controller configuration.
+        placement: the placement the workers start with (default: ``Placement.identity``); on
+            restart the controller re-reads the truth from the workers (see :meth:`recover`).
+        metrics: a sink with ``gauge`` / ``count`` (the Ray actor passes ``ray.util.metrics``).
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        workers: Sequence[Any],
+        config: ControllerConfig | None = None,
+        placement: Placement | None = None,
+        metrics: Any = None,
+    ):
+        if len(workers) != topology.num_gpus:
+            raise ValueError(f"got {len(workers)} workers for a topology of {topology.num_gpus} ranks")
+        self.topology, self.workers = topology, list(workers)
+        self.config = config or ControllerConfig()
+        self.placement = placement or Placement.identity(topology)
+        self.metrics = metrics or NullMetrics()
+        self._placements: dict[int, Placement] = {self.placement.epoch: self.placement}
+        self._next_epoch = self.placement.epoch + 1
+        self._seen: dict[tuple[int, int], torch.Tensor] = {}  # (rank, epoch) -> cumulative [L, S]
+        self._window: deque[torch.Tensor] = deque(maxlen=self.config.window)  # rounds of [L, E]
+        self.forecast: torch.Tensor | None = None  # [L, E] float64
+        self._routers: dict[str, tuple[int, float]] = {}  # id -> (known epoch, last poll)
+        self._retired: dict[int, float] = {}  # epoch -> retire time
+        self._history: list[dict] = []
+        self._background: set[asyncio.Future] = set()
+        self._phase_s: dict[str, float] = {}
+        self._last_rebalance = time.monotonic()
+        self._recovered = False
+        self._rounds = self._rebalances = self._aborts = self._moved = 0
+        self._tokens = self._unmapped = 0.0
+        self._missing: list[int] = []
+        self._errors: deque[str] = deque(maxlen=20)
+        self._lock: asyncio.Lock | None = None
+        self._published: asyncio.Condition | None = None
+        self._task: asyncio.Task | None = None
+        self._loop_state = "idle"
+        self._wake: asyncio.Event | None = None
+
+    # ------------------------------------------------------------------ plumbing
+    def _sync(self) -> tuple[asyncio.Lock, asyncio.Condition]:
+        if self._lock is None:
+            self._lock, self._published = asyncio.Lock(), asyncio.Condition()
+        return self._lock, self._published
+
+    async def _fanout(self, method: str, args: Sequence[tuple], timeout_s: float) -> tuple[dict, dict]:
+        """Call ``method(*args[rank])`` on every worker; ``({rank: result}, {rank: error})`` by the deadline."""
+        tasks = {asyncio.ensure_future(_await(getattr(w, method).remote(*a))): r for r, (w, a) in enumerate(zip(self.workers, args))}
+        done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        results, failures = {}, {}
+        for t in pending:
+            t.cancel()
+            failures[tasks[t]] = f"no answer within {timeout_s:g} s"
+        for t in done:
+            exc = t.exception()
+            if exc is None:
+                results[tasks[t]] = t.result()
+            else:
+                failures[tasks[t]] = f"{type(exc).__name__}: {exc}"
+        return results, failures
+
+    def _fire(self, method: str, *args: Any) -> None:
+        """Send ``method(*args)`` to every worker without waiting (release)."""
+        for w in self.workers:
+            fut = asyncio.ensure_future(_await(getattr(w, method).remote(*args)))
+            self._background.add(fut)
+            fut.add_done_callback(self._background.discard)
+
+    def _timed(self, phase: str, t0: float) -> None:
+        self._phase_s[phase] = dt = time.monotonic() - t0
+        self.metrics.gauge("eplb_phase_seconds", dt, {"phase": phase})
+
+    # ------------------------------------------------------------------ recovery
+    async def recover(self) -> bool:
+        """Rebuild the current placement from the workers' own state (after a controller restart)."""
+        results, failures = await self._fanout("state", [()] * len(self.workers), self.config.collect_timeout_s)
+        if failures:
+            return False
+        epochs = {res["epoch"] for res in results.values()}
+        if len(epochs) > 1:  # a commit was cut short: roll the ranks that committed back
+            await self._fanout("abort", [(max(epochs),)] * len(self.workers), self.config.abort_timeout_s)
+            return False
+        epoch = epochs.pop()
+        phy2log = torch.cat([results[r]["experts"] for r in range(len(self.workers))], dim=1)  # [L, R]
+        self.placement = Placement.from_phy2log(self.topology, phy2log, epoch)
+        self._placements[epoch] = self.placement
+        top = max(max(res["epoch"], res["max_aborted"], res["staged"] or -1) for res in results.values())
+        self._next_epoch = max(self._next_epoch, top + 1)
+        self._recovered = True
+        return True
+
+    # ------------------------------------------------------------------ telemetry
+    async def telemetry(self) -> torch.Tensor:
+        """Collect, aggregate and forecast; returns this round's logical load ``[L, E]`` float64."""
+        t0 = time.monotonic()
+        results, failures = await self._fanout("collect", [()] * len(self.workers), self.config.collect_timeout_s)
+        self._missing = sorted(failures)
+        self._timed("collect", t0)
+        t0 = time.monotonic()
+        delta = self.aggregate(results)  # [L, E]
+        self._timed("aggregate", t0)
+        t0 = time.monotonic()
+        self._window.append(delta)
+        if float(delta.sum()) > 0:
+            a = self.config.ema_alpha
+            self.forecast = delta.clone() if self.forecast is None else a * delta + (1 - a) * self.forecast
+        self._timed("forecast", t0)
+        return delta
+
+    def aggregate(self, results: dict[int, dict]) -> torch.Tensor:
+        """New tokens since the last round, as logical load ``[L, E]`` float64.
+
+        ``results[rank]["counts"]`` maps epoch -> cumulative ``[L, S]`` counts of that rank's slots;
+        each epoch's counts go to logical experts through that epoch's ``phy2log``.
+        """
+        t = self.topology
+        delta = torch.zeros(t.num_layers, t.num_experts, dtype=torch.float64)  # [L, E]
+        for rank, res in results.items():
+            reported = set()
+            for epoch, counts in res["counts"].items():
+                reported.add(epoch)
+                prev = self._seen.get((rank, epoch))
+                d = counts if prev is None else counts - prev  # [L, S]
+                self._seen[(rank, epoch)] = counts
+                p = self._placements.get(epoch)
+                if p is None:
+                    self._unmapped += float(d.sum())
+                    continue
+                delta.scatter_add_(1, p.rank_experts(rank), d.to(torch.float64))
+            for key in [k for k in self._seen if k[0] == rank and k[1] not in reported]:
+                del self._seen[key]
+        self._tokens += float(delta.sum())
+        return delta
+
+    def window_load(self) -> torch.Tensor:
+        """``[L, E]`` float64 load of the recent window (sum of its rounds)."""
+        if not self._window:
+            return torch.zeros(self.topology.num_layers, self.topology.num_experts, dtype=torch.float64)
+        return torch.stack(list(self._window)).sum(0)
+
+    def _balancedness(self, p: Placement, load: torch.Tensor) -> float | None:
+        return balancedness(p.phy2log, p.logcnt, load, self.topology.num_gpus) if float(load.sum()) > 0 else None
+
+    # ------------------------------------------------------------------ the round
+    async def step(self, force: bool = False) -> dict:
+        """One control round (see the module docstring). Returns its record; never raises."""
+        lock, _ = self._sync()
+        async with lock:
+            rec: dict[str, Any] = {"round": self._rounds, "time": time.time(), "forced": force}
+            self._rounds += 1
+            try:
+                if not self._recovered:
+                    await self.recover()
+                await self.telemetry()
+                rec["missing"] = list(self._missing)
+            except Exception as exc:  # noqa: BLE001 - a failed round is reported, the loop goes on
+                return self._fail(rec, "telemetry", exc)
+            t0 = time.monotonic()
+            window = self.window_load()
+            bal_now = self._balancedness(self.placement, window)
+            rec["balancedness_now"] = bal_now
+            if bal_now is not None:
+                self.metrics.gauge("eplb_balancedness", bal_now)
+            reason = self._decide(force, window, bal_now)
+            self._timed("decide", t0)
+            if reason is not None:
+                rec.update(await self._rebalance(reason, force))
+            self._maybe_release()
+            return rec
+
+    def _decide(self, force: bool, window: torch.Tensor, bal_now: float | None) -> str | None:
+        if force:
+            return "forced"
+        if self.forecast is None or float(window.sum()) < max(self.config.min_tokens, 1):
+            return None
+        trig = self.config.trigger
+        if trig in ("drift", "both") and bal_now is not None and bal_now < self.config.drift_threshold:
+            return "drift"
+        if trig in ("periodic", "both") and time.monotonic() - self._last_rebalance >= self.config.rebalance_period_s:
+            return "periodic"
+        return None
+
+    async def _rebalance(self, reason: str, force: bool) -> dict:
+        if self.forecast is None:
+            return {"action": "skipped", "why": "no load seen yet"}
+        t0 = time.monotonic()
+        try:
+            cfg = self.config
+            new = await asyncio.to_thread(
+                plan, self.topology, self.forecast, epoch=self._next_epoch,
+                policy=cfg.solver_policy, method=cfg.solver_method,
+            )
+        except Exception as exc:  # noqa: BLE001
+            return self._fail({}, "solve", exc)
+        self._timed("solve", t0)
+        self.metrics.gauge("eplb_solve_seconds", self._phase_s["solve"])
+        pred_cur = self._balancedness(self.placement, self.forecast)
+        pred_new = self._balancedness(new, self.forecast)
+        gain = (pred_new or 0.0) - (pred_cur or 0.0)
+        info = {"reason": reason, "predicted_before": pred_cur, "predicted_after": pred_new, "solve_s": self._phase_s["solve"]}
+        self._last_rebalance = time.monotonic()
+        if not force and gain < self.config.min_gain:
+            return {**info, "action": "skipped", "why": f"predicted gain {gain:.4f} < min_gain {self.config.min_gain}"}
+        return {**info, **(await self.apply(new))}
+
+    async def apply(self, new: Placement) -> dict:
+        """Push ``new`` (any epoch number; it gets the next one): plan, prepare all, commit all or
+        abort all, publish. Returns the outcome record (also appended to :meth:`history`)."""
+        if new.topology != self.topology:
+            raise ValueError("placement is for another topology")
+        epoch = self._next_epoch
+        self._next_epoch += 1
+        new = new.with_epoch(epoch)
+        rec: dict[str, Any] = {"epoch": epoch, "from_epoch": self.placement.epoch, "time": time.time()}
+        t_swap = t0 = time.monotonic()
+        moves = transfer_plan(self.placement, new)
+        per_rank = split_by_rank(moves, self.topology.num_gpus)
+        rec["transfers"] = plan_summary(moves, self.topology)
+        self._timed("plan", t0)
+        if not moves:
+            rec["action"] = "no_change"
+            return self._record(rec)
+        t0 = time.monotonic()
+        cfg = self.config
+        args = [(epoch, per_rank[r], new.rank_experts(r).clone(), cfg.prepare_timeout_s) for r in range(len(self.workers))]
+        try:
+            results, failures = await self._fanout("prepare", args, cfg.prepare_timeout_s)
+        except Exception as exc:  # noqa: BLE001
+            results, failures = {}, {-1: repr(exc)}
+        failures.update({r: str(res) for r, res in results.items() if res.get("status") != "prepared"})
+        self._timed("prepare", t0)
+        if failures:
+            return await self._abort(rec, epoch, "prepare", failures)
+        t0 = time.monotonic()
+        results, failures = await self._fanout("commit", [(epoch,)] * len(self.workers), cfg.commit_timeout_s)
+        failures.update({r: str(res) for r, res in results.items() if res.get("status") != "committed"})
+        self._timed("commit", t0)
+        if failures:
+            return await self._abort(rec, epoch, "commit", failures)
+        t0 = time.monotonic()
+        old = self.placement
+        await self._publish(new)
+        self._retired[old.epoch] = time.monotonic()
+        self._timed("publish", t0)
+        swap_s = time.monotonic() - t_swap
+        self._rebalances += 1
+        self._moved += len(moves)
+        self.metrics.count("eplb_rebalances_total")
+        self.metrics.count("eplb_experts_moved_total", len(moves))
+        self.metrics.gauge("eplb_swap_seconds", swap_s)
+        self.metrics.gauge("eplb_epoch", epoch)
+        rec.update(action="committed", moved=len(moves), swap_s=swap_s)
+        return self._record(rec)
+
+    async def _abort(self, rec: dict, epoch: int, phase: str, failures: dict) -> dict:
+        _, abort_failures = await self._fanout("abort", [(epoch,)] * len(self.workers), self.config.abort_timeout_s)
+        self._aborts += 1
+        self.metrics.count("eplb_aborts_total")
+        rec.update(action="aborted", phase=phase, failures={int(k): v for k, v in failures.items()})
+        if abort_failures:
+            rec["abort_failures"] = abort_failures
+        self._errors.append(f"epoch {epoch} aborted in {phase}: {failures}")
+        return self._record(rec)
+
+    def _record(self, rec: dict) -> dict:
+        self._history.append(rec)
+        del self._history[:-1000]
+        return rec
+
+    def _fail(self, rec: dict, phase: str, exc: BaseException) -> dict:
+        msg = f"{phase} failed: {type(exc).__name__}: {exc}"
+        log.warning(msg)
+        self._errors.append(msg)
+        rec.update(action="error", phase=phase, error=msg)
+        return rec
+
+    # ------------------------------------------------------------------ publishing to routers
+    async def _publish(self, new: Placement) -> None:
+        _, cond = self._sync()
+        async with cond:
+            self.placement = new
+            self._placements[new.epoch] = new
+            for e in sorted(self._placements)[:-8]:
+                del self._placements[e]
+            cond.notify_all()
+
+    async def wait_map(self, known_epoch: int, router_id: str | None = None, timeout_s: float = 10.0) -> Placement | None:
+        """Long poll for routers: the current placement as soon as its epoch is newer than
+        ``known_epoch``, or ``None`` after ``timeout_s``. Polling with ``known_epoch`` acks that map."""
+        if router_id is not None:
+            self._routers[router_id] = (known_epoch, time.monotonic())
+            self._maybe_release()
+        _, cond = self._sync()
+        async with cond:
+            try:
+                await asyncio.wait_for(cond.wait_for(lambda: self.placement.epoch > known_epoch), timeout_s)
+            except asyncio.TimeoutError:
+                return None
+            return self.placement
+
+    def _maybe_release(self) -> None:
+        now = time.monotonic()
+        live = [e for e, seen in self._routers.values() if now - seen < self.config.router_ttl_s]
+        for epoch, retired_at in sorted(self._retired.items()):
+            if all(e > epoch for e in live) or now - retired_at >= self.config.release_timeout_s:
+                del self._retired[epoch]
+                self._fire("release", epoch)
+
+    # ------------------------------------------------------------------ the API
+    async def rebalance_now(self) -> dict:
+        """Collect, solve on the forecast and push now, whatever the trigger and gain say."""
+        return await self.step(force=True)
+
+    async def apply_placement(self, phy2log: torch.Tensor) -> dict:
+        """Push an explicit placement ``phy2log [L, R]`` (operators, benchmarks)."""
+        lock, _ = self._sync()
+        async with lock:
+            return await self.apply(Placement.from_phy2log(self.topology, phy2log))
+
+    async def status(self) -> dict:
+        window = self.window_load()
+        return {
+            "epoch": self.placement.epoch,
+            "phy2log": self.placement.phy2log.clone(),
+            "balancedness_now": self._balancedness(self.placement, window),
+            "balancedness_forecast": None if self.forecast is None else self._balancedness(self.placement, self.forecast),
+            "rounds": self._rounds,
+            "rebalances": self._rebalances,
+            "aborts": self._aborts,
+            "experts_moved": self._moved,
+            "tokens_seen": self._tokens,
+            "unmapped_tokens": self._unmapped,
+            "missing_last_round": list(self._missing),
+            "phase_seconds": dict(self._phase_s),
+            "routers": {k: v[0] for k, v in self._routers.items()},
+            "retired_epochs": sorted(self._retired),
+            "loop": self._loop_state,
+            "errors": list(self._errors),
+            "config": self.config.model_dump(),
+        }
+
+    async def history(self) -> list[dict]:
+        return list(self._history)
+
+    async def measure_telemetry(self, rounds: int = 20) -> dict:
+        """Median ms of a no-op fan-out (``ping``) and of a telemetry round, interleaved."""
+        if rounds <= 0:
+            raise ValueError(f"rounds={rounds} must be positive")
+        noop, tele = [], []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            await self._fanout("ping", [()] * len(self.workers), self.config.collect_timeout_s)
+            noop.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            await self.telemetry()
+            tele.append(time.perf_counter() - t0)
+        med = lambda xs: 1e3 * sorted(xs)[len(xs) // 2]  # noqa: E731
+        return {"noop_ms": med(noop), "telemetry_ms": med(tele), "ratio": med(tele) / med(noop)}
+
+    # ------------------------------------------------------------------ the loop
+    async def run(self) -> None:
+        """The forever-wrapper: ``step()`` every ``interval_s`` until :meth:`stop`."""
+        self._loop_state = "running"
+        self._wake = asyncio.Event()
+        while self._loop_state == "running":
+            t0 = time.monotonic()
+            try:
+                await self.step()
+            except Exception as exc:  # noqa: BLE001 - step() should not raise; never let the loop die
+                self._fail({}, "step", exc)
+            try:  # sleep until the next round, or until stop() wakes us
+                await asyncio.wait_for(self._wake.wait(), max(0.0, self.config.interval_s - (time.monotonic() - t0)))
+            except asyncio.TimeoutError:
+                pass
+
+    async def start(self) -> str:
+        """Start the loop as a background task (idempotent)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self.run())
+            self._task.add_done_callback(self._loop_done)
+        return self._loop_state
+
+    def _loop_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._loop_state = f"crashed: {task.exception()!r}"
+            self._errors.append(self._loop_state)
+        elif self._loop_state == "running":
+            self._loop_state = "stopped"
+
+    async def stop(self) -> str:
+        """Stop the loop after the current step (the actor stays up for status/history)."""
+        if self._loop_state == "running":
+            self._loop_state = "stopping"
+            if self._wake is not None:
+                self._wake.set()
+        if self._task is not None:
+            await self._task
+        self._loop_state = "stopped"
+        return self._loop_state
