@@ -17,10 +17,7 @@ __all__ = [
     "gpu_loads",
     "logical_maps",
 ]
-try:  # filled in as the modules land
-    from ray_eplb.solver.counts import replica_counts  # noqa: F401
-    from ray_eplb.solver.rebalance import rebalance_experts  # noqa: F401
+from ray_eplb.solver.counts import replica_counts
+from ray_eplb.solver.rebalance import rebalance_experts
 
-    __all__ += ["replica_counts", "rebalance_experts"]
-except ImportError:  # pragma: no cover
-    pass
+__all__ += ["replica_counts", "rebalance_experts"]

@@ -1,6 +1,7 @@
 """Derived placement maps: ``phy2log`` -> ``log2phy`` and ``logcnt``."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -26,18 +27,26 @@ def logical_maps(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor,
             f"phy2log holds expert ids outside [0, {num_experts}): "
             f"min={int(phy2log.min())}, max={int(phy2log.max())}"
         )
-    device = phy2log.device
+    log2phy, logcnt = logical_maps_np(phy2log.detach().cpu().numpy(), num_experts)
+    if int(logcnt.max()) > num_slots - num_experts + 1:
+        raise ValueError(f"an expert has {int(logcnt.max())} replicas, more than R - E + 1 = {num_slots - num_experts + 1}")
+    return torch.from_numpy(log2phy).to(phy2log.device), torch.from_numpy(logcnt).to(phy2log.device)
+
+
+def logical_maps_np(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`logical_maps` on a valid ``phy2log [L, R]`` int64 array (numpy in, numpy out).
+
+    An expert with more than ``R - E + 1`` replicas (impossible when every expert has one) would
+    not fit ``log2phy``; callers that cannot rule it out check ``logcnt`` first.
+    """
+    num_layers, num_slots = phy2log.shape
     width = num_slots - num_experts + 1
-    # logcnt: [L, E]
-    logcnt = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=device)
-    logcnt.scatter_add_(1, phy2log, torch.ones_like(phy2log))
-    if int(logcnt.max()) > width:
-        raise ValueError(f"an expert has {int(logcnt.max())} replicas, more than R - E + 1 = {width}")
-    # Sort slots by expert (stable keeps ascending slot order within an expert).
-    order = torch.argsort(phy2log, dim=1, stable=True)  # [L, R] slot ids grouped by expert
-    sorted_exp = torch.gather(phy2log, 1, order)  # [L, R]
-    first = torch.cumsum(logcnt, dim=1) - logcnt  # [L, E] position of each expert's first slot
-    rank = torch.arange(num_slots, device=device).expand(num_layers, -1) - torch.gather(first, 1, sorted_exp)
-    log2phy = torch.full((num_layers, num_experts, width), -1, dtype=torch.int64, device=device)
-    log2phy.view(num_layers, -1).scatter_(1, sorted_exp * width + rank, order)
-    return log2phy, logcnt
+    flat = phy2log + (np.arange(num_layers) * num_experts)[:, None]  # [L, R] row-unique expert ids
+    logcnt = np.bincount(flat.ravel(), minlength=num_layers * num_experts).reshape(num_layers, num_experts)
+    order = np.argsort(phy2log, axis=1, kind="stable")  # [L, R] slots grouped by expert, ascending
+    sorted_flat = np.take_along_axis(flat, order, 1)  # [L, R]
+    first = (np.cumsum(logcnt, 1) - logcnt).ravel()  # [L*E] start of each expert's run
+    rank = np.arange(num_slots) - first[sorted_flat]  # [L, R] replica index within its expert
+    log2phy = np.full((num_layers * num_experts, max(width, int(logcnt.max(initial=0)))), -1, dtype=np.int64)
+    log2phy[sorted_flat, rank] = order
+    return log2phy[:, :width].reshape(num_layers, num_experts, width), logcnt.astype(np.int64)

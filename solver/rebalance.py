@@ -1,0 +1,153 @@
+"""The drop-in EPLB entry point: ``rebalance_experts`` (same contract as DeepSeek EPLB / vLLM).
+
+Pipeline per layer: (hierarchical only) expert groups -> nodes by balanced rounds; replica counts
+per node (or globally) by the hybrid-tail waterfill; replicas -> GPUs by balanced rounds that keep
+each expert's replicas on distinct GPUs; then swap refinement between the heaviest and lightest
+GPUs. The global policy is the hierarchical one with a single node and a single group.
+
+Policies:
+    ``hierarchical``: every expert group stays whole on one node (locality for node-limited
+        routing); needs ``num_groups % num_nodes == 0`` and ``num_experts % num_groups == 0``.
+    ``global``: all slots of all GPUs are one pool; lower peak, but a group may span nodes.
+    ``auto`` (default): both, and per layer the one with the lower max GPU load on ``weight``
+        (ties keep hierarchical); global alone where hierarchical is impossible.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ray_eplb.solver.maps import logical_maps_np
+from ray_eplb.solver.counts import METHODS, as_float64, check_weight, counts_np
+from ray_eplb.solver.packing import pack_rounds, place_replicas
+
+POLICIES = ("auto", "global", "hierarchical")
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive int")
+    return int(value)
+
+
+def rebalance_experts(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    policy: str = "auto",
+    method: str = "hybrid_tail",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Place ``num_replicas`` physical experts (slots) per layer onto ``num_gpus`` GPUs.
+
+    Args:
+        weight: ``[L, E]`` load per logical expert (any real dtype, any device).
+        num_replicas: ``R``, slots per layer; ``R >= E`` and ``R % num_gpus == 0``.
+        num_groups: expert groups (DeepSeek's node-limited routing); used by ``hierarchical``.
+        num_nodes: ``N``; ``num_gpus % N == 0``. GPUs are numbered node-major.
+        num_gpus: ``P``; GPU ``g`` holds slots ``[g*R/P, (g+1)*R/P)``.
+        policy: ``"auto"`` | ``"global"`` | ``"hierarchical"`` (see the module docstring).
+        method: replica-count rule, ``"hybrid_tail"`` (default) or ``"dhondt"``.
+
+    Returns:
+        ``phy2log [L, R]``: logical expert of each slot; ``log2phy [L, E, R-E+1]``: slots of each
+        expert, ``-1`` padded; ``logcnt [L, E]``: replicas per expert. All int64, on ``weight``'s
+        device. Replicas of one expert share a GPU only when it has more replicas than its GPUs.
+    """
+    check_weight(weight)
+    num_replicas = _check_positive_int("num_replicas", num_replicas)
+    num_groups = _check_positive_int("num_groups", num_groups)
+    num_nodes = _check_positive_int("num_nodes", num_nodes)
+    num_gpus = _check_positive_int("num_gpus", num_gpus)
+    num_layers, num_experts = weight.shape
+    if num_experts == 0:
+        raise ValueError("weight has no experts (shape [L, 0])")
+    if num_replicas < num_experts:
+        raise ValueError(f"num_replicas={num_replicas} is smaller than the number of experts {num_experts}")
+    if num_replicas % num_gpus:
+        raise ValueError(f"num_replicas={num_replicas} is not divisible by num_gpus={num_gpus}")
+    if num_gpus % num_nodes:
+        raise ValueError(f"num_gpus={num_gpus} is not divisible by num_nodes={num_nodes}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r} is not one of {POLICIES}")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    hier_ok = num_experts % num_groups == 0 and num_groups % num_nodes == 0
+    if policy == "hierarchical" and not hier_ok:
+        raise ValueError(
+            f"policy='hierarchical' needs num_groups={num_groups} to divide num_experts={num_experts} "
+            f"and num_nodes={num_nodes} to divide num_groups"
+        )
+    w = as_float64(weight)  # [L, E]
+    if policy == "global" or not hier_ok or num_nodes == 1:
+        phy2log, _ = _solve(w, num_replicas, 1, 1, num_gpus, method)
+    elif policy == "hierarchical":
+        phy2log, _ = _solve(w, num_replicas, num_groups, num_nodes, num_gpus, method)
+    else:
+        phy2log, peak = _solve(w, num_replicas, 1, 1, num_gpus, method)
+        # Hierarchical can only win a layer where its bound (a node's load spread over that node's
+        # GPUs, with groups packed as _solve packs them) is below the global plan's max GPU load.
+        bound = _node_bound(w, num_groups, num_nodes, num_gpus)  # [L]
+        maybe = np.nonzero(bound < peak)[0]
+        if maybe.size:
+            hier, hier_peak = _solve(w[maybe], num_replicas, num_groups, num_nodes, num_gpus, method)
+            better = hier_peak < peak[maybe]
+            phy2log[maybe[better]] = hier[better]
+    log2phy, logcnt = logical_maps_np(phy2log, num_experts)
+    device = weight.device
+    return (
+        torch.from_numpy(phy2log).to(device),
+        torch.from_numpy(log2phy).to(device),
+        torch.from_numpy(logcnt).to(device),
+    )
+
+
+def _group_nodes(w: np.ndarray, num_groups: int, num_nodes: int) -> np.ndarray:
+    """``[L, N, E/N]`` logical experts of each node: whole groups, packed by balanced rounds."""
+    num_layers, num_experts = w.shape
+    group_size = num_experts // num_groups
+    group_load = w.reshape(num_layers, num_groups, group_size).sum(-1)  # [L, G]
+    groups = pack_rounds(group_load, num_nodes)  # [L, N, G/N] group ids per node
+    return (groups[..., None] * group_size + np.arange(group_size)).reshape(num_layers, num_nodes, -1)
+
+
+def _node_bound(w: np.ndarray, num_groups: int, num_nodes: int, num_gpus: int) -> np.ndarray:
+    """``[L]`` lower bound on the hierarchical plan's max GPU load: max node load / GPUs per node."""
+    node_experts = _group_nodes(w, num_groups, num_nodes)  # [L, N, E/N]
+    node_load = w[np.arange(w.shape[0])[:, None, None], node_experts].sum(-1)  # [L, N]
+    return node_load.max(1) / (num_gpus // num_nodes)
+
+
+def _solve(
+    w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, method: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hierarchical placement (global = one node, one group).
+
+    ``w``: ``[L, E]`` float64. Returns ``phy2log [L, R]`` int64 and the max GPU load per layer
+    ``[L]`` float64 (loads split evenly among replicas).
+    """
+    num_layers, num_experts = w.shape
+    n_node = num_experts // num_nodes  # experts per node
+    slots_node = num_replicas // num_nodes  # slots per node
+    gpus_node = num_gpus // num_nodes  # GPUs per node
+    if num_nodes == 1:
+        node_experts = np.broadcast_to(np.arange(num_experts), (num_layers, 1, num_experts))  # [L, 1, E]
+    else:
+        node_experts = _group_nodes(w, num_groups, num_nodes)  # [L, N, E/N]
+    rows_l = np.arange(num_layers)[:, None, None]
+    node_w = w[rows_l, node_experts].reshape(num_layers * num_nodes, n_node)  # [L*N, E/N]
+    counts = counts_np(node_w, slots_node, method)  # [L*N, E/N]
+    # Items: replicas listed expert by expert; owner = local expert index, load = w / count.
+    owner = np.repeat(np.tile(np.arange(n_node), num_layers * num_nodes), counts.ravel()).reshape(
+        num_layers * num_nodes, slots_node
+    )  # [L*N, R/N]
+    rows = np.arange(num_layers * num_nodes)[:, None]
+    item_load = (node_w / counts)[rows, owner]  # [L*N, R/N]
+    cap = (-(-counts // gpus_node))[rows, owner]  # [L*N, R/N] fewest replicas per GPU possible
+    assign = place_replicas(item_load, owner, cap, gpus_node)  # [L*N, P/N, S]
+    local = owner[rows[:, :, None], assign]  # [L*N, P/N, S] local expert per slot
+    phy2log = node_experts.reshape(num_layers * num_nodes, n_node)[rows[:, :, None], local]
+    gpu_load = item_load[rows[:, :, None], assign].sum(-1).reshape(num_layers, num_gpus)  # [L, P]
+    return phy2log.reshape(num_layers, num_replicas), gpu_load.max(1)
