@@ -38,7 +38,7 @@ class RayFetcher:
             self._handles[rank] = ray.get_actor(WORKER_NAME.format(rank=rank), namespace=self.namespace)
         return self._handles[rank]
 
-    def __call__(self, requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, list[torch.Tensor]]:
+    def __call__(self, requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, torch.Tensor]:
         import ray
 
         refs = {r: self._handle(r).export.remote(items) for r, items in requests.items()}
@@ -52,6 +52,7 @@ class RayExpertWorker(ExpertWorker):
     def __init__(self, *args: Any, namespace: str = NAMESPACE, **kwargs: Any):
         import ray
 
+        _quiet_zero_copy_warnings()
         super().__init__(*args, fetcher=RayFetcher(namespace), **kwargs)
         self.node_id = ray.get_runtime_context().get_node_id()
 
@@ -80,7 +81,7 @@ class RayExpertWorker(ExpertWorker):
         if raw:
             ray.get(self.fetcher._handle(src_rank).blob.remote()).clone()
         else:
-            [self._to_device(w) for w in self.fetcher({src_rank: items}, 60.0)[src_rank]]
+            [self._to_device(w, own=True) for w in self.fetcher({src_rank: items}, 60.0)[src_rank]]
         return time.perf_counter() - t0
 
 
@@ -121,6 +122,7 @@ def launch_workers(
     device: str = "auto",
     namespace: str = NAMESPACE,
     max_concurrency: int = 4,
+    gpu_fraction: float = 1.0,
     ready_timeout_s: float = 180.0,
 ) -> WorkerGroup:
     """Start one named worker actor per rank of ``topology`` holding ``placement``'s slots.
@@ -128,7 +130,8 @@ def launch_workers(
     ``device``: ``auto`` (cuda on a GPU cluster, else cpu), ``cuda`` or ``cpu``. Workers are
     threaded actors (``max_concurrency``) so staging a swap never blocks dispatches. They do not
     restart (a restarted worker would come back without its epoch's weights); the controller
-    aborts rounds a dead worker cannot join.
+    aborts rounds a dead worker cannot join. ``gpu_fraction`` < 1 lets several ranks share a GPU
+    (a demo of 8 ranks on one GPU).
     """
     import ray
     from ray.util.placement_group import placement_group
@@ -136,8 +139,10 @@ def launch_workers(
 
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device={device!r} must be auto, cuda or cpu")
+    if not 0 < gpu_fraction <= 1:
+        raise ValueError(f"gpu_fraction={gpu_fraction} must lie in (0, 1]")
     res = rank_resource(device)
-    amount = 1.0 if res != "CPU" else 0.01
+    amount = {"GPU": gpu_fraction, "CPU": 0.01}.get(res, 1.0)
     bundle = {res: amount}
     pgs = []
     for _ in range(topology.num_nodes):
@@ -158,7 +163,7 @@ def launch_workers(
             runtime_env={"env_vars": dict(ZERO_COPY_ENV)},
         )
         if res == "GPU":
-            opts.update(num_gpus=1, num_cpus=0)
+            opts.update(num_gpus=amount, num_cpus=0)
         elif res == "CPU":
             opts.update(num_cpus=amount)
         else:
@@ -173,6 +178,16 @@ def launch_workers(
     return WorkerGroup(topology, handles, pgs, worker_device)
 
 
+def _quiet_zero_copy_warnings() -> None:
+    """Our tensors cross the object store read-only by design (weights are never written in place,
+    counters are sent as copies), so Ray's and torch's generic warnings about it are noise."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Zero-copy tensor serialization.*")
+    warnings.filterwarnings("ignore", message=".*NumPy array is not writable.*")
+
+
 def enable_zero_copy() -> None:
     """Set the zero-copy torch tensor flag for this process (call before ``ray.init``)."""
     os.environ.update({k: v for k, v in ZERO_COPY_ENV.items() if k not in os.environ})
+    _quiet_zero_copy_warnings()

@@ -62,8 +62,8 @@ class StaleEpochError(RuntimeError):
 class Fetcher(Protocol):
     """Fetches packed expert weights from peer workers, in parallel over sources."""
 
-    def __call__(self, requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, list[torch.Tensor]]:
-        """``{src_rank: [(layer, expert), ...]}`` -> ``{src_rank: [packed [3, I, H], ...]}`` in order."""
+    def __call__(self, requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, torch.Tensor]:
+        """``{src_rank: [(layer, expert), ...]}`` -> ``{src_rank: packed [n, 3, I, H]}`` in request order."""
         ...
 
 
@@ -143,10 +143,11 @@ class ExpertWorker:
             f"device={self.device.type})"
         )
 
-    def _to_device(self, w: torch.Tensor) -> torch.Tensor:
+    def _to_device(self, w: torch.Tensor, own: bool = False) -> torch.Tensor:
+        """``w`` on this worker's device in memory of its own (``own``: ``w`` is a slice of a
+        received batch, or a read-only zero-copy view of the object store, which must not be kept)."""
         if self.device.type == "cpu":
-            # Zero-copy tensors from the object store are read-only views of shared memory: own a copy.
-            return w.clone() if not w.is_contiguous() or _read_only(w) else w
+            return w.clone() if own or not w.is_contiguous() or _read_only(w) else w
         return w.to(self.device, non_blocking=True)
 
     def _fault(self, method: str) -> None:
@@ -224,8 +225,9 @@ class ExpertWorker:
             return {"rank": self.rank, "epoch": self.epoch, "counts": {e: c.clone() for e, c in self._counts.items()}}
 
     # ------------------------------------------------------------------ swap protocol
-    def export(self, items: Sequence[tuple[int, int]], epoch: int | None = None) -> list[torch.Tensor]:
-        """Packed weights ``[3, I, H]`` (cpu) of ``(layer, expert)`` pairs this worker holds, for a peer."""
+    def export(self, items: Sequence[tuple[int, int]], epoch: int | None = None) -> torch.Tensor:
+        """Packed weights of ``(layer, expert)`` pairs this worker holds, for a peer: one cpu tensor
+        ``[n, 3, I, H]`` (one object-store buffer however many experts move between two workers)."""
         with self._lock:
             table = self._tables[self.epoch if epoch is None else epoch]
         out = []
@@ -233,8 +235,8 @@ class ExpertWorker:
             hits = (table.experts[layer] == expert).nonzero()
             if hits.numel() == 0:
                 raise ValueError(f"worker {self.rank} does not hold expert {expert} of layer {layer}")
-            out.append(table.weights[layer][int(hits[0])].cpu())
-        return out
+            out.append(table.weights[layer][int(hits[0])])
+        return torch.stack(out).cpu()  # [n, 3, I, H]
 
     def prepare(self, epoch: int, transfers: Sequence[Transfer], experts: torch.Tensor, timeout_s: float = 60.0) -> dict:
         """Stage the table of ``epoch``: ``experts [L, S]`` is this rank's new slot map and
@@ -266,7 +268,11 @@ class ExpertWorker:
         remote: dict[int, list[Transfer]] = defaultdict(list)
         for (layer, j), t in by_slot.items():
             if t.src_rank == self.rank:
-                weights[layer][j] = self.export([(t.layer, t.expert)], base.epoch)[0].to(self.device)
+                # Weights are never written in place, so the new slot shares the old slot's tensor.
+                hits = (base.experts[t.layer] == t.expert).nonzero()
+                if hits.numel() == 0:
+                    raise ValueError(f"transfer {t}: worker {self.rank} does not hold expert {t.expert}")
+                weights[layer][j] = base.weights[layer][int(hits[0])]
             elif t.src_rank < 0 or self.fetcher is None:
                 weights[layer][j] = self._to_device(self.source.expert(t.layer, t.expert))
             else:
@@ -276,7 +282,7 @@ class ExpertWorker:
             got = self.fetcher({r: [(t.layer, t.expert) for t in ts] for r, ts in remote.items()}, timeout_s)
             for r, ts in remote.items():
                 for t, w in zip(ts, got[r], strict=True):
-                    weights[t.layer][t.dst_slot - self.rank * s] = self._to_device(w)
+                    weights[t.layer][t.dst_slot - self.rank * s] = self._to_device(w, own=True)
                     self.stats.fetched_bytes += w.numel() * w.element_size()
             self.stats.fetch_s += time.perf_counter() - t0
         with self._lock:
@@ -394,7 +400,7 @@ def _read_only(t: torch.Tensor) -> bool:
 def local_fetcher(workers: Callable[[int], ExpertWorker]) -> Fetcher:
     """A :class:`Fetcher` over in-process workers (unit tests, single-process use)."""
 
-    def fetch(requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, list[torch.Tensor]]:
-        return {r: [w.clone() for w in workers(r).export(items)] for r, items in requests.items()}
+    def fetch(requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, torch.Tensor]:
+        return {r: workers(r).export(items) for r, items in requests.items()}
 
     return fetch

@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Sequence
 import torch
 
 from ray_eplb.controller.config import ControllerConfig
-from ray_eplb.controller.transfer import plan_summary, split_by_rank, transfer_plan
+from ray_eplb.controller.transfer import align, plan_summary, split_by_rank, transfer_plan
 from ray_eplb.solver import balancedness
 from ray_eplb.topology import Placement, Topology, plan
 
@@ -249,6 +249,7 @@ class EplbController:
                 plan, self.topology, self.forecast, epoch=self._next_epoch,
                 policy=cfg.solver_policy, method=cfg.solver_method,
             )
+            new = await asyncio.to_thread(align, self.placement, new)  # same balance, fewer moves
         except Exception as exc:  # noqa: BLE001
             return self._fail({}, "solve", exc)
         self._timed("solve", t0)
@@ -268,7 +269,6 @@ class EplbController:
         if new.topology != self.topology:
             raise ValueError("placement is for another topology")
         epoch = self._next_epoch
-        self._next_epoch += 1
         new = new.with_epoch(epoch)
         rec: dict[str, Any] = {"epoch": epoch, "from_epoch": self.placement.epoch, "time": time.time()}
         t_swap = t0 = time.monotonic()
@@ -277,8 +277,9 @@ class EplbController:
         rec["transfers"] = plan_summary(moves, self.topology)
         self._timed("plan", t0)
         if not moves:
-            rec["action"] = "no_change"
+            rec.update(action="no_change", epoch=self.placement.epoch)
             return self._record(rec)
+        self._next_epoch += 1  # used up even if the round aborts: workers refuse a retried aborted epoch
         t0 = time.monotonic()
         cfg = self.config
         args = [(epoch, per_rank[r], new.rank_experts(r).clone(), cfg.prepare_timeout_s) for r in range(len(self.workers))]
@@ -346,6 +347,8 @@ class EplbController:
     async def wait_map(self, known_epoch: int, router_id: str | None = None, timeout_s: float = 10.0) -> Placement | None:
         """Long poll for routers: the current placement as soon as its epoch is newer than
         ``known_epoch``, or ``None`` after ``timeout_s``. Polling with ``known_epoch`` acks that map."""
+        if not self._recovered:
+            await self.recover()
         if router_id is not None:
             self._routers[router_id] = (known_epoch, time.monotonic())
             self._maybe_release()

@@ -206,3 +206,22 @@ def test_recover_rebuilds_placement_from_workers():
     assert fresh.placement.epoch == rec["epoch"]
     assert torch.equal(fresh.placement.phy2log, ctl.placement.phy2log)
     assert fresh._next_epoch > rec["epoch"]
+
+
+def test_align_keeps_balance_and_never_moves_more():
+    from ray_eplb.controller.transfer import align
+    from ray_eplb.solver import balancedness
+    from ray_eplb.topology import plan
+
+    gen = torch.Generator().manual_seed(0)
+    w1 = torch.rand(2, 8, generator=gen) ** 3
+    w2 = w1 * (1 + 0.3 * torch.rand(2, 8, generator=gen))
+    a, b = plan(TOPO, w1), plan(TOPO, w2)
+    c = align(a, b)
+    assert int(a.changed_slots(c).sum()) <= int(a.changed_slots(b).sum())
+    assert balancedness(c.phy2log, c.logcnt, w2, 4) == pytest.approx(balancedness(b.phy2log, b.logcnt, w2, 4))
+    # A placement that only relabels GPUs and slots needs no move at all once aligned.
+    perm = a.phy2log.view(2, 2, 2, 3).flip(1).flip(2).flip(3).reshape(2, 12)  # swap nodes, GPUs, slots
+    shuffled = Placement.from_phy2log(TOPO, perm.contiguous())
+    assert int(a.changed_slots(shuffled).sum()) > 0
+    assert int(a.changed_slots(align(a, shuffled)).sum()) == 0
