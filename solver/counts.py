@@ -94,6 +94,9 @@ def counts_np(w: np.ndarray, num_phy: int, method: str = "hybrid_tail") -> np.nd
     zero_row = w.sum(1) == 0  # [X]
     if zero_row.any():
         w = np.where(zero_row[:, None], 1.0, w)  # stand-in so the level search is defined
+    # Scale every row by a power of two so its max lies in [0.5, 1): exact, so every quotient
+    # comparison and tie is unchanged, and neither subnormal nor huge loads under/overflow.
+    w = np.ldexp(w, -np.frexp(w.max(1))[1][:, None])
     counts = _level_counts(w, num_phy, m)  # [X, n]
     if method == "dhondt":
         counts = _fill_dhondt(w, counts, num_phy)
@@ -107,8 +110,12 @@ def counts_np(w: np.ndarray, num_phy: int, method: str = "hybrid_tail") -> np.nd
 
 
 def _seats(w: np.ndarray, level: np.ndarray) -> np.ndarray:
-    """``[X, n]`` seats each expert needs so no replica carries more than ``level [X]``."""
-    return np.maximum(np.ceil(w / level[:, None]), 1).astype(np.int64)
+    """``[X, n]`` seats each expert needs so no replica carries more than ``level [X]``.
+
+    Float64 holding whole numbers (exact far beyond any slot count): skips an int conversion.
+    """
+    seats = np.ceil(w / level[:, None])
+    return np.maximum(seats, 1.0, out=seats)
 
 
 def _level_counts(w: np.ndarray, num_phy: int, m: int) -> np.ndarray:
@@ -133,11 +140,11 @@ def _level_counts(w: np.ndarray, num_phy: int, m: int) -> np.ndarray:
         fits = s_t <= num_phy  # [X]: t becomes hi, else lo
         hi, s_hi = np.where(fits, t, hi), np.where(fits, s_t, s_hi)
         lo, s_lo = np.where(fits, lo, t), np.where(fits, s_lo, s_t)
-    c_lo, c_hi = _seats(w, lo), _seats(w, hi)  # [X, n]
+    c_lo, c_hi = _seats(w, lo).astype(np.int64), _seats(w, hi).astype(np.int64)  # [X, n]
     # A row whose lo fits sits on t* = lo; one whose hi uses every seat keeps hi's counts.
     on_lo = s_lo == num_phy
     c_hi = np.where(on_lo[:, None], c_lo, c_hi)
-    need = np.where(on_lo, 0, num_phy - s_hi)  # [X] seats t* adds on top of seats(hi)
+    need = np.where(on_lo, 0, num_phy - s_hi).astype(np.int64)  # [X] seats t* adds on top of seats(hi)
     if need.max() == 0:
         return c_hi
     # The quotients in (lo, hi] are w_i / k for k in [c_hi_i, c_lo_i): at most a few per row.
@@ -181,19 +188,26 @@ def _fill_hybrid_tail(w: np.ndarray, counts: np.ndarray, num_phy: int, tail: int
         order = np.argsort(-(w / counts), axis=1, kind="stable")  # [X, n] largest w/c first
         counts[rows[:, None], order] += cols < chunk[:, None]
         bulk = bulk - chunk
-    for step in range(int(last.max())):
-        avg = w / counts  # [X, n]
-        top = np.argsort(-avg, axis=1, kind="stable")[:, :2]  # [X, 2] largest and runner-up
-        top_val = avg[rows[:, None], top]  # [X, 2]
-        picks = np.stack([np.argmax(w / (counts + 1), 1), np.argmax(w / (2 * counts + 1), 1)], 1)  # [X, 2]
-        heavy = w[rows[:, None], picks]  # [X, 2]
-        new_avg = heavy / (counts[rows[:, None], picks] + 1)  # [X, 2]
-        others = np.where(picks == top[:, :1], top_val[:, 1:], top_val[:, :1])  # [X, 2] peak elsewhere
+    # The tail: one seat per step, on the rows that still have seats (usually a few rows with ties).
+    act = np.nonzero(last)[0]  # [A]
+    w_a, c_a, left = w[act], counts[act], last[act]
+    sub = np.arange(act.size)
+    for _ in range(int(left.max(initial=0))):
+        avg = w_a / c_a  # [A, n]
+        top = avg.argmax(1)  # [A] current peak and, below, the runner-up value
+        top_val = avg[sub, top]
+        avg[sub, top] = -np.inf
+        second = avg.max(1)
+        picks = np.stack([np.argmax(w_a / (c_a + 1), 1), np.argmax(w_a / (2 * c_a + 1), 1)], 1)  # [A, 2]
+        heavy = w_a[sub[:, None], picks]  # [A, 2] D'Hondt pick, Sainte-Lague pick
+        new_avg = heavy / (c_a[sub[:, None], picks] + 1)
+        others = np.where(picks == top[:, None], second[:, None], top_val[:, None])  # [A, 2] peak elsewhere
         peak = np.maximum(others, new_avg)
         use_sl = (peak[:, 1] < peak[:, 0]) | (
             (peak[:, 1] == peak[:, 0])
             & ((others[:, 1] < others[:, 0]) | ((others[:, 1] == others[:, 0]) & (heavy[:, 1] > heavy[:, 0])))
         )
-        pick = np.where(use_sl, picks[:, 1], picks[:, 0])  # [X]
-        counts[rows, pick] += last > step
+        c_a[sub, np.where(use_sl, picks[:, 1], picks[:, 0])] += left > 0
+        left = left - 1
+    counts[act] = c_a
     return counts
