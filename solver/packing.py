@@ -4,10 +4,12 @@ All functions work on numpy arrays batched over ``B`` independent rows (layers, 
 sub-problems) and are vectorised across rows; the only Python loops run over rounds of slots and
 refinement sweeps, never over rows.
 
-Vocabulary: a row has ``M = P * S`` items, ``P`` bins of ``S`` slots each. ``load [B, M]`` is an
-item's load, ``owner [B, M]`` the logical expert an item is a replica of (items with one owner
-should not share a bin: a second replica on a GPU is a wasted slot). ``assign [B, P, S]`` lists
-the item index in each slot of each bin.
+Vocabulary: a row has ``P`` bins (nodes or GPUs) of ``S`` slots each. Groups -> nodes packs
+distinct items (:func:`pack_rounds`). Replicas -> GPUs packs the replicas of ``n`` owners (logical
+experts): owner ``e`` has ``counts[e]`` replicas, each carrying ``expert_load[e] / counts[e]``;
+replicas of one owner are interchangeable, so a placement is just ``slot_owner [B, P, S]``, the
+owner in each slot of each bin. Two replicas of one owner in a bin waste a slot, so a bin may hold
+at most ``cap = ceil(count / P)`` of an owner: one, unless the owner has more replicas than bins.
 """
 from __future__ import annotations
 
@@ -49,216 +51,216 @@ def pack_rounds(load: np.ndarray, num_bins: int) -> np.ndarray:
 def pack_snake(expert_load: np.ndarray, counts: np.ndarray, num_bins: int) -> np.ndarray:
     """Serpentine packing of replicas that keeps each owner's replicas on distinct bins.
 
-    Items sorted by load descending are dealt in rounds of ``P``: forward over the bins in even
-    rounds, backward in odd ones, so every bin gets one item of every load tier (hot and cold
-    experts mixed on every GPU) and the rounds' excesses cancel pairwise. Replicas of one owner
-    have equal loads and sit together, so within a round they meet distinct bins; only the owner
-    that ends a round and goes on into the next could meet itself, since the turn revisits the
-    bins just dealt. Its items of the new round are dealt to the first positions whose bins it
-    does not hold, the other items keep their order on the remaining positions. So no bin holds
-    two replicas of an owner with at most ``P`` of them.
-
-    Items are the replicas of ``n`` owners listed owner by owner: owner ``e``'s are items
-    ``start_e .. start_e + counts_e - 1`` with ``start = cumsum(counts) - counts``, each of load
-    ``expert_load_e / counts_e``.
+    Replicas sorted by load descending are dealt in rounds of ``P``: forward over the bins in
+    even rounds, backward in odd ones, so every bin gets one replica of every load tier (hot and
+    cold experts mixed on every GPU) and the rounds' excesses cancel pairwise. Replicas of one
+    owner have equal loads and sit together, so within a round they meet distinct bins; only the
+    owner that ends a round and goes on into the next could meet itself, since the turn revisits
+    the bins just dealt. Its replicas of the new round go to the first positions whose bins it
+    does not hold; the others keep their order on the remaining positions. So no bin holds two
+    replicas of an owner with at most ``P`` of them.
 
     Args:
-        expert_load: ``[B, n]`` float64 load of each owner (split evenly among its items).
-        counts: ``[B, n]`` int64 items per owner (>= 1); every row sums to ``M``.
+        expert_load: ``[B, n]`` float64 load of each owner (split evenly among its replicas).
+        counts: ``[B, n]`` int64 replicas per owner (>= 1); every row sums to ``M = P * S``.
         num_bins: ``P``; must divide ``M``.
 
     Returns:
-        ``assign [B, P, S]`` int64 item indices.
+        ``slot_owner [B, P, S]`` int64.
     """
     num_rows, n = counts.shape
     num_items = int(counts[0].sum())
     slots = num_items // num_bins
     rows = np.arange(num_rows)[:, None]  # [B, 1]
     rank = np.arange(num_bins)  # [P]
-    # Sort owners (not items) by per-item load, then expand: cheaper than sorting M items.
+    # Sort owners (not replicas) by per-replica load, then expand: cheaper than sorting M items.
     by_owner = np.argsort(-(expert_load / counts), axis=1, kind="stable")  # [B, n]
     sorted_counts = np.take_along_axis(counts, by_owner, 1)  # [B, n]
-    start = np.take_along_axis(np.cumsum(counts, 1) - counts, by_owner, 1)  # [B, n] first item of each
-    block = np.cumsum(sorted_counts, 1) - sorted_counts  # [B, n] where each block starts when sorted
-    order = np.repeat((start - block).ravel(), sorted_counts.ravel()).reshape(num_rows, num_items)
-    order += np.arange(num_items)  # [B, M] item at each sorted position
     own = np.repeat(by_owner.ravel(), sorted_counts.ravel()).reshape(num_rows, slots, num_bins)  # [B, S, P]
-    pos = np.tile(rank, (num_rows, slots, 1))  # [B, S, P] dealing position of each item in its round
-    offs = rows * num_bins  # [B, 1]: flat indexing (row offset + column) is 2-4x cheaper than 2-D here
+    pos = np.tile(rank, (num_rows, slots, 1))  # [B, S, P] dealing position of each replica in its round
     if slots > 1:
         last = own[:, :-1, -1:]  # [B, S-1, 1] owner ending each round
-        lead = np.cumprod(own[:, 1:] == last, axis=2).sum(2)  # [B, S-1] its items in the next round
-        for r in np.nonzero(lead.any(0))[0]:
-            # Position q of round r+1 deals to the bin that position P-1-q of round r dealt to.
-            held = np.zeros(num_rows * num_bins, dtype=bool)
-            held[num_bins - 1 - pos[:, r] + offs] = own[:, r] == last[:, r]
-            free = ~held.reshape(num_rows, num_bins)  # [B, P] next-round positions it may take
-            n_lead = lead[:, r, None]  # [B, 1]
-            chosen = free & (np.cumsum(free, 1) <= n_lead)  # [B, P] the first n_lead of them
-            # An owner with more items than bins may find too few: deal it plainly (capped later).
-            chosen = np.where(free.sum(1, keepdims=True) >= n_lead, chosen, rank < n_lead)
-            taken = np.cumsum(chosen, 1)  # [B, P]
-            # Item dealt at each position: its own items at the chosen ones, the others in order.
-            item = np.where(chosen, taken - 1, n_lead + rank - taken)  # [B, P]
-            nxt = np.empty(num_rows * num_bins, dtype=np.int64)
-            nxt[item + offs] = rank
-            pos[:, r + 1] = nxt.reshape(num_rows, num_bins)
+        lead = np.cumprod(own[:, 1:] == last, axis=2).sum(2)  # [B, S-1] its replicas in the next round
+        tail = np.cumprod(own[:, :-1, ::-1] == last, axis=2).sum(2)  # [B, S-1] ... in this round
+        # Usual case, all turns at once: the straddler's tail took the bins of the next round's
+        # first `tail` positions, so rotate that round's first tail+lead positions: the next
+        # `tail` replicas go first, its `lead` replicas right after.
+        span = np.where(lead > 0, lead + tail, 0)  # [B, S-1] positions a turn rotates
+        t = np.where(span <= num_bins, np.where(lead > 0, tail, 0), 0)[..., None]
+        i, n_lead = pos[:, 1:], lead[..., None]
+        pos[:, 1:] = np.where(i < n_lead, i + t, np.where(i < n_lead + t, i - n_lead, i))
+        # That is exact unless a rotation reaches the next straddler's tail, or an owner has more
+        # replicas than bins; such rows (rare with many bins) redo their turns one at a time.
+        next_tail = np.concatenate([np.where(lead[:, 1:] > 0, tail[:, 1:], 0), np.zeros_like(tail[:, :1])], 1)
+        redo = ((span > 0) & (span + next_tail > num_bins)).any(1)
+        if redo.any():
+            sub = np.nonzero(redo)[0]
+            pos[sub] = _turns_one_by_one(own[sub], lead[sub], num_bins)
     forward = (np.arange(slots) % 2 == 0)[None, :, None]  # [1, S, 1]
     bins = np.where(forward, pos, num_bins - 1 - pos)  # [B, S, P]
-    assign = np.empty(num_rows * num_bins * slots, dtype=np.int64)
-    assign[((bins + offs[:, :, None]) * slots + np.arange(slots)[None, :, None]).ravel()] = order.ravel()
-    return assign.reshape(num_rows, num_bins, slots)
+    slot_owner = np.empty(num_rows * num_bins * slots, dtype=np.int64)
+    slot_owner[((bins + rows[:, :, None] * num_bins) * slots + np.arange(slots)[None, :, None]).ravel()] = own.ravel()
+    return slot_owner.reshape(num_rows, num_bins, slots)
+
+
+def _turns_one_by_one(own: np.ndarray, lead: np.ndarray, num_bins: int) -> np.ndarray:
+    """Dealing positions ``[B, S, P]`` for :func:`pack_snake`, one round turn after another.
+
+    ``own [B, S, P]``: owners in dealing order; ``lead [B, S-1]``: replicas of round ``r``'s last
+    owner at the start of round ``r+1``. At each turn that owner's replicas go to the first
+    positions whose bins it does not hold (all of them if it holds too many: repaired later).
+    """
+    num_rows, slots, _ = own.shape
+    rank = np.arange(num_bins)
+    offs = np.arange(num_rows)[:, None] * num_bins  # [B, 1] flat indexing: cheaper than 2-D here
+    pos = np.tile(rank, (num_rows, slots, 1))
+    for r in np.nonzero(lead.any(0))[0]:
+        # Position q of round r+1 deals to the bin that position P-1-q of round r dealt to.
+        held = np.zeros(num_rows * num_bins, dtype=bool)
+        held[num_bins - 1 - pos[:, r] + offs] = own[:, r] == own[:, r, -1:]
+        free = ~held.reshape(num_rows, num_bins)  # [B, P] next-round positions it may take
+        n_lead = lead[:, r, None]  # [B, 1]
+        chosen = free & (np.cumsum(free, 1) <= n_lead)  # [B, P] the first n_lead of them
+        chosen = np.where(free.sum(1, keepdims=True) >= n_lead, chosen, rank < n_lead)
+        taken = np.cumsum(chosen, 1)  # [B, P]
+        item = np.where(chosen, taken - 1, n_lead + rank - taken)  # [B, P] replica dealt at each position
+        nxt = np.empty(num_rows * num_bins, dtype=np.int64)
+        nxt[item + offs] = rank
+        pos[:, r + 1] = nxt.reshape(num_rows, num_bins)
+    return pos
 
 
 def place_replicas(
-    expert_load: np.ndarray,
-    counts: np.ndarray,
-    load: np.ndarray,
-    owner: np.ndarray,
-    cap: np.ndarray,
-    num_bins: int,
-    pairs: int = 4,
-    sweeps: int = 8,
-) -> np.ndarray:
+    expert_load: np.ndarray, counts: np.ndarray, num_bins: int, pairs: int = 4, sweeps: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
     """Replicas -> GPUs: serpentine packing, a repair of any surplus copy, swap refinement.
 
-    Shapes: ``expert_load``/``counts`` ``[B, n]`` (see :func:`pack_snake`); per item ``load``,
-    ``owner``, ``cap`` ``[B, M]`` (``cap``: the fewest copies of the item's owner a bin must be
-    allowed, ``ceil(count / P)``). Returns ``assign [B, P, S]``.
+    Shapes: ``expert_load``/``counts`` ``[B, n]`` (see :func:`pack_snake`). Returns
+    ``slot_owner [B, P, S]`` and ``bin_load [B, P]`` float64.
     """
-    assign = pack_snake(expert_load, counts, num_bins)
-    num_rows, _, slots = assign.shape
-    rows = np.arange(num_rows)[:, None]
+    slot_owner = pack_snake(expert_load, counts, num_bins)
+    per_replica = expert_load / counts  # [B, n]
+    cap = -(-counts // num_bins)  # [B, n] fewest copies per bin an owner must be allowed
     if (cap > 1).any():  # owners with more replicas than bins: the serpentine bound is not enough
-        own = owner[rows[:, :, None], assign]
-        if surplus_copies(own, cap[rows[:, :, None], assign]).any():
-            assign = separate_copies(assign, load, owner, cap)
-    return refine_swaps(assign, load, owner, cap, pairs, sweeps)
+        slot_owner = separate_copies(slot_owner, per_replica, cap)
+    return refine_swaps(slot_owner, per_replica, cap, pairs, sweeps)
 
 
-def surplus_copies(own: np.ndarray, cap: np.ndarray) -> np.ndarray:
+def _per_slot(table: np.ndarray, slot_owner: np.ndarray) -> np.ndarray:
+    """``table [B, n]`` looked up at every slot of ``slot_owner [B, P, S]`` -> ``[B, P, S]``."""
+    num_rows, n = table.shape
+    return table.ravel()[slot_owner + (np.arange(num_rows) * n)[:, None, None]]
+
+
+def surplus_copies(slot_owner: np.ndarray, cap: np.ndarray) -> np.ndarray:
     """``[B, P, S]`` bool: a slot whose owner already fills its per-bin cap earlier in the bin.
 
-    ``own [B, P, S]`` owners per slot; ``cap [B, P, S]`` copies allowed per bin for that slot's
-    owner (``ceil(count / P)``: 1 unless the owner has more items than there are bins).
+    ``slot_owner [B, P, S]``; ``cap [B, n]`` copies allowed per bin for each owner.
     """
-    slots = own.shape[-1]
-    same = own[..., :, None] == own[..., None, :]  # [B, P, S, S]
+    slots = slot_owner.shape[-1]
+    same = slot_owner[..., :, None] == slot_owner[..., None, :]  # [B, P, S, S]
     earlier = np.tril(np.ones((slots, slots), dtype=bool), -1)  # [S, S] j < s
-    return (same & earlier).sum(-1) >= cap
+    return (same & earlier).sum(-1) >= _per_slot(cap, slot_owner)
 
 
-def separate_copies(assign: np.ndarray, load: np.ndarray, owner: np.ndarray, cap: np.ndarray) -> np.ndarray:
-    """Swap surplus copies of an owner out of a bin, each for the closest-load item it can take.
+def separate_copies(slot_owner: np.ndarray, per_replica: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """Swap surplus copies of an owner out of a bin, each for the closest-load replica it can take.
 
-    A slot over its owner's cap (see :func:`surplus_copies`) swaps with the item, in another bin,
-    whose load is nearest its own such that neither owner then exceeds its cap in its new bin.
-    One repair per row per pass, until none is left (or no legal swap exists).
+    A slot over its owner's cap (see :func:`surplus_copies`) swaps with the replica, in another
+    bin, whose load is nearest its own such that neither owner then exceeds its cap in its new
+    bin. One repair per row per pass, until none is left (or no legal swap exists).
 
-    Shapes: ``assign [B, P, S]`` (a repaired copy is returned), ``load``/``owner``/``cap`` ``[B, M]``.
+    Shapes: ``slot_owner [B, P, S]`` (a repaired copy is returned), ``per_replica``/``cap`` ``[B, n]``.
     """
-    assign = assign.copy()
-    num_rows, num_bins, slots = assign.shape
-    rows = np.arange(num_rows)[:, None, None]
+    own = slot_owner.copy()
+    num_rows, num_bins, slots = own.shape
     for _ in range(num_bins * slots):
-        own, lim = owner[rows, assign], cap[rows, assign]  # [B, P, S]
-        bad = surplus_copies(own, lim)  # [B, P, S]
+        bad = surplus_copies(own, cap)  # [B, P, S]
         todo = bad.reshape(num_rows, -1).any(1)
         if not todo.any():
             break
         r = np.nonzero(todo)[0]  # rows with a surplus copy
-        flat = bad[r].reshape(len(r), -1).argmax(1)
-        pb, sb = flat // slots, flat % slots  # [r] its bin and slot
-        x_own = own[r, pb, sb]  # [r]
-        x_load = load[r, assign[r, pb, sb]]
+        at = bad[r].reshape(len(r), -1).argmax(1)
+        pb, sb = at // slots, at % slots  # [r] its bin and slot
         o = own[r]  # [r, P, S]
+        x_own = o[np.arange(len(r)), pb, sb]  # [r]
+        x_cap = cap[r, x_own]
+        load = _per_slot(per_replica[r], o)  # [r, P, S]
         # Copies of x's owner per bin, and copies of each candidate's owner in x's bin.
         x_in = (o == x_own[:, None, None]).sum(-1)  # [r, P]
         y_in_xbin = (o[:, :, :, None] == o[np.arange(len(r)), pb][:, None, None, :]).sum(-1)  # [r, P, S]
-        ok = (x_in < lim[r, pb, sb][:, None])[:, :, None] & (y_in_xbin < lim[r]) & (o != x_own[:, None, None])
+        ok = (x_in < x_cap[:, None])[:, :, None] & (y_in_xbin < _per_slot(cap[r], o)) & (o != x_own[:, None, None])
         ok[np.arange(len(r)), pb] = False
-        cost = np.where(ok, np.abs(load[r[:, None, None], assign[r]] - x_load[:, None, None]), np.inf)
+        cost = np.where(ok, np.abs(load - per_replica[r, x_own][:, None, None]), np.inf)
         best = cost.reshape(len(r), -1).argmin(1)
         fine = np.isfinite(cost.reshape(len(r), -1)[np.arange(len(r)), best])
         if not fine.any():
             break
         r, pb, sb, best = r[fine], pb[fine], sb[fine], best[fine]
         py, sy = best // slots, best % slots
-        tmp = assign[r, pb, sb].copy()
-        assign[r, pb, sb] = assign[r, py, sy]
-        assign[r, py, sy] = tmp
-    return assign
+        own[r, pb, sb], own[r, py, sy] = own[r, py, sy], own[r, pb, sb].copy()
+    return own
 
 
 def refine_swaps(
-    assign: np.ndarray,
-    load: np.ndarray,
-    owner: np.ndarray,
-    cap: np.ndarray,
-    pairs: int = 4,
-    sweeps: int = 8,
-) -> np.ndarray:
-    """Lower the heaviest bins by swapping items with the lightest bins, keeping owners apart.
+    slot_owner: np.ndarray, per_replica: np.ndarray, cap: np.ndarray, pairs: int = 4, sweeps: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lower the heaviest bins by swapping replicas with the lightest bins, keeping owners apart.
 
     Each sweep sorts the bins of every row by load and pairs the ``k``-th heaviest with the
-    ``k``-th lightest (``k < pairs``); in each pair it makes the one swap that best evens the pair
-    (item ``a`` of the heavy bin for ``b`` of the light bin with ``0 < load_a - load_b < gap``,
-    which lowers the pair's max) among swaps that put no owner into a bin already holding it (over
-    its cap). Stops when a sweep changes nothing, or after ``sweeps`` sweeps.
+    ``k``-th lightest (``k < pairs``; odd sweeps with the ``(k+1)``-th lightest); in each pair it
+    makes the one swap that best evens the pair (replica ``a`` of the heavy bin for ``b`` of the
+    light bin with ``0 < load_a - load_b < gap``, which lowers the pair's max) among swaps that
+    take no owner over its cap in its new bin. Stops when two sweeps change nothing, or after
+    ``sweeps`` sweeps.
 
-    Shapes: ``assign [B, P, S]`` (an updated copy is returned), ``load``/``owner``/``cap`` ``[B, M]``
-    (owners are ``0 <= owner < E``).
+    Shapes: ``slot_owner [B, P, S]``, ``per_replica``/``cap`` ``[B, n]``. Returns the updated
+    ``slot_owner`` (a copy) and ``bin_load [B, P]`` float64.
     """
-    num_rows, num_bins, slots = assign.shape
+    num_rows, num_bins, slots = slot_owner.shape
+    n = per_replica.shape[1]
+    io = slot_owner.reshape(num_rows * num_bins, slots).copy()  # [B*P, S] owner per slot, flat bins
+    il = _per_slot(per_replica, slot_owner).reshape(io.shape)  # [B*P, S] load per slot
+    bin_load = il.sum(1).reshape(num_rows, num_bins)  # [B, P]
     k = min(pairs, num_bins // 2)
     if k < 1 or sweeps < 1:
-        return assign
-    rows = np.arange(num_rows)[:, None]  # [B, 1]
-    assign = assign.reshape(-1).copy()  # [B*P*S] flat: row * P * S + bin * S + slot
-    flat = (assign.reshape(num_rows, -1) + rows * load.shape[1]).ravel()
-    il, io, ic = load.ravel()[flat], owner.ravel()[flat], cap.ravel()[flat]  # [B*P*S] per slot
-    num_owners = int(owner.max()) + 1
-    slot_bin = np.arange(num_rows * num_bins).repeat(slots)  # [B*P*S] flat bin of each slot
-    # held[bin * E + owner]: replicas of an owner in a bin (so a legality test is one gather).
-    held = np.bincount(slot_bin * num_owners + io, minlength=num_rows * num_bins * num_owners)
-    bin_load = il.reshape(num_rows, num_bins, slots).sum(-1)  # [B, P]
-    first = rows * num_bins  # [B, 1] flat bin id of each row's bin 0
-    span = np.arange(slots)  # [S]
+        return slot_owner, bin_load
+    ic = _per_slot(cap, slot_owner).reshape(io.shape)  # [B*P, S] the slot owner's cap
+    # held[bin * n + owner]: replicas of an owner in a bin (so a legality test is one gather).
+    held = np.bincount((np.arange(num_rows * num_bins)[:, None] * n + io).ravel(), minlength=num_rows * num_bins * n)
+    first = np.arange(num_rows)[:, None] * num_bins  # [B, 1] flat bin id of each row's bin 0
     quiet = 0
     for sweep in range(sweeps):
-        # Odd sweeps pair the i-th heaviest with the (i+1)-th lightest, so a pair stuck in a local
-        # optimum gets another partner next time.
         shift = sweep % 2 if num_bins > 2 else 0
         kk = min(k, (num_bins - shift) // 2)
         by_load = np.argsort(bin_load, axis=1) + first  # [B, P] flat bins, lightest first
         hb, lb = by_load[:, : -kk - 1 : -1], by_load[:, shift : shift + kk]  # [B, kk] paired bins
-        heavy, light = (hb * slots)[..., None] + span, (lb * slots)[..., None] + span  # [B, k, S] slots
-        la, lb_load = il[heavy], il[light]  # [B, k, S]
-        oa, ob = io[heavy], io[light]
-        # a may enter the light bin / b the heavy bin only below the owner's cap there.
-        ok_a = held[(lb * num_owners)[..., None] + oa] < ic[heavy]  # [B, k, S]
-        ok_b = held[(hb * num_owners)[..., None] + ob] < ic[light]
-        d = la[..., :, None] - lb_load[..., None, :]  # [B, k, S, S] what the heavy bin sheds
-        gap = (bin_load.ravel()[hb] - bin_load.ravel()[lb])[..., None, None]  # [B, k, 1, 1]
-        score = np.where(ok_a[..., :, None] & ok_b[..., None, :], np.minimum(d, gap - d), -1.0)
-        score = score.reshape(num_rows, kk, -1)
-        best = score.argmax(-1)  # [B, k]
-        do = score.max(-1) > 1e-12 * gap[..., 0, 0]  # the pair's max falls
+        oa, ob = io[hb], io[lb]  # [B, kk, S] owners in the heavy / light bin
+        # A replica may enter the other bin only below its owner's cap there; a blocked one is
+        # priced out (-inf leaving, +inf arriving) so no swap that moves it can score.
+        la = np.where(held[(lb * n)[..., None] + oa] < ic[hb], il[hb], -np.inf)  # [B, kk, S]
+        lb_load = np.where(held[(hb * n)[..., None] + ob] < ic[lb], il[lb], np.inf)
+        d = la[..., :, None] - lb_load[..., None, :]  # [B, kk, S, S] what the heavy bin sheds
+        gap = (bin_load.ravel()[hb] - bin_load.ravel()[lb])[..., None, None]  # [B, kk, 1, 1]
+        score = np.minimum(d, gap - d).reshape(num_rows * kk, -1)  # how much the pair's max falls
+        best = score.argmax(-1)  # [B*kk]
+        do = score[np.arange(num_rows * kk), best] > 1e-12 * gap.ravel()  # [B*kk] the max falls
         if not do.any():
             quiet += 1
             if quiet == 2 or num_bins <= 2:
                 break
             continue
         quiet = 0
-        h, l_, best = hb[do], lb[do], best[do]  # flat bins and the chosen pair of slots
-        xa, xb = h * slots + best // slots, l_ * slots + best % slots
-        shed = il[xa] - il[xb]
+        h, l_, best = hb.ravel()[do], lb.ravel()[do], best[do]  # flat bins and the chosen slots
+        sa, sb = best // slots, best % slots
+        a_own, b_own = io[h, sa], io[l_, sb]
+        shed = il[h, sa] - il[l_, sb]
         bin_load.ravel()[h] -= shed
         bin_load.ravel()[l_] += shed
-        held[h * num_owners + io[xa]] -= 1
-        held[l_ * num_owners + io[xa]] += 1
-        held[l_ * num_owners + io[xb]] -= 1
-        held[h * num_owners + io[xb]] += 1
-        for arr in (assign, il, io, ic):
-            arr[xa], arr[xb] = arr[xb], arr[xa].copy()
-    return assign.reshape(num_rows, num_bins, slots)
+        held[h * n + a_own] -= 1
+        held[l_ * n + a_own] += 1
+        held[l_ * n + b_own] -= 1
+        held[h * n + b_own] += 1
+        for arr in (io, il, ic):
+            arr[h, sa], arr[l_, sb] = arr[l_, sb], arr[h, sa].copy()
+    return io.reshape(num_rows, num_bins, slots), bin_load

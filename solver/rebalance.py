@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ray_eplb.solver.maps import logical_maps_np
-from ray_eplb.solver.counts import METHODS, as_float64, check_weight, counts_np
+from ray_eplb.solver.counts import METHODS, check_weight, counts_np
 from ray_eplb.solver.packing import pack_rounds, place_replicas
 
 POLICIES = ("auto", "global", "hierarchical")
@@ -56,7 +56,7 @@ def rebalance_experts(
         expert, ``-1`` padded; ``logcnt [L, E]``: replicas per expert. All int64, on ``weight``'s
         device. Replicas of one expert share a GPU only when it has more replicas than its GPUs.
     """
-    check_weight(weight)
+    w = check_weight(weight)  # [L, E] float64 numpy
     num_replicas = _check_positive_int("num_replicas", num_replicas)
     num_groups = _check_positive_int("num_groups", num_groups)
     num_nodes = _check_positive_int("num_nodes", num_nodes)
@@ -80,7 +80,6 @@ def rebalance_experts(
             f"policy='hierarchical' needs num_groups={num_groups} to divide num_experts={num_experts} "
             f"and num_nodes={num_nodes} to divide num_groups"
         )
-    w = as_float64(weight)  # [L, E]
     if policy == "global" or not hier_ok or num_nodes == 1:
         phy2log, _ = _solve(w, num_replicas, 1, 1, num_gpus, method)
     elif policy == "hierarchical":
@@ -99,7 +98,7 @@ def rebalance_experts(
     device = weight.device
     return (
         torch.from_numpy(phy2log).to(device),
-        log2phy.to(device),
+        torch.from_numpy(log2phy).to(device),
         torch.from_numpy(logcnt).to(device),
     )
 
@@ -139,16 +138,10 @@ def _solve(
         node_experts = _group_nodes(w, num_groups, num_nodes)  # [L, N, E/N]
         node_w = w[np.arange(num_layers)[:, None, None], node_experts].reshape(num_layers * num_nodes, n_node)
     counts = counts_np(node_w, slots_node, method)  # [L*N, E/N]
-    # Items: replicas listed expert by expert; owner = local expert index, load = w / count.
-    owner = np.repeat(np.tile(np.arange(n_node), num_layers * num_nodes), counts.ravel()).reshape(
-        num_layers * num_nodes, slots_node
-    )  # [L*N, R/N]
-    rows = np.arange(num_layers * num_nodes)[:, None]
-    item_load = (node_w / counts)[rows, owner]  # [L*N, R/N]
-    cap = (-(-counts // gpus_node))[rows, owner]  # [L*N, R/N] fewest replicas per GPU possible
-    assign = place_replicas(node_w, counts, item_load, owner, cap, gpus_node)  # [L*N, P/N, S]
-    phy2log = owner[rows[:, :, None], assign]  # [L*N, P/N, S] node-local expert per slot
+    slot_owner, gpu_load = place_replicas(node_w, counts, gpus_node)  # [L*N, P/N, S], [L*N, P/N]
+    phy2log = slot_owner  # node-local expert ids; map them to logical ids per node
     if node_experts is not None:
-        phy2log = node_experts.reshape(num_layers * num_nodes, n_node)[rows[:, :, None], phy2log]
-    gpu_load = item_load[rows[:, :, None], assign].sum(-1).reshape(num_layers, num_gpus)  # [L, P]
+        rows = np.arange(num_layers * num_nodes)[:, None, None]
+        phy2log = node_experts.reshape(num_layers * num_nodes, n_node)[rows, slot_owner]
+    gpu_load = gpu_load.reshape(num_layers, num_gpus)  # [L, P]
     return phy2log.reshape(num_layers, num_replicas), gpu_load.max(1)
