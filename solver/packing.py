@@ -131,13 +131,19 @@ def _turns_one_by_one(own: np.ndarray, lead: np.ndarray, num_bins: int) -> np.nd
 
 
 def place_replicas(
-    expert_load: np.ndarray, counts: np.ndarray, num_bins: int, pairs: int = 4, sweeps: int = 4
+    expert_load: np.ndarray, counts: np.ndarray, num_bins: int, pairs: int = 4, sweeps: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Replicas -> GPUs: serpentine packing, a repair of any surplus copy, swap refinement.
+
+    ``sweeps`` defaults to ``max(4, S // 2)``: a sweep moves one replica per paired bin, so
+    bins with more slots need more of them (measured: 4 sweeps leave qwen3_235b on 8 GPUs x 17
+    slots at 0.9994 in-window, 8 reach 0.9998; on 9 slots 4 are within 0.1% of 8).
 
     Shapes: ``expert_load``/``counts`` ``[B, n]`` (see :func:`pack_snake`). Returns
     ``slot_owner [B, P, S]`` and ``bin_load [B, P]`` float64.
     """
+    if sweeps is None:
+        sweeps = max(4, int(counts[0].sum()) // num_bins // 2)
     slot_owner = pack_snake(expert_load, counts, num_bins)
     per_replica = expert_load / counts  # [B, n]
     cap = -(-counts // num_bins)  # [B, n] fewest copies per bin an owner must be allowed
