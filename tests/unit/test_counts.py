@@ -289,9 +289,6 @@ def test_counts_invariants_and_optimal_peak(case, method):
         np.testing.assert_array_equal(peaks(w, got), peaks(w, ref))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: subnormal or overflowing loads (finite, accepted by check_weight) "
-                   "make the level bracket total/m underflow to 0 or total overflow to inf: IndexError or "
-                   "garbage counts instead of a valid answer")
 @pytest.mark.parametrize(
     "rows,num_phy",
     [
