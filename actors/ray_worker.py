@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
 import torch
 
 from ray_eplb.actors.weights import WeightSource
@@ -24,34 +25,36 @@ ZERO_COPY_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
 
 
 class RayFetcher:
-    """Peer transfers through Ray's object store: one ``export`` call per source rank, all in flight
-    together; with zero-copy torch tensors the receiver maps the sender's bytes without a copy."""
+    """Peer transfers through Ray's object store: one ``export_ref`` call per source rank, all in
+    flight together. The source writes the weights into the store from its low-priority staging
+    thread; with zero-copy torch tensors the receiver maps those bytes without a copy and copies
+    them once, into its staging buffers."""
 
     def __init__(self, namespace: str = NAMESPACE):
         self.namespace = namespace
         self._handles: dict[int, Any] = {}
 
     def _handle(self, rank: int) -> Any:
-        import ray
-
         if rank not in self._handles:
             self._handles[rank] = ray.get_actor(WORKER_NAME.format(rank=rank), namespace=self.namespace)
         return self._handles[rank]
 
-    def __call__(self, requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, torch.Tensor]:
-        import ray
-
-        refs = {r: self._handle(r).export.remote(items) for r, items in requests.items()}
-        values = ray.get(list(refs.values()), timeout=timeout_s)
+    def __call__(self, requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, list[torch.Tensor]]:
+        refs = {r: self._handle(r).export_ref.remote(items) for r, items in requests.items()}
+        inner = ray.get(list(refs.values()), timeout=timeout_s)  # each: [ObjectRef of the weights]
+        values = ray.get([box[0] for box in inner], timeout=timeout_s)
         return dict(zip(refs, values))
 
 
 class RayExpertWorker(ExpertWorker):
-    """:class:`ExpertWorker` inside a Ray actor: peers fetched by name, Ray node in its repr."""
+    """:class:`ExpertWorker` inside a Ray actor: peers fetched by name, Ray node in its repr.
+
+    Two concurrency groups: the default one serves ``forward``, telemetry and the quick protocol
+    calls; ``swap`` runs ``prepare`` and peers' ``export_ref`` calls, which wait on the staging
+    threads. A swap can therefore never take the threads dispatches need.
+    """
 
     def __init__(self, *args: Any, namespace: str = NAMESPACE, **kwargs: Any):
-        import ray
-
         _quiet_zero_copy_warnings()
         super().__init__(*args, fetcher=RayFetcher(namespace), **kwargs)
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -62,6 +65,16 @@ class RayExpertWorker(ExpertWorker):
     def node(self) -> str:
         return self.node_id
 
+    @ray.method(concurrency_group="swap")
+    def prepare(self, *args: Any, **kwargs: Any) -> dict:
+        return super().prepare(*args, **kwargs)
+
+    @ray.method(concurrency_group="swap")
+    def export_ref(self, items: list[tuple[int, int]]) -> list:
+        """:meth:`export`, written into the object store by the low-priority staging thread; returns
+        ``[ref]`` (boxed, so Ray hands the ref over instead of resolving it)."""
+        return [self.in_stager("out", lambda: ray.put(self.export(items)))]
+
     # Benchmark helpers: a plain object-store read of the same bytes, for the bandwidth baseline.
     def make_blob(self, nbytes: int) -> int:
         self._blob = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
@@ -70,18 +83,24 @@ class RayExpertWorker(ExpertWorker):
     def blob(self) -> torch.Tensor:
         return self._blob
 
-    def time_fetch(self, src_rank: int, items: list[tuple[int, int]], raw: bool) -> float:
-        """Seconds to pull ``items`` from ``src_rank`` the way ``prepare`` does (``raw``: ``ray.get``
-        of the source's blob instead, into memory we own, as a plain read would)."""
+    def time_fetch(self, src_rank: int, items: list[tuple[int, int]], mode: str) -> float:
+        """Seconds to pull bytes from ``src_rank``: ``experts`` the way ``prepare`` does (stacked
+        export, zero-copy receive, a copy into memory of our own per expert), ``get`` a plain
+        ``ray.get`` of the source's blob, ``get_copy`` the same plus one copy into our memory."""
         import time
-
-        import ray
-
         t0 = time.perf_counter()
-        if raw:
-            ray.get(self.fetcher._handle(src_rank).blob.remote()).clone()
+        if mode == "experts":
+            bufs = [self._to_device(w, own=True) for w in self.fetcher({src_rank: items}, 60.0)[src_rank]]
+            elapsed = time.perf_counter() - t0
+            with self._lock:  # a benchmark: give the staging buffers back
+                self._pool.extend(bufs)
+            return elapsed
+        elif mode in ("get", "get_copy"):
+            blob = ray.get(self.fetcher._handle(src_rank).blob.remote())
+            if mode == "get_copy":
+                torch.empty_like(blob).copy_(blob)
         else:
-            [self._to_device(w, own=True) for w in self.fetcher({src_rank: items}, 60.0)[src_rank]]
+            raise ValueError(f"mode={mode!r} must be experts, get or get_copy")
         return time.perf_counter() - t0
 
 
@@ -95,7 +114,6 @@ class WorkerGroup:
     device: str = "cpu"
 
     def shutdown(self) -> None:
-        import ray
         from ray.util.placement_group import remove_placement_group
 
         for h in self.handles:
@@ -106,7 +124,6 @@ class WorkerGroup:
 
 def rank_resource(device: str = "auto") -> str:
     """Which resource one rank takes: ``GPU``, ``eplb_rank`` or ``CPU`` (see the module docstring)."""
-    import ray
 
     total = ray.cluster_resources()
     if device == "cuda" or (device == "auto" and total.get("GPU", 0) > 0):
@@ -123,6 +140,8 @@ def launch_workers(
     namespace: str = NAMESPACE,
     max_concurrency: int = 4,
     gpu_fraction: float = 1.0,
+    stage_nice: int | None = None,
+    stage_duty: float = 0.25,
     ready_timeout_s: float = 180.0,
 ) -> WorkerGroup:
     """Start one named worker actor per rank of ``topology`` holding ``placement``'s slots.
@@ -131,9 +150,8 @@ def launch_workers(
     threaded actors (``max_concurrency``) so staging a swap never blocks dispatches. They do not
     restart (a restarted worker would come back without its epoch's weights); the controller
     aborts rounds a dead worker cannot join. ``gpu_fraction`` < 1 lets several ranks share a GPU
-    (a demo of 8 ranks on one GPU).
+    (a demo of 8 ranks on one GPU). ``stage_nice``, ``stage_duty``: see :class:`ExpertWorker`.
     """
-    import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -150,7 +168,8 @@ def launch_workers(
         pgs.append(pg)
     ray.get([pg.ready() for pg in pgs], timeout=ready_timeout_s)
     worker_device = "cuda" if res == "GPU" else "cpu"
-    actor_cls = ray.remote(RayExpertWorker)
+    # The swap group needs a thread per peer that may fetch from us at once, plus our own prepare.
+    actor_cls = ray.remote(concurrency_groups={"swap": topology.num_gpus + 1})(RayExpertWorker)
     handles = []
     for rank in range(topology.num_gpus):
         node, local = divmod(rank, topology.gpus_per_node)
@@ -171,7 +190,8 @@ def launch_workers(
         handles.append(
             actor_cls.options(**opts).remote(
                 rank, topology, placement.rank_experts(rank).clone(), source,
-                device=worker_device, epoch=placement.epoch, namespace=namespace,
+                device=worker_device, epoch=placement.epoch, namespace=namespace, stage_nice=stage_nice,
+                stage_duty=stage_duty,
             )
         )
     ray.get([h.ping.remote() for h in handles], timeout=ready_timeout_s)

@@ -24,11 +24,13 @@ refreshes its map and re-routes), so a token never meets the wrong expert.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -62,8 +64,8 @@ class StaleEpochError(RuntimeError):
 class Fetcher(Protocol):
     """Fetches packed expert weights from peer workers, in parallel over sources."""
 
-    def __call__(self, requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, torch.Tensor]:
-        """``{src_rank: [(layer, expert), ...]}`` -> ``{src_rank: packed [n, 3, I, H]}`` in request order."""
+    def __call__(self, requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, list[torch.Tensor]]:
+        """``{src_rank: [(layer, expert), ...]}`` -> ``{src_rank: [packed [3, I, H], ...]}`` in request order."""
         ...
 
 
@@ -100,6 +102,16 @@ class ExpertWorker:
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (cuda when available).
         epoch: epoch of ``experts``.
         keep_count_epochs: how many epochs' token counters to keep for telemetry.
+        spare_fraction: staging buffers allocated up front, as a fraction of the ``L * S`` slots.
+            Received weights are copied into these (memory already touched: a fresh allocation
+            costs ~10x a copy on VMs where page faults are expensive, and a GPU needs its staging
+            memory reserved anyway); buffers of released tables return to the pool.
+        stage_nice: staging (fetching and copying weights) runs on one thread with this much lower
+            OS priority, so a swap takes the CPU that serving leaves idle (``None``: the caller's thread).
+        stage_duty: fraction of the time staging may keep busy: weights move in chunks of
+            ``stage_chunk_bytes`` and staging rests ``(1 - duty) / duty`` times each chunk's time
+            between chunks (1.0: as fast as possible). A slower swap costs nothing in correctness
+            (old slots keep serving) and leaves serving its bandwidth and CPU.
     """
 
     def __init__(
@@ -112,6 +124,10 @@ class ExpertWorker:
         device: str = "auto",
         epoch: int = 0,
         keep_count_epochs: int = 8,
+        spare_fraction: float = 0.25,
+        stage_nice: int | None = None,
+        stage_duty: float = 0.25,
+        stage_chunk_bytes: int = 8 * 2**20,
     ):
         if not 0 <= rank < topology.num_gpus:
             raise ValueError(f"rank={rank} is outside the topology's {topology.num_gpus} ranks")
@@ -127,12 +143,22 @@ class ExpertWorker:
         self._lock = threading.Lock()
         self._faults: dict[str, float] = {}
         self.stats = _Stats()
+        self._pool: list[torch.Tensor] = []  # free [3, I, H] staging buffers
+        if not 0 < stage_duty <= 1:
+            raise ValueError(f"stage_duty={stage_duty} must lie in (0, 1]")
+        if stage_chunk_bytes <= 0:
+            raise ValueError(f"stage_chunk_bytes={stage_chunk_bytes} must be positive")
+        self.stage_nice, self.stage_duty, self.stage_chunk_bytes = stage_nice, stage_duty, stage_chunk_bytes
+        self._stagers: dict[str, ThreadPoolExecutor] = {}
         weights = [[self._to_device(source.expert(layer, int(e))) for e in row] for layer, row in enumerate(experts)]
         self._tables: dict[int, _Table] = {epoch: _Table(epoch, experts, weights)}
         self.epoch = epoch
         self._staged: _Table | None = None
         self._max_aborted = -1
         self._counts: dict[int, torch.Tensor] = {epoch: torch.zeros(want, dtype=torch.int64)}  # epoch -> [L, S]
+        ref = weights[0][0]
+        spare = int(spare_fraction * topology.num_layers * topology.slots_per_gpu)
+        self._pool += [torch.zeros_like(ref) for _ in range(spare)]  # zeros: the pages are touched now
 
     # ------------------------------------------------------------------ identity
     def __repr__(self) -> str:
@@ -144,11 +170,27 @@ class ExpertWorker:
         )
 
     def _to_device(self, w: torch.Tensor, own: bool = False) -> torch.Tensor:
-        """``w`` on this worker's device in memory of its own (``own``: ``w`` is a slice of a
-        received batch, or a read-only zero-copy view of the object store, which must not be kept)."""
-        if self.device.type == "cpu":
-            return w.clone() if own or not w.is_contiguous() or _read_only(w) else w
-        return w.to(self.device, non_blocking=True)
+        """``w`` on this worker's device in memory of its own (``own``: ``w`` is a received tensor,
+        a read-only zero-copy view of the object store, which must not be kept): copied into a
+        pooled staging buffer when one of the right shape is free."""
+        if not (own or w.device != self.device or not w.is_contiguous() or _read_only(w)):
+            return w
+        with self._lock:
+            buf = self._pool.pop() if self._pool else None
+        if buf is None or buf.shape != w.shape or buf.dtype != w.dtype:
+            return w.to(self.device, copy=True)
+        return buf.copy_(w, non_blocking=self.device.type == "cuda")
+
+    def _recycle(self, dropped: list[_Table]) -> None:
+        """Under the lock: return the buffers only ``dropped`` tables used to the staging pool."""
+        live = {id(w) for t in [*self._tables.values(), self._staged] if t is not None for row in t.weights for w in row}
+        seen: set[int] = set()
+        for t in dropped:
+            for row in t.weights:
+                for w in row:
+                    if id(w) not in live and id(w) not in seen:
+                        seen.add(id(w))
+                        self._pool.append(w)
 
     def _fault(self, method: str) -> None:
         delay = self._faults.get(method, 0.0)
@@ -219,15 +261,20 @@ class ExpertWorker:
         return out.cpu() if out.device.type != "cpu" else out
 
     def collect(self) -> dict:
-        """Telemetry: cumulative token counts ``{epoch: [L, S] int64}`` of the last few epochs."""
+        """Telemetry: cumulative token counts of the last few epochs: ``epochs`` (list) and
+        ``counts`` ``[len(epochs), L, S]`` int64."""
         self._fault("collect")
         with self._lock:
-            return {"rank": self.rank, "epoch": self.epoch, "counts": {e: c.clone() for e, c in self._counts.items()}}
+            epochs = sorted(self._counts)
+            # One tensor [n_epochs, L, S] (a copy): one buffer to serialize however many epochs are kept.
+            return {"rank": self.rank, "epoch": self.epoch, "epochs": epochs,
+                    "counts": torch.stack([self._counts[e] for e in epochs])}
 
     # ------------------------------------------------------------------ swap protocol
-    def export(self, items: Sequence[tuple[int, int]], epoch: int | None = None) -> torch.Tensor:
-        """Packed weights of ``(layer, expert)`` pairs this worker holds, for a peer: one cpu tensor
-        ``[n, 3, I, H]`` (one object-store buffer however many experts move between two workers)."""
+    def export(self, items: Sequence[tuple[int, int]], epoch: int | None = None) -> list[torch.Tensor]:
+        """Packed weights ``[3, I, H]`` (cpu) of ``(layer, expert)`` pairs this worker holds, for a
+        peer. Returned as they are (no stacking copy): Ray writes them into one object, each tensor
+        its own zero-copy buffer."""
         with self._lock:
             table = self._tables[self.epoch if epoch is None else epoch]
         out = []
@@ -236,12 +283,37 @@ class ExpertWorker:
             if hits.numel() == 0:
                 raise ValueError(f"worker {self.rank} does not hold expert {expert} of layer {layer}")
             out.append(table.weights[layer][int(hits[0])])
-        return torch.stack(out).cpu()  # [n, 3, I, H]
+        return [w.cpu() for w in out]
 
     def prepare(self, epoch: int, transfers: Sequence[Transfer], experts: torch.Tensor, timeout_s: float = 60.0) -> dict:
         """Stage the table of ``epoch``: ``experts [L, S]`` is this rank's new slot map and
-        ``transfers`` the moves whose ``dst_rank`` is this rank (one per changed slot)."""
+        ``transfers`` the moves whose ``dst_rank`` is this rank (one per changed slot).
+
+        Runs on the low-priority staging thread (see ``stage_nice``) so serving keeps the CPU."""
         self._fault("prepare")
+        return self.in_stager("in", self._prepare, epoch, transfers, experts, timeout_s)
+
+    def in_stager(self, direction: str, fn: Callable, *args: Any) -> Any:
+        """Run ``fn(*args)`` on a staging thread whose OS priority is lowered by ``stage_nice``.
+
+        ``direction``: ``"in"`` (staging a swap: waits on peers) or ``"out"`` (serving a peer's
+        fetch: waits on nothing). Separate threads, so two workers fetching from each other can
+        never wait on each other's staging thread.
+        """
+        if self.stage_nice is None:
+            return fn(*args)
+        if direction not in ("in", "out"):
+            raise ValueError(f"direction={direction!r} must be 'in' or 'out'")
+        with self._lock:
+            if direction not in self._stagers:
+                self._stagers[direction] = ThreadPoolExecutor(
+                    1, thread_name_prefix=f"eplb-stage-{direction}-{self.rank}",
+                    initializer=_lower_priority, initargs=(self.stage_nice,),
+                )
+            pool = self._stagers[direction]
+        return pool.submit(fn, *args).result()
+
+    def _prepare(self, epoch: int, transfers: Sequence[Transfer], experts: torch.Tensor, timeout_s: float) -> dict:
         experts = torch.as_tensor(experts, dtype=torch.int64).cpu()
         if tuple(experts.shape) != tuple(self._tables[self.epoch].experts.shape):
             raise ValueError(f"experts has shape {tuple(experts.shape)}, want {tuple(self._tables[self.epoch].experts.shape)}")
@@ -265,8 +337,8 @@ class ExpertWorker:
         missing = [(layer, j) for layer, j in changed if (layer, j) not in by_slot]
         if missing:
             raise ValueError(f"worker {self.rank}: changed slots {missing[:4]} have no transfer")
-        remote: dict[int, list[Transfer]] = defaultdict(list)
-        for (layer, j), t in by_slot.items():
+        remote: list[Transfer] = []
+        for (layer, j), t in sorted(by_slot.items()):
             if t.src_rank == self.rank:
                 # Weights are never written in place, so the new slot shares the old slot's tensor.
                 hits = (base.experts[t.layer] == t.expert).nonzero()
@@ -276,22 +348,59 @@ class ExpertWorker:
             elif t.src_rank < 0 or self.fetcher is None:
                 weights[layer][j] = self._to_device(self.source.expert(t.layer, t.expert))
             else:
-                remote[t.src_rank].append(t)
-        if remote:
-            t0 = time.perf_counter()
-            got = self.fetcher({r: [(t.layer, t.expert) for t in ts] for r, ts in remote.items()}, timeout_s)
-            for r, ts in remote.items():
-                for t, w in zip(ts, got[r], strict=True):
-                    weights[t.layer][t.dst_slot - self.rank * s] = self._to_device(w, own=True)
-                    self.stats.fetched_bytes += w.numel() * w.element_size()
-            self.stats.fetch_s += time.perf_counter() - t0
+                remote.append(t)
+        try:
+            if not self._fetch_paced(epoch, remote, weights, timeout_s):
+                self._discard(weights)
+                return {"status": "stale", "rank": self.rank, "epoch": epoch, "active": self.epoch}
+        except BaseException:
+            self._discard(weights)
+            raise
         with self._lock:
             verdict = self._check_new_epoch(epoch)  # an abort may have arrived while we fetched
             if verdict:
                 return verdict
-            self._staged = _Table(epoch, experts, weights)
+            replaced, self._staged = self._staged, _Table(epoch, experts, weights)
+            if replaced is not None:  # a newer epoch supersedes an older staging
+                self._recycle([replaced])
             self.stats.moved += len(by_slot)
         return {"status": "prepared", "rank": self.rank, "epoch": epoch, "moved": len(by_slot)}
+
+    def _fetch_paced(self, epoch: int, remote: list[Transfer], weights: list[list[torch.Tensor]], timeout_s: float) -> bool:
+        """Fetch ``remote`` transfers from peers into ``weights``, ``stage_chunk_bytes`` at a time,
+        resting between chunks so staging takes at most ``stage_duty`` of the time. Returns False
+        when the epoch was aborted meanwhile."""
+        if not remote:
+            return True
+        s = self.topology.slots_per_gpu
+        ref = weights[0][0]
+        per_chunk = max(1, self.stage_chunk_bytes // (ref.numel() * ref.element_size()))
+        deadline = time.monotonic() + timeout_s
+        for start in range(0, len(remote), per_chunk):
+            chunk = remote[start : start + per_chunk]
+            t0 = time.perf_counter()
+            requests: dict[int, list[Transfer]] = defaultdict(list)
+            for t in chunk:
+                requests[t.src_rank].append(t)
+            got = self.fetcher({r: [(t.layer, t.expert) for t in ts] for r, ts in requests.items()},
+                               max(0.1, deadline - time.monotonic()))
+            for r, ts in requests.items():
+                for t, w in zip(ts, got[r], strict=True):
+                    weights[t.layer][t.dst_slot - self.rank * s] = self._to_device(w, own=True)
+                    self.stats.fetched_bytes += w.numel() * w.element_size()
+            dt = time.perf_counter() - t0
+            self.stats.fetch_s += dt
+            with self._lock:
+                if epoch <= self._max_aborted:
+                    return False
+            if self.stage_duty < 1 and start + per_chunk < len(remote):
+                time.sleep(min(dt * (1 - self.stage_duty) / self.stage_duty, max(0.0, deadline - time.monotonic())))
+        return True
+
+    def _discard(self, weights: list[list[torch.Tensor]]) -> None:
+        """Give the buffers of an abandoned staging back to the pool."""
+        with self._lock:
+            self._recycle([_Table(-1, torch.empty(0), weights)])
 
     def _check_new_epoch(self, epoch: int) -> dict | None:
         """Under the lock: why ``epoch`` must not be staged now (or ``None`` if it may)."""
@@ -326,7 +435,8 @@ class ExpertWorker:
         with self._lock:
             self._max_aborted = max(self._max_aborted, epoch)
             if self._staged is not None and self._staged.epoch <= epoch:
-                self._staged = None
+                staged, self._staged = self._staged, None
+                self._recycle([staged])
                 return {"status": "aborted", "rank": self.rank, "epoch": epoch}
             if epoch == self.epoch:
                 older = [e for e in self._tables if e < epoch]
@@ -351,8 +461,9 @@ class ExpertWorker:
 
     def _drop_released(self) -> list[int]:
         gone = [e for e, t in self._tables.items() if t.releasable and t.in_flight == 0 and e != self.epoch]
-        for e in gone:
-            del self._tables[e]
+        dropped = [self._tables.pop(e) for e in gone]
+        if dropped:
+            self._recycle(dropped)
         return gone
 
     # ------------------------------------------------------------------ inspection
@@ -374,6 +485,7 @@ class ExpertWorker:
                 "moved": self.stats.moved,
                 "fetched_bytes": self.stats.fetched_bytes,
                 "fetch_s": self.stats.fetch_s,
+                "free_buffers": len(self._pool),
             }
 
     def verify(self, epoch: int | None = None) -> list[tuple[int, int, int]]:
@@ -389,6 +501,14 @@ class ExpertWorker:
         return bad
 
 
+def _lower_priority(nice: int) -> None:
+    """Lower this thread's OS scheduling priority (Linux schedules threads individually)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):  # not Linux, or not allowed: stage at normal priority
+        pass
+
+
 def _read_only(t: torch.Tensor) -> bool:
     """True for tensors backed by read-only memory (zero-copy tensors from Ray's object store)."""
     try:
@@ -400,7 +520,7 @@ def _read_only(t: torch.Tensor) -> bool:
 def local_fetcher(workers: Callable[[int], ExpertWorker]) -> Fetcher:
     """A :class:`Fetcher` over in-process workers (unit tests, single-process use)."""
 
-    def fetch(requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, torch.Tensor]:
+    def fetch(requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, list[torch.Tensor]]:
         return {r: workers(r).export(items) for r, items in requests.items()}
 
     return fetch

@@ -169,14 +169,14 @@ class EplbController:
     def aggregate(self, results: dict[int, dict]) -> torch.Tensor:
         """New tokens since the last round, as logical load ``[L, E]`` float64.
 
-        ``results[rank]["counts"]`` maps epoch -> cumulative ``[L, S]`` counts of that rank's slots;
+        ``results[rank]``: ``epochs`` and ``counts`` ``[len(epochs), L, S]``, cumulative per epoch;
         each epoch's counts go to logical experts through that epoch's ``phy2log``.
         """
         t = self.topology
         delta = torch.zeros(t.num_layers, t.num_experts, dtype=torch.float64)  # [L, E]
         for rank, res in results.items():
             reported = set()
-            for epoch, counts in res["counts"].items():
+            for epoch, counts in zip(res["epochs"], res["counts"]):
                 reported.add(epoch)
                 prev = self._seen.get((rank, epoch))
                 d = counts if prev is None else counts - prev  # [L, S]

@@ -76,7 +76,9 @@ def test_forward_matches_expert_ffn_and_counts_tokens():
     y = w.forward(0, 1, slots, x)
     for i, j in enumerate(slots.tolist()):
         assert torch.allclose(y[i], swiglu(x[i : i + 1], SRC.expert(1, 3 + j))[0], atol=1e-6)
-    counts = w.collect()["counts"][0]
+    got = w.collect()
+    assert got["epochs"] == [0]
+    counts = got["counts"][0]
     assert counts.tolist() == [[0, 0, 0], [1, 1, 3]]
 
 
@@ -219,3 +221,21 @@ def test_gate_follows_popularity_and_dense_reference_is_linear_in_weights():
     assert hits[0] > 300 and hits[7] > 300 and torch.allclose(w.sum(-1), torch.ones(400))
     with pytest.raises(ValueError, match="top_k"):
         TraceGate(1, 16, 8, top_k=9)
+
+
+def test_staging_buffers_are_pooled_and_recycled():
+    workers = make_workers()
+    w = workers[0]
+    start = w.state()["free_buffers"]
+    assert start == int(0.25 * TOPO.num_layers * TOPO.slots_per_gpu)
+    old = Placement.identity(TOPO)
+    new = swap(workers, old, shuffled(8), epoch=1)
+    fetched = sum(1 for t in transfer_plan(old, new) if t.dst_rank == 0 and t.src_rank not in (0, -1))
+    assert w.state()["free_buffers"] == max(0, start - fetched)
+    ids = lambda t: {id(x) for row in t.weights for x in row}  # noqa: E731
+    unused = len(ids(w._tables[0]) - ids(w._tables[1]))  # buffers only the retired table uses
+    assert fetched > 0 and unused > 0
+    before = w.state()["free_buffers"]
+    w.release(0)
+    assert w.state()["free_buffers"] == before + unused
+    assert w.verify() == []
