@@ -185,13 +185,20 @@ def test_hybrid_tail_is_exercised_and_matches_seed_counts():
     assert tail_rows > 50 and compared > 500  # the comparison above covered real tail decisions
 
 
-def test_tail_prefers_sainte_lague_when_it_predicts_a_lower_peak():
-    # Hand-checked: w = [6, 5], 4 seats, T = 1 seat left after the level. Level counts: [2, 1]
-    # (peak 5). D'Hondt pick: argmax w/(c+1) = [2, 2.5] -> expert 1 (new peak max(3, 2.5) = 3);
-    # Sainte-Lague pick: argmax w/(2c+1) = [1.2, 1.67] -> expert 1 too. Both agree: [2, 2].
-    w = torch.tensor([[6.0, 5.0]])
-    assert replica_counts(w, 4).tolist() == [[2, 2]]
-    assert seed_row([6.0, 5.0], 4)[0] == [2, 2]
+def test_tail_tie_break_goes_to_the_heavier_expert():
+    # w = [2, 4], 4 seats: quotients 4, 2, 2, 4/3, ...; the level (3rd largest, tied) is 2, its
+    # counts [1, 2] leave one seat for the tail. Both picks (w/(c+1) = [1, 4/3], w/(2c+1) =
+    # [2/3, 4/5]) name expert 1 and the new peak is 2 either way: [1, 3]. Plain D'Hondt gives the
+    # seat to argmax w/c = [2, 2], the lowest index: [2, 2]. Same peak, different tie rule.
+    w = torch.tensor([[2.0, 4.0], [4.0, 2.0]])
+    assert replica_counts(w, 4).tolist() == [[1, 3], [3, 1]]
+    assert replica_counts(w, 4, method="dhondt").tolist() == [[2, 2], [3, 1]]
+    assert seed_row([2.0, 4.0], 4) == ([1, 3], False)
+    # w = [3, 6, 6], 6 seats: level 3 with counts [1, 2, 2]; for the last seat both picks tie
+    # between experts 1 and 2 (w/(c+1) = [1.5, 2, 2]); the seed leaves that to torch (the reference
+    # flags it), the implementation takes the first: [1, 3, 2].
+    assert replica_counts(torch.tensor([[3.0, 6.0, 6.0]]), 6).tolist() == [[1, 3, 2]]
+    assert seed_row([3.0, 6.0, 6.0], 6)[1] is True
 
 
 def test_one_hot_expert_with_almost_all_load():

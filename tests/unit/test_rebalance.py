@@ -285,6 +285,18 @@ def test_errors_name_the_bad_value(args, kwargs, match):
         rebalance_experts(*args, **kwargs)
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: a weight with zero layers [0, E] crashes with IndexError inside "
+                   "the packing (refine_swaps/pack_snake index row 0); it should return empty maps or raise "
+                   "ValueError naming the shape")
+def test_zero_layers_give_empty_maps_or_a_value_error():
+    try:
+        phy2log, log2phy, logcnt = rebalance_experts(torch.zeros(0, 8), 16, 1, 1, 2)
+    except ValueError as exc:
+        assert "(0, 8)" in str(exc)
+        return
+    assert tuple(phy2log.shape) == (0, 16) and tuple(log2phy.shape) == (0, 8, 9) and tuple(logcnt.shape) == (0, 8)
+
+
 def test_numpy_integer_arguments_are_accepted():
     out = rebalance_experts(W, np.int64(8), np.int32(1), np.int64(1), np.int16(2))
     check_valid(W, 8, 2, out)
