@@ -51,6 +51,8 @@ class Router:
         controller: the controller actor handle to subscribe to (``None``: a fixed map).
         timeout_s: deadline of one dispatch round.
         poll_timeout_s: long-poll duration of the map subscription.
+        subscribe: long-poll the controller for new maps (``False``: ask it only when a worker
+            answers :class:`StaleEpochError`, i.e. once the old epoch is released).
     """
 
     def __init__(
@@ -60,13 +62,14 @@ class Router:
         controller: Any = None,
         timeout_s: float = 60.0,
         poll_timeout_s: float = 10.0,
+        subscribe: bool = True,
     ):
         import ray
 
         self._ray = ray
         self.workers, self.controller = list(workers), controller
         self.id = f"router-{uuid.uuid4().hex[:8]}"
-        self.timeout_s, self.poll_timeout_s = timeout_s, poll_timeout_s
+        self.timeout_s, self.poll_timeout_s, self.subscribe = timeout_s, poll_timeout_s, subscribe
         if placement is None:
             if controller is None:
                 raise ValueError("give a placement or a controller to subscribe to")
@@ -88,7 +91,7 @@ class Router:
     # ------------------------------------------------------------------ subscription
     def refresh(self, block: bool = False) -> bool:
         """Adopt a newer published map if one has arrived (``block``: ask the controller now)."""
-        if self.controller is None:
+        if self.controller is None or not (block or self.subscribe):
             return False
         ray = self._ray
         if block:
@@ -100,12 +103,16 @@ class Router:
             ready, _ = ray.wait([self._poll], timeout=0)
             if not ready:
                 return False
-            newer, self._poll = ray.get(self._poll), None
+            try:
+                newer = ray.get(self._poll)
+            except ray.exceptions.RayError:  # the controller died (Ray restarts it): poll again later
+                newer = None
+            self._poll = None
         adopted = newer is not None and newer.epoch > self.placement.epoch
         if adopted:
             self.placement = newer
             self.map_updates += 1
-        if self._poll is None:  # re-subscribe at once: this poll also acks the map we now hold
+        if self._poll is None and self.subscribe:  # re-subscribe at once: this poll also acks the map we now hold
             self._poll = self.controller.wait_map.remote(self.placement.epoch, self.id, self.poll_timeout_s)
         return adopted
 

@@ -94,6 +94,7 @@ class EplbController:
         self._published: asyncio.Condition | None = None
         self._task: asyncio.Task | None = None
         self._loop_state = "idle"
+        self.started = time.time()
         self._wake: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ plumbing
@@ -380,9 +381,12 @@ class EplbController:
             return await self.apply(Placement.from_phy2log(self.topology, phy2log))
 
     async def status(self) -> dict:
+        if not self._recovered:
+            await self.recover()
         window = self.window_load()
         return {
             "epoch": self.placement.epoch,
+            "started": self.started,
             "phy2log": self.placement.phy2log.clone(),
             "balancedness_now": self._balancedness(self.placement, window),
             "balancedness_forecast": None if self.forecast is None else self._balancedness(self.placement, self.forecast),
