@@ -39,10 +39,14 @@ class Trace:
 
 
 def default_traces_dir() -> Path | None:
-    """``$RAY_EPLB_TRACES``, else ``../shared/traces`` from the working directory or the checkout."""
+    """``$RAY_EPLB_TRACES`` (an error if set to a missing folder), else ``../shared/traces`` beside
+    the working directory or beside the checkout; ``None`` when there is none."""
     env = os.environ.get("RAY_EPLB_TRACES")
-    candidates = [Path(env)] if env else []
-    candidates += [Path.cwd().parent / "shared" / "traces", Path(__file__).resolve().parents[2] / "shared" / "traces"]
+    if env:  # an explicit setting is used or reported, never silently replaced
+        if not Path(env).is_dir():
+            raise FileNotFoundError(f"RAY_EPLB_TRACES={env!r} is not a directory")
+        return Path(env)
+    candidates = [Path.cwd().parent / "shared" / "traces", Path(__file__).resolve().parents[2] / "shared" / "traces"]
     for c in candidates:
         if c.is_dir():
             return c
@@ -65,7 +69,10 @@ def load_trace(name_or_path: str | os.PathLike, traces_dir: str | os.PathLike | 
     with np.load(p, allow_pickle=False) as data:
         if "load" not in data.files:
             raise ValueError(f"trace {str(p)!r} has no 'load' array (found {data.files})")
-        load = np.asarray(data["load"], dtype=np.float64)
+        try:
+            load = np.asarray(data["load"], dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"trace {str(p)!r}: 'load' is not numeric ({exc})") from None
         model = str(data["model"]) if "model" in data.files else ""
     if load.ndim != 3 or min(load.shape) == 0:
         raise ValueError(f"trace {str(p)!r}: 'load' must be [T, L, E] and non-empty, got shape {load.shape}")

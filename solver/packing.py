@@ -174,19 +174,21 @@ def separate_copies(slot_owner: np.ndarray, per_replica: np.ndarray, cap: np.nda
 
     A slot over its owner's cap (see :func:`surplus_copies`) swaps with the replica, in another
     bin, whose load is nearest its own such that neither owner then exceeds its cap in its new
-    bin. One repair per row per pass, until none is left (or no legal swap exists).
+    bin. One repair per row per pass; a surplus slot with no legal swap is skipped until another
+    repair in its row changes what is legal. Ends when none is left or none can be repaired.
 
     Shapes: ``slot_owner [B, P, S]`` (a repaired copy is returned), ``per_replica``/``cap`` ``[B, n]``.
     """
     own = slot_owner.copy()
     num_rows, num_bins, slots = own.shape
-    for _ in range(num_bins * slots):
+    stuck = np.zeros(own.shape, dtype=bool)  # surplus slots with no legal swap (until one happens)
+    for _ in range(2 * num_bins * slots):
         bad = surplus_copies(own, cap)  # [B, P, S]
-        todo = bad.reshape(num_rows, -1).any(1)
-        if not todo.any():
+        todo = (bad & ~stuck).reshape(num_rows, -1)
+        r = np.nonzero(todo.any(1))[0]  # rows with a surplus copy still worth a try
+        if not r.size:
             break
-        r = np.nonzero(todo)[0]  # rows with a surplus copy
-        at = bad[r].reshape(len(r), -1).argmax(1)
+        at = todo[r].argmax(1)
         pb, sb = at // slots, at % slots  # [r] its bin and slot
         o = own[r]  # [r, P, S]
         x_own = o[np.arange(len(r)), pb, sb]  # [r]
@@ -200,9 +202,9 @@ def separate_copies(slot_owner: np.ndarray, per_replica: np.ndarray, cap: np.nda
         cost = np.where(ok, np.abs(load - per_replica[r, x_own][:, None, None]), np.inf)
         best = cost.reshape(len(r), -1).argmin(1)
         fine = np.isfinite(cost.reshape(len(r), -1)[np.arange(len(r)), best])
-        if not fine.any():
-            break
+        stuck[r[~fine], pb[~fine], sb[~fine]] = True  # try this row's next surplus slot first
         r, pb, sb, best = r[fine], pb[fine], sb[fine], best[fine]
+        stuck[r] = False  # a swap changes what is legal: everything in the row is worth a retry
         py, sy = best // slots, best % slots
         own[r, pb, sb], own[r, py, sy] = own[r, py, sy], own[r, pb, sb].copy()
     return own

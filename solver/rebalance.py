@@ -9,8 +9,10 @@ Policies:
     ``hierarchical``: every expert group stays whole on one node (locality for node-limited
         routing); needs ``num_groups % num_nodes == 0`` and ``num_experts % num_groups == 0``.
     ``global``: all slots of all GPUs are one pool; lower peak, but a group may span nodes.
-    ``auto`` (default): both, and per layer the one with the lower max GPU load on ``weight``
-        (ties keep hierarchical); global alone where hierarchical is impossible.
+    ``auto`` (default): per layer, hierarchical where its max GPU load on ``weight`` is no higher
+        than global's (a tie keeps the locality), else global; global alone where hierarchical is
+        impossible. (On nodes with fewer GPUs than a hot expert's replicas, a hierarchical layer
+        may double that expert up on a GPU where global would not: auto judges by peak load.)
 """
 from __future__ import annotations
 
@@ -80,20 +82,22 @@ def rebalance_experts(
             f"policy='hierarchical' needs num_groups={num_groups} to divide num_experts={num_experts} "
             f"and num_nodes={num_nodes} to divide num_groups"
         )
-    if policy == "global" or not hier_ok or num_nodes == 1:
+    if num_layers == 0:
+        phy2log = np.zeros((0, num_replicas), dtype=np.int64)
+    elif policy == "global" or not hier_ok or num_nodes == 1:
         phy2log, _ = _solve(w, num_replicas, 1, 1, num_gpus, method)
     elif policy == "hierarchical":
         phy2log, _ = _solve(w, num_replicas, num_groups, num_nodes, num_gpus, method)
     else:
         phy2log, peak = _solve(w, num_replicas, 1, 1, num_gpus, method)
-        # Hierarchical can only win a layer where its bound (a node's load spread over that node's
-        # GPUs, with groups packed as _solve packs them) is below the global plan's max GPU load.
+        # Hierarchical can only match or beat a layer where its bound (a node's load spread over
+        # that node's GPUs, with groups packed as _solve packs them) reaches the global max GPU load.
         bound = _node_bound(w, num_groups, num_nodes, num_gpus)  # [L]
-        maybe = np.nonzero(bound < peak)[0]
+        maybe = np.nonzero(bound <= peak)[0]
         if maybe.size:
             hier, hier_peak = _solve(w[maybe], num_replicas, num_groups, num_nodes, num_gpus, method)
-            better = hier_peak < peak[maybe]
-            phy2log[maybe[better]] = hier[better]
+            take = hier_peak <= peak[maybe]  # no higher: a tie keeps the locality for free
+            phy2log[maybe[take]] = hier[take]
     log2phy, logcnt = logical_maps_np(phy2log, num_experts)
     device = weight.device
     return (

@@ -53,6 +53,18 @@ class Placement(BaseModel):
             raise ValueError("log2phy does not invert phy2log")
         return self
 
+    def __eq__(self, other: object) -> bool:
+        """Value equality: same topology, epoch and maps (tensors compared by content)."""
+        if not isinstance(other, Placement):
+            return NotImplemented
+        return (
+            self.topology == other.topology
+            and self.epoch == other.epoch
+            and torch.equal(self.phy2log.cpu(), other.phy2log.cpu())
+        )  # log2phy and logcnt are derived from phy2log (checked at construction)
+
+    __hash__ = None  # tensors are mutable: a placement is not a dict key
+
     @classmethod
     def from_phy2log(cls, topology: Topology, phy2log: torch.Tensor, epoch: int = 0) -> "Placement":
         """Build a placement from its slot map ``phy2log [L, R]``."""

@@ -247,9 +247,6 @@ def test_separate_copies_from_a_crowded_start():
     assert (held(fixed, 4) == 1).all()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: separate_copies only ever tries the first surplus slot of a row; "
-                   "when that one has no direct legal swap it gives up, although repairing the row's other "
-                   "surplus slots first would unblock it")
 def test_separate_copies_does_not_give_up_while_another_surplus_slot_can_move():
     # Caps are all 1 (4 bins, counts 4, 2, 2, 4): the answer exists ([0, 3, 1] [0, 3, 1] [0, 3, 2]
     # [0, 3, 2] up to order). From this start the repair swaps bin 0's second 0 with a 3 of bin 2,

@@ -209,9 +209,6 @@ def test_auto_takes_hierarchical_where_it_is_strictly_better():
     assert peak(auto) == [13.0, peak(glob)[1]]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (doc/code mismatch): rebalance.py's docstring says auto keeps "
-                   "hierarchical on a tie of the max GPU load; the code keeps global (strict < on both the "
-                   "bound filter and the comparison). Fix the code, or the docstring and delete this test")
 def test_auto_keeps_hierarchical_on_a_tie_as_documented():
     # w = [8, 5, 9, 8], 4 slots, 2 groups, 2 nodes x 2 GPUs: both policies peak at 9, different maps.
     weight = torch.tensor([[8.0, 5.0, 9.0, 8.0]])
@@ -289,9 +286,6 @@ def test_errors_name_the_bad_value(args, kwargs, match):
         rebalance_experts(*args, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a weight with zero layers [0, E] crashes with IndexError inside "
-                   "the packing (refine_swaps/pack_snake index row 0); it should return empty maps or raise "
-                   "ValueError naming the shape")
 def test_zero_layers_give_empty_maps_or_a_value_error():
     try:
         phy2log, log2phy, logcnt = rebalance_experts(torch.zeros(0, 8), 16, 1, 1, 2)

@@ -76,9 +76,6 @@ def test_identity_round_robin_and_round_trip():
     assert q.epoch == p.epoch and q.topology == p.topology
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="BUG: Placement == Placement raises RuntimeError "
-                   "('Boolean value of Tensor with more than one value is ambiguous'): pydantic's generated __eq__ "
-                   "compares the tensor fields with ==; a frozen value object should compare by value")
 def test_placements_compare_by_value():
     t = topo()
     assert Placement.identity(t) == Placement.identity(t)

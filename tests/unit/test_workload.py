@@ -63,7 +63,7 @@ def test_load_trace_finds_names_in_the_env_folder(tmp_path, monkeypatch):
         ({"load": np.array([[[1.0, np.nan]]])}, r"NaN"),
         ({"load": np.array([[[1.0, np.inf]]])}, r"inf"),
         ({"load": np.array([[[1.0, -1.0]]])}, r"negative"),
-        ({"load": np.array([[["a", "b"]]])}, r"'a'"),  # names the value, not the file
+        ({"load": np.array([[["a", "b"]]])}, r"bad.npz.*'a'"),  # names the file and the value
     ],
 )
 def test_malformed_trace_files_raise_value_error(tmp_path, arrays, match):
@@ -180,3 +180,18 @@ def test_every_shared_trace_loads_with_its_documented_shape():
         if trace.name in KNOWN:
             assert tuple(trace.load.shape) == KNOWN[trace.name], path.name
         assert load_trace(trace.name, traces_dir=SHARED).load.shape == trace.load.shape
+
+
+def test_a_missing_env_traces_folder_is_reported_not_replaced(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_EPLB_TRACES", str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="nope"):
+        workload.default_traces_dir()
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_trace("dsv2lite_puffin")
+
+
+def test_a_non_numeric_load_names_the_file(tmp_path):
+    path = tmp_path / "strings.npz"
+    np.savez(path, load=np.array([[["a", "b"]]]))
+    with pytest.raises(ValueError, match="strings.npz"):
+        load_trace(path)
