@@ -73,7 +73,7 @@ class RayExpertWorker(ExpertWorker):
     def export_ref(self, items: list[tuple[int, int]]) -> list:
         """:meth:`export`, written into the object store by the low-priority staging thread; returns
         ``[ref]`` (boxed, so Ray hands the ref over instead of resolving it)."""
-        return [self.in_stager("out", lambda: ray.put(self.export(items)))]
+        return [self.staging.run("out", lambda: ray.put(self.export(items)))]
 
     # Benchmark helpers: a plain object-store read of the same bytes, for the bandwidth baseline.
     def make_blob(self, nbytes: int) -> int:
@@ -90,10 +90,10 @@ class RayExpertWorker(ExpertWorker):
         import time
         t0 = time.perf_counter()
         if mode == "experts":
-            bufs = [self._to_device(w, own=True) for w in self.fetcher({src_rank: items}, 60.0)[src_rank]]
+            bufs = [self.staging.own(w, copy=True) for w in self.fetcher({src_rank: items}, 60.0)[src_rank]]
             elapsed = time.perf_counter() - t0
             with self._lock:  # a benchmark: give the staging buffers back
-                self._pool.extend(bufs)
+                self.staging.pool.extend(bufs)
             return elapsed
         elif mode in ("get", "get_copy"):
             blob = ray.get(self.fetcher._handle(src_rank).blob.remote())

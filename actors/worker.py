@@ -24,49 +24,19 @@ refreshes its map and re-routes), so a token never meets the wrong expert.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
+from ray_eplb.actors.protocol import Fetcher, StaleEpochError, Transfer
+from ray_eplb.actors.staging import Staging
 from ray_eplb.actors.weights import WeightSource, swiglu
 from ray_eplb.topology import Topology
 
-
-class Transfer(NamedTuple):
-    """One expert move of a transfer plan: put ``expert`` of ``layer`` into ``dst_slot`` (a global slot
-    id) of ``dst_rank``, fetched from ``src_rank`` (``src_rank == dst_rank``: a local copy; ``-1``: the
-    weight source)."""
-
-    layer: int
-    expert: int
-    src_rank: int
-    dst_rank: int
-    dst_slot: int
-
-
-class StaleEpochError(RuntimeError):
-    """A dispatch named an epoch this worker does not hold (never committed, or already released)."""
-
-    def __init__(self, rank: int, epoch: int, held: Sequence[int]):
-        super().__init__(f"worker {rank}: epoch {epoch} is not served here (held: {sorted(held)})")
-        self.rank, self.epoch, self.held = rank, epoch, list(held)
-
-    def __reduce__(self):
-        return (StaleEpochError, (self.rank, self.epoch, self.held))
-
-
-class Fetcher(Protocol):
-    """Fetches packed expert weights from peer workers, in parallel over sources."""
-
-    def __call__(self, requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, list[torch.Tensor]]:
-        """``{src_rank: [(layer, expert), ...]}`` -> ``{src_rank: [packed [3, I, H], ...]}`` in request order."""
-        ...
+__all__ = ["ExpertWorker", "Fetcher", "StaleEpochError", "Transfer", "local_fetcher"]
 
 
 @dataclass
@@ -83,11 +53,8 @@ class _Stats:
     dispatches: int = 0
     tokens: int = 0
     max_lock_wait_s: float = 0.0
-    fetched_bytes: int = 0
-    fetch_s: float = 0.0
     moved: int = 0
     stale_dispatches: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class ExpertWorker:
@@ -143,22 +110,14 @@ class ExpertWorker:
         self._lock = threading.Lock()
         self._faults: dict[str, float] = {}
         self.stats = _Stats()
-        self._pool: list[torch.Tensor] = []  # free [3, I, H] staging buffers
-        if not 0 < stage_duty <= 1:
-            raise ValueError(f"stage_duty={stage_duty} must lie in (0, 1]")
-        if stage_chunk_bytes <= 0:
-            raise ValueError(f"stage_chunk_bytes={stage_chunk_bytes} must be positive")
-        self.stage_nice, self.stage_duty, self.stage_chunk_bytes = stage_nice, stage_duty, stage_chunk_bytes
-        self._stagers: dict[str, ThreadPoolExecutor] = {}
-        weights = [[self._to_device(source.expert(layer, int(e))) for e in row] for layer, row in enumerate(experts)]
+        self.staging = Staging(self.device, self._lock, stage_nice, stage_duty, stage_chunk_bytes, f"eplb-{rank}")
+        weights = [[self.staging.own(source.expert(layer, int(e))) for e in row] for layer, row in enumerate(experts)]
         self._tables: dict[int, _Table] = {epoch: _Table(epoch, experts, weights)}
         self.epoch = epoch
         self._staged: _Table | None = None
         self._max_aborted = -1
         self._counts: dict[int, torch.Tensor] = {epoch: torch.zeros(want, dtype=torch.int64)}  # epoch -> [L, S]
-        ref = weights[0][0]
-        spare = int(spare_fraction * topology.num_layers * topology.slots_per_gpu)
-        self._pool += [torch.zeros_like(ref) for _ in range(spare)]  # zeros: the pages are touched now
+        self.staging.prewarm(weights[0][0], int(spare_fraction * topology.num_layers * topology.slots_per_gpu))
 
     # ------------------------------------------------------------------ identity
     def __repr__(self) -> str:
@@ -169,28 +128,10 @@ class ExpertWorker:
             f"device={self.device.type})"
         )
 
-    def _to_device(self, w: torch.Tensor, own: bool = False) -> torch.Tensor:
-        """``w`` on this worker's device in memory of its own (``own``: ``w`` is a received tensor,
-        a read-only zero-copy view of the object store, which must not be kept): copied into a
-        pooled staging buffer when one of the right shape is free."""
-        if not (own or w.device != self.device or not w.is_contiguous() or _read_only(w)):
-            return w
-        with self._lock:
-            buf = self._pool.pop() if self._pool else None
-        if buf is None or buf.shape != w.shape or buf.dtype != w.dtype:
-            return w.to(self.device, copy=True)
-        return buf.copy_(w, non_blocking=self.device.type == "cuda")
-
     def _recycle(self, dropped: list[_Table]) -> None:
-        """Under the lock: return the buffers only ``dropped`` tables used to the staging pool."""
+        """Under the lock: give the buffers that only ``dropped`` tables used back to the staging pool."""
         live = {id(w) for t in [*self._tables.values(), self._staged] if t is not None for row in t.weights for w in row}
-        seen: set[int] = set()
-        for t in dropped:
-            for row in t.weights:
-                for w in row:
-                    if id(w) not in live and id(w) not in seen:
-                        seen.add(id(w))
-                        self._pool.append(w)
+        self.staging.recycle((w for t in dropped for row in t.weights for w in row), live)
 
     def _fault(self, method: str) -> None:
         delay = self._faults.get(method, 0.0)
@@ -289,29 +230,9 @@ class ExpertWorker:
         """Stage the table of ``epoch``: ``experts [L, S]`` is this rank's new slot map and
         ``transfers`` the moves whose ``dst_rank`` is this rank (one per changed slot).
 
-        Runs on the low-priority staging thread (see ``stage_nice``) so serving keeps the CPU."""
+        Runs on the staging thread (see ``stage_nice``), paced by ``stage_duty``, so serving keeps the CPU."""
         self._fault("prepare")
-        return self.in_stager("in", self._prepare, epoch, transfers, experts, timeout_s)
-
-    def in_stager(self, direction: str, fn: Callable, *args: Any) -> Any:
-        """Run ``fn(*args)`` on a staging thread whose OS priority is lowered by ``stage_nice``.
-
-        ``direction``: ``"in"`` (staging a swap: waits on peers) or ``"out"`` (serving a peer's
-        fetch: waits on nothing). Separate threads, so two workers fetching from each other can
-        never wait on each other's staging thread.
-        """
-        if self.stage_nice is None:
-            return fn(*args)
-        if direction not in ("in", "out"):
-            raise ValueError(f"direction={direction!r} must be 'in' or 'out'")
-        with self._lock:
-            if direction not in self._stagers:
-                self._stagers[direction] = ThreadPoolExecutor(
-                    1, thread_name_prefix=f"eplb-stage-{direction}-{self.rank}",
-                    initializer=_lower_priority, initargs=(self.stage_nice,),
-                )
-            pool = self._stagers[direction]
-        return pool.submit(fn, *args).result()
+        return self.staging.run("in", self._prepare, epoch, transfers, experts, timeout_s)
 
     def _prepare(self, epoch: int, transfers: Sequence[Transfer], experts: torch.Tensor, timeout_s: float) -> dict:
         experts = torch.as_tensor(experts, dtype=torch.int64).cpu()
@@ -346,11 +267,22 @@ class ExpertWorker:
                     raise ValueError(f"transfer {t}: worker {self.rank} does not hold expert {t.expert}")
                 weights[layer][j] = base.weights[layer][int(hits[0])]
             elif t.src_rank < 0 or self.fetcher is None:
-                weights[layer][j] = self._to_device(self.source.expert(t.layer, t.expert))
+                weights[layer][j] = self.staging.own(self.source.expert(t.layer, t.expert))
             else:
                 remote.append(t)
         try:
-            if not self._fetch_paced(epoch, remote, weights, timeout_s):
+            def place(t: Transfer, w: torch.Tensor) -> None:
+                weights[t.layer][t.dst_slot - self.rank * s] = w
+
+            def aborted() -> bool:
+                with self._lock:
+                    return epoch <= self._max_aborted
+
+            ref = base.weights[0][0]
+            ok = not remote or self.staging.fetch_paced(
+                self.fetcher, remote, place, aborted, timeout_s, ref.numel() * ref.element_size()
+            )
+            if not ok:
                 self._discard(weights)
                 return {"status": "stale", "rank": self.rank, "epoch": epoch, "active": self.epoch}
         except BaseException:
@@ -365,37 +297,6 @@ class ExpertWorker:
                 self._recycle([replaced])
             self.stats.moved += len(by_slot)
         return {"status": "prepared", "rank": self.rank, "epoch": epoch, "moved": len(by_slot)}
-
-    def _fetch_paced(self, epoch: int, remote: list[Transfer], weights: list[list[torch.Tensor]], timeout_s: float) -> bool:
-        """Fetch ``remote`` transfers from peers into ``weights``, ``stage_chunk_bytes`` at a time,
-        resting between chunks so staging takes at most ``stage_duty`` of the time. Returns False
-        when the epoch was aborted meanwhile."""
-        if not remote:
-            return True
-        s = self.topology.slots_per_gpu
-        ref = weights[0][0]
-        per_chunk = max(1, self.stage_chunk_bytes // (ref.numel() * ref.element_size()))
-        deadline = time.monotonic() + timeout_s
-        for start in range(0, len(remote), per_chunk):
-            chunk = remote[start : start + per_chunk]
-            t0 = time.perf_counter()
-            requests: dict[int, list[Transfer]] = defaultdict(list)
-            for t in chunk:
-                requests[t.src_rank].append(t)
-            got = self.fetcher({r: [(t.layer, t.expert) for t in ts] for r, ts in requests.items()},
-                               max(0.1, deadline - time.monotonic()))
-            for r, ts in requests.items():
-                for t, w in zip(ts, got[r], strict=True):
-                    weights[t.layer][t.dst_slot - self.rank * s] = self._to_device(w, own=True)
-                    self.stats.fetched_bytes += w.numel() * w.element_size()
-            dt = time.perf_counter() - t0
-            self.stats.fetch_s += dt
-            with self._lock:
-                if epoch <= self._max_aborted:
-                    return False
-            if self.stage_duty < 1 and start + per_chunk < len(remote):
-                time.sleep(min(dt * (1 - self.stage_duty) / self.stage_duty, max(0.0, deadline - time.monotonic())))
-        return True
 
     def _discard(self, weights: list[list[torch.Tensor]]) -> None:
         """Give the buffers of an abandoned staging back to the pool."""
@@ -483,9 +384,9 @@ class ExpertWorker:
                 "stale_dispatches": self.stats.stale_dispatches,
                 "max_lock_wait_ms": 1e3 * self.stats.max_lock_wait_s,
                 "moved": self.stats.moved,
-                "fetched_bytes": self.stats.fetched_bytes,
-                "fetch_s": self.stats.fetch_s,
-                "free_buffers": len(self._pool),
+                "fetched_bytes": self.staging.fetched_bytes,
+                "fetch_s": self.staging.fetch_s,
+                "free_buffers": len(self.staging.pool),
             }
 
     def verify(self, epoch: int | None = None) -> list[tuple[int, int, int]]:
@@ -499,22 +400,6 @@ class ExpertWorker:
                 if not torch.equal(table.weights[layer][j].cpu(), self.source.expert(layer, e)):
                     bad.append((layer, j, e))
         return bad
-
-
-def _lower_priority(nice: int) -> None:
-    """Lower this thread's OS scheduling priority (Linux schedules threads individually)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except (AttributeError, OSError):  # not Linux, or not allowed: stage at normal priority
-        pass
-
-
-def _read_only(t: torch.Tensor) -> bool:
-    """True for tensors backed by read-only memory (zero-copy tensors from Ray's object store)."""
-    try:
-        return not t.numpy().flags.writeable
-    except (RuntimeError, TypeError):
-        return False
 
 
 def local_fetcher(workers: Callable[[int], ExpertWorker]) -> Fetcher:

@@ -26,12 +26,12 @@ from typing import Any, Awaitable, Sequence
 import torch
 
 from ray_eplb.controller.config import ControllerConfig
+from ray_eplb.controller.telemetry import LoadTracker
 from ray_eplb.controller.transfer import align, plan_summary, split_by_rank, transfer_plan
 from ray_eplb.solver import balancedness
 from ray_eplb.topology import Placement, Topology, plan
 
 log = logging.getLogger("ray_eplb.controller")
-PHASES = ("collect", "aggregate", "forecast", "decide", "solve", "plan", "prepare", "commit", "publish")
 
 
 class NullMetrics:
@@ -76,9 +76,7 @@ class EplbController:
         self.metrics = metrics or NullMetrics()
         self._placements: dict[int, Placement] = {self.placement.epoch: self.placement}
         self._next_epoch = self.placement.epoch + 1
-        self._seen: dict[tuple[int, int], torch.Tensor] = {}  # (rank, epoch) -> cumulative [L, S]
-        self._window: deque[torch.Tensor] = deque(maxlen=self.config.window)  # rounds of [L, E]
-        self.forecast: torch.Tensor | None = None  # [L, E] float64
+        self.load = LoadTracker(topology, self.config.window, self.config.ema_alpha)
         self._routers: dict[str, tuple[int, float]] = {}  # id -> (known epoch, last poll)
         self._retired: dict[int, float] = {}  # epoch -> retire time
         self._history: list[dict] = []
@@ -87,7 +85,6 @@ class EplbController:
         self._last_rebalance = time.monotonic()
         self._recovered = False
         self._rounds = self._rebalances = self._aborts = self._moved = 0
-        self._tokens = self._unmapped = 0.0
         self._missing: list[int] = []
         self._errors: deque[str] = deque(maxlen=20)
         self._lock: asyncio.Lock | None = None
@@ -157,46 +154,21 @@ class EplbController:
         self._missing = sorted(failures)
         self._timed("collect", t0)
         t0 = time.monotonic()
-        delta = self.aggregate(results)  # [L, E]
+        delta = self.load.aggregate(results, self._placements)  # [L, E]
         self._timed("aggregate", t0)
         t0 = time.monotonic()
-        self._window.append(delta)
-        if float(delta.sum()) > 0:
-            a = self.config.ema_alpha
-            self.forecast = delta.clone() if self.forecast is None else a * delta + (1 - a) * self.forecast
+        self.load.update(delta)
         self._timed("forecast", t0)
         return delta
 
-    def aggregate(self, results: dict[int, dict]) -> torch.Tensor:
-        """New tokens since the last round, as logical load ``[L, E]`` float64.
-
-        ``results[rank]``: ``epochs`` and ``counts`` ``[len(epochs), L, S]``, cumulative per epoch;
-        each epoch's counts go to logical experts through that epoch's ``phy2log``.
-        """
-        t = self.topology
-        delta = torch.zeros(t.num_layers, t.num_experts, dtype=torch.float64)  # [L, E]
-        for rank, res in results.items():
-            reported = set()
-            for epoch, counts in zip(res["epochs"], res["counts"]):
-                reported.add(epoch)
-                prev = self._seen.get((rank, epoch))
-                d = counts if prev is None else counts - prev  # [L, S]
-                self._seen[(rank, epoch)] = counts
-                p = self._placements.get(epoch)
-                if p is None:
-                    self._unmapped += float(d.sum())
-                    continue
-                delta.scatter_add_(1, p.rank_experts(rank), d.to(torch.float64))
-            for key in [k for k in self._seen if k[0] == rank and k[1] not in reported]:
-                del self._seen[key]
-        self._tokens += float(delta.sum())
-        return delta
-
     def window_load(self) -> torch.Tensor:
-        """``[L, E]`` float64 load of the recent window (sum of its rounds)."""
-        if not self._window:
-            return torch.zeros(self.topology.num_layers, self.topology.num_experts, dtype=torch.float64)
-        return torch.stack(list(self._window)).sum(0)
+        """``[L, E]`` float64 load of the recent window."""
+        return self.load.window_load()
+
+    @property
+    def forecast(self) -> torch.Tensor | None:
+        """``[L, E]`` float64 EMA forecast of the per-round load (``None`` before any token)."""
+        return self.load.forecast
 
     def _balancedness(self, p: Placement, load: torch.Tensor) -> float | None:
         return balancedness(p.phy2log, p.logcnt, load, self.topology.num_gpus) if float(load.sum()) > 0 else None
@@ -394,8 +366,8 @@ class EplbController:
             "rebalances": self._rebalances,
             "aborts": self._aborts,
             "experts_moved": self._moved,
-            "tokens_seen": self._tokens,
-            "unmapped_tokens": self._unmapped,
+            "tokens_seen": self.load.tokens,
+            "unmapped_tokens": self.load.unmapped,
             "missing_last_round": list(self._missing),
             "phase_seconds": dict(self._phase_s),
             "routers": {k: v[0] for k, v in self._routers.items()},

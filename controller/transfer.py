@@ -10,7 +10,7 @@ from collections import Counter, defaultdict
 
 import torch
 
-from ray_eplb.actors.worker import Transfer
+from ray_eplb.actors.protocol import Transfer
 from ray_eplb.topology import Placement
 
 

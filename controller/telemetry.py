@@ -1,0 +1,68 @@
+"""Telemetry state of the controller: cumulative per-slot counts in, logical load and forecast out."""
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from ray_eplb.topology import Placement, Topology
+
+
+class LoadTracker:
+    """Turns the workers' cumulative per-(layer, slot) counters into per-round logical load.
+
+    Workers report counts cumulatively per epoch, so a round that misses a worker loses nothing:
+    its tokens show up in the next round's difference. Each epoch's counts are mapped to logical
+    experts through that epoch's ``phy2log``.
+
+    Args:
+        topology: the deployment shape.
+        window: rounds kept in the recent window.
+        ema_alpha: forecast smoothing, ``f = a * round + (1 - a) * f``.
+    """
+
+    def __init__(self, topology: Topology, window: int, ema_alpha: float):
+        self.topology, self.ema_alpha = topology, ema_alpha
+        self._seen: dict[tuple[int, int], torch.Tensor] = {}  # (rank, epoch) -> cumulative [L, S]
+        self._window: deque[torch.Tensor] = deque(maxlen=window)  # rounds of [L, E]
+        self.forecast: torch.Tensor | None = None  # [L, E] float64
+        self.tokens = 0.0
+        self.unmapped = 0.0
+
+    def aggregate(self, results: dict[int, dict], placements: dict[int, Placement]) -> torch.Tensor:
+        """New tokens since the last round, as logical load ``[L, E]`` float64.
+
+        ``results[rank]``: ``epochs`` (list) and ``counts`` ``[len(epochs), L, S]``, cumulative per
+        epoch; ``placements``: epoch -> placement (counts of an unknown epoch are only tallied).
+        """
+        t = self.topology
+        delta = torch.zeros(t.num_layers, t.num_experts, dtype=torch.float64)  # [L, E]
+        for rank, res in results.items():
+            reported = set()
+            for epoch, counts in zip(res["epochs"], res["counts"]):
+                reported.add(epoch)
+                prev = self._seen.get((rank, epoch))
+                d = counts if prev is None else counts - prev  # [L, S]
+                self._seen[(rank, epoch)] = counts
+                p = placements.get(epoch)
+                if p is None:
+                    self.unmapped += float(d.sum())
+                    continue
+                delta.scatter_add_(1, p.rank_experts(rank), d.to(torch.float64))
+            for key in [k for k in self._seen if k[0] == rank and k[1] not in reported]:
+                del self._seen[key]
+        self.tokens += float(delta.sum())
+        return delta
+
+    def update(self, delta: torch.Tensor) -> None:
+        """Add one round ``delta [L, E]`` to the window and, if it saw tokens, to the EMA forecast."""
+        self._window.append(delta)
+        if float(delta.sum()) > 0:
+            a = self.ema_alpha
+            self.forecast = delta.clone() if self.forecast is None else a * delta + (1 - a) * self.forecast
+
+    def window_load(self) -> torch.Tensor:
+        """``[L, E]`` float64 load of the recent window (sum of its rounds)."""
+        if not self._window:
+            return torch.zeros(self.topology.num_layers, self.topology.num_experts, dtype=torch.float64)
+        return torch.stack(list(self._window)).sum(0)
