@@ -211,7 +211,12 @@ def separate_copies(slot_owner: np.ndarray, per_replica: np.ndarray, cap: np.nda
 
 
 def refine_swaps(
-    slot_owner: np.ndarray, per_replica: np.ndarray, cap: np.ndarray, pairs: int = 4, sweeps: int = 4
+    slot_owner: np.ndarray,
+    per_replica: np.ndarray,
+    cap: np.ndarray,
+    pairs: int = 4,
+    sweeps: int = 4,
+    budget: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Lower the heaviest bins by swapping replicas with the lightest bins, keeping owners apart.
 
@@ -221,6 +226,9 @@ def refine_swaps(
     light bin with ``0 < load_a - load_b < gap``, which lowers the pair's max) among swaps that
     take no owner over its cap in its new bin. Stops when two sweeps change nothing, or after
     ``sweeps`` sweeps.
+
+    ``budget`` (``[B]`` int64, updated in place): slot changes each row may still make; a swap
+    changes two slots, and a row stops swapping when it cannot pay for one.
 
     Shapes: ``slot_owner [B, P, S]``, ``per_replica``/``cap`` ``[B, n]``. Returns the updated
     ``slot_owner`` (a copy) and ``bin_load [B, P]`` float64.
@@ -253,6 +261,11 @@ def refine_swaps(
         score = np.minimum(d, gap - d).reshape(num_rows * kk, -1)  # how much the pair's max falls
         best = score.argmax(-1)  # [B*kk]
         do = score[np.arange(num_rows * kk), best] > 1e-12 * gap.ravel()  # [B*kk] the max falls
+        if budget is not None:  # each row pays 2 per swap, its heaviest pairs first
+            do = do.reshape(num_rows, kk)
+            do &= np.cumsum(do, 1) <= (budget // 2)[:, None]
+            budget -= 2 * do.sum(1)
+            do = do.ravel()
         if not do.any():
             quiet += 1
             if quiet == 2 or num_bins <= 2:

@@ -21,6 +21,7 @@ import torch
 
 from ray_eplb.solver.maps import logical_maps_np
 from ray_eplb.solver.counts import METHODS, check_weight, counts_np
+from ray_eplb.solver.migration import align, budget_per_layer, check_old, migrate, peak_load
 from ray_eplb.solver.packing import pack_rounds, place_replicas
 
 POLICIES = ("auto", "global", "hierarchical")
@@ -41,6 +42,10 @@ def rebalance_experts(
     *,
     policy: str = "auto",
     method: str = "hybrid_tail",
+    old_phy2log: torch.Tensor | None = None,
+    max_moves: int | float | None = None,
+    budget_scope: str = "layer",
+    min_gain: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Place ``num_replicas`` physical experts (slots) per layer onto ``num_gpus`` GPUs.
 
@@ -52,6 +57,17 @@ def rebalance_experts(
         num_gpus: ``P``; GPU ``g`` holds slots ``[g*R/P, (g+1)*R/P)``.
         policy: ``"auto"`` | ``"global"`` | ``"hierarchical"`` (see the module docstring).
         method: replica-count rule, ``"hybrid_tail"`` (default) or ``"dhondt"``.
+        old_phy2log: ``[L, R]`` the current placement. Given, the result changes as few slots as
+            it can (:mod:`ray_eplb.solver.migration`): under ``global``/``auto`` it is improved
+            incrementally from ``old_phy2log``; under ``hierarchical`` it is solved afresh and
+            relabelled to keep what it can (whole nodes and GPUs, so the balance is unchanged).
+        max_moves: at most this many slots change per layer (an int), or this fraction of a
+            layer's slots (a float in (0, 1]); ``None``: no limit. Needs ``old_phy2log``; not
+            with ``hierarchical`` (its moves would have to keep groups on nodes).
+        budget_scope: ``"layer"`` (the budget holds for each layer) or ``"total"`` (summed over
+            layers: spent on the layers with the highest peak reduction per moved slot).
+        min_gain: hysteresis; a layer whose max GPU load would fall by less than this fraction
+            keeps ``old_phy2log``.
 
     Returns:
         ``phy2log [L, R]``: logical expert of each slot; ``log2phy [L, E, R-E+1]``: slots of each
@@ -82,8 +98,24 @@ def rebalance_experts(
             f"policy='hierarchical' needs num_groups={num_groups} to divide num_experts={num_experts} "
             f"and num_nodes={num_nodes} to divide num_groups"
         )
+    if old_phy2log is None and (max_moves is not None or min_gain):
+        raise ValueError(f"max_moves={max_moves!r} / min_gain={min_gain!r} need old_phy2log")
+    if not 0 <= min_gain < 1:
+        raise ValueError(f"min_gain={min_gain!r} must be in [0, 1)")
+    if old_phy2log is not None:
+        old = check_old(old_phy2log, num_layers, num_replicas, num_experts)
+        budget, total = budget_per_layer(max_moves, num_layers, num_replicas, budget_scope)
     if num_layers == 0:
         phy2log = np.zeros((0, num_replicas), dtype=np.int64)
+    elif old_phy2log is not None and policy == "hierarchical":
+        if max_moves is not None:
+            raise ValueError("max_moves needs policy 'global' or 'auto': hierarchical plans move whole groups")
+        fresh, _ = _solve(w, num_replicas, num_groups, num_nodes, num_gpus, method)
+        phy2log = align(old, fresh, num_nodes, num_gpus)
+        worse = peak_load(phy2log, w, num_gpus) >= (1 - min_gain) * peak_load(old, w, num_gpus)
+        phy2log[worse] = old[worse]
+    elif old_phy2log is not None:
+        phy2log = migrate(w, old, num_gpus, budget, total, min_gain, method)
     elif policy == "global" or not hier_ok or num_nodes == 1:
         phy2log, _ = _solve(w, num_replicas, 1, 1, num_gpus, method)
     elif policy == "hierarchical":

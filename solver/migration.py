@@ -1,0 +1,254 @@
+"""Migration-aware placement: keep experts where they are, and spend a move budget where it pays.
+
+Every slot whose expert changes costs a weight transfer, so a new placement is judged by its
+balance *and* by how many slots it changes relative to the current one (``old``).
+
+* :func:`align` relabels a freshly solved placement (nodes, GPUs within nodes, slots within GPUs)
+  to keep as many slots as possible, without changing any GPU's expert set, so its balance is
+  exactly the same. Matching is a maximum-weight assignment (scipy's ``linear_sum_assignment``).
+* :func:`incremental` starts from ``old`` and moves only what pays: first *relocations* that bring
+  the replica counts to the water-filling counts of the new load (one slot each: a replica of an
+  over-replicated expert is replaced by one of an under-replicated expert, on the GPU where that
+  helps most), then the swap refinement (two slots each), all under a per-layer budget.
+
+Everything here is numpy, vectorised over layers (the assignment solver runs once per layer).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from ray_eplb.solver.counts import counts_np
+from ray_eplb.solver.packing import _per_slot, refine_swaps
+
+
+def moved_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """``[L]`` slots whose expert differs between ``old`` and ``new`` (both ``[L, R]``)."""
+    return (old != new).sum(1)
+
+
+def _histograms(phy2log: np.ndarray, num_bins: int, num_experts: int) -> np.ndarray:
+    """``[L, num_bins, E]`` replicas of each expert per bin (bins = consecutive slot blocks)."""
+    num_layers, num_slots = phy2log.shape
+    bins = np.arange(num_layers * num_bins).repeat(num_slots // num_bins)  # [L*R] bin of each slot
+    flat = bins * num_experts + phy2log.ravel()
+    return np.bincount(flat, minlength=num_layers * num_bins * num_experts).reshape(
+        num_layers, num_bins, num_experts
+    )
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``[..., m, m]`` multiset overlap of every bin of ``a`` with every bin of ``b`` (``[..., m, E]``)."""
+    if max(int(a.max(initial=0)), int(b.max(initial=0))) <= 1:  # sets: overlap = dot product
+        return np.matmul(a.astype(np.float32), np.swapaxes(b, -1, -2).astype(np.float32)).astype(np.int64)
+    return np.minimum(a[..., :, None, :], b[..., None, :, :]).sum(-1)
+
+
+def _assign(score: np.ndarray) -> np.ndarray:
+    """Max-weight perfect matching per problem: ``score [K, m, m]`` -> ``perm [K, m]``,
+    ``perm[k, i]`` = the column given to row ``i``."""
+    perm = np.empty(score.shape[:2], dtype=np.int64)
+    for k in range(score.shape[0]):  # one small assignment problem each (scipy has no batch API)
+        rows, cols = linear_sum_assignment(score[k], maximize=True)
+        perm[k, rows] = cols
+    return perm
+
+
+def align(old: np.ndarray, new: np.ndarray, num_nodes: int, num_gpus: int) -> np.ndarray:
+    """Relabel ``new`` to keep as many of ``old``'s slots as possible; every GPU keeps its set.
+
+    Per layer: nodes of ``new`` are matched to node positions (maximum total overlap with the
+    experts ``old`` has there), then GPUs to GPU positions within each node, then within each GPU
+    an expert that ``old`` already has there keeps its old slot. Whole nodes move together, so
+    groups a hierarchical plan keeps on one node stay on one node; pass ``num_nodes=1`` to let
+    GPUs move freely (a global plan).
+
+    Shapes: ``old``, ``new`` ``[L, R]`` int64. Returns ``[L, R]`` int64.
+    """
+    num_layers, num_slots = new.shape
+    gpus_node, slots = num_gpus // num_nodes, num_slots // num_gpus
+    num_experts = int(max(old.max(initial=0), new.max(initial=0))) + 1
+    rows = np.arange(num_layers)[:, None]
+    blocks = new.reshape(num_layers, num_nodes, gpus_node * slots)
+    if num_nodes > 1:
+        score = _overlap(_histograms(old, num_nodes, num_experts), _histograms(new, num_nodes, num_experts))
+        blocks = blocks[rows, _assign(score)]  # [L, N, g*S] node i of the result = matched new node
+    sub = blocks.reshape(num_layers * num_nodes, gpus_node * slots)  # node sub-problems
+    old_sub = old.reshape(num_layers * num_nodes, gpus_node * slots)
+    if gpus_node > 1:
+        score = _overlap(_histograms(old_sub, gpus_node, num_experts), _histograms(sub, gpus_node, num_experts))
+        sub = sub.reshape(-1, gpus_node, slots)[np.arange(sub.shape[0])[:, None], _assign(score)]
+    return _keep_slots(old.reshape(-1, slots), sub.reshape(-1, slots)).reshape(num_layers, num_slots)
+
+
+def _keep_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Per GPU (row), order ``new``'s experts so those also in ``old`` keep their slot.
+
+    ``old``, ``new``: ``[G, S]``. Repeated experts are told apart by occurrence number.
+    """
+    num, slots = new.shape
+
+    def keys(x: np.ndarray) -> np.ndarray:  # expert * S + how many times it appeared before
+        same = (x[:, :, None] == x[:, None, :]) & np.tri(slots, k=-1, dtype=bool)
+        return x * slots + same.sum(-1)
+
+    eq = keys(old)[:, :, None] == keys(new)[:, None, :]  # [G, S, S]
+    kept, used = eq.any(2), eq.any(1)  # old slot keeps its expert / new entry already placed
+    free_slots = np.argsort(kept, axis=1, kind="stable")  # [G, S] slots to fill first
+    spare = np.argsort(used, axis=1, kind="stable")  # [G, S] entries still to place first
+    r = np.arange(num)[:, None]
+    fill = np.arange(slots) < (~kept).sum(1, keepdims=True)  # [G, S] positions that take a spare
+    out = old.copy()
+    out[r, free_slots] = np.where(fill, new[r, spare], old[r, free_slots])
+    return out
+
+
+def incremental(
+    w: np.ndarray,
+    old: np.ndarray,
+    num_gpus: int,
+    budget: np.ndarray,
+    method: str = "hybrid_tail",
+    pairs: int = 4,
+    sweeps: int = 8,
+) -> np.ndarray:
+    """Improve ``old`` for load ``w`` by at most ``budget`` slot changes per layer.
+
+    1. *Relocations* (one slot each) toward the water-filling counts of ``w``: the
+       under-replicated expert with the highest per-replica load gains a replica in place of one
+       of the over-replicated expert that loses least (lowest ``w / (c - 1)``), on the GPU that
+       ends up lightest among those not already holding the gainer.
+    2. *Swaps* (two slots each): :func:`~ray_eplb.solver.packing.refine_swaps` with what is left.
+
+    Every expert keeps at least one replica, and no expert is put twice on a GPU.
+
+    Shapes: ``w [L, E]`` float64, ``old [L, R]`` int64, ``budget [L]`` int64 (not modified).
+    Returns ``[L, R]`` int64.
+    """
+    num_layers, num_experts = w.shape
+    num_slots = old.shape[1]
+    slots = num_slots // num_gpus
+    budget = budget.astype(np.int64).copy()
+    rows = np.arange(num_layers)
+    own = old.reshape(num_layers, num_gpus, slots).copy()  # [L, P, S] expert per slot
+    cnt = np.bincount((old + (rows * num_experts)[:, None]).ravel(), minlength=num_layers * num_experts)
+    cnt = cnt.reshape(num_layers, num_experts)  # [L, E] current replicas
+    target = counts_np(w, num_slots, method)  # [L, E]
+    stuck = np.zeros(num_layers, dtype=bool)
+    for _ in range(int(np.abs(target - cnt).sum(1).max(initial=0)) // 2):
+        need = target - cnt  # [L, E]
+        live = (need > 0).any(1) & (budget > 0) & ~stuck  # [L]
+        if not live.any():
+            break
+        gain = np.where(need > 0, w / cnt, -np.inf).argmax(1)  # [L] hottest under-replicated
+        lose = np.where(need < 0, w / np.maximum(cnt - 1, 1), np.inf).argmin(1)  # [L] cheapest to thin
+        per = w / cnt  # [L, E] per-replica load now
+        gpu_load = _per_slot(per, own).sum(-1)  # [L, P]
+        has_gain = (own == gain[:, None, None]).any(-1)  # [L, P]
+        after = gpu_load - per[rows, lose][:, None] + w[rows, gain][:, None] / (cnt[rows, gain] + 1)[:, None]
+        ok = (own == lose[:, None, None]).any(-1) & ~has_gain  # [L, P] GPUs where the swap is legal
+        at = np.where(ok, after, np.inf).argmin(1)  # [L] chosen GPU
+        possible = np.isfinite(after[rows, at]) & ok[rows, at]
+        stuck |= live & ~possible
+        go = np.nonzero(live & possible)[0]
+        if not go.size:
+            break
+        slot = (own[go, at[go]] == lose[go, None]).argmax(1)  # first slot of `lose` on that GPU
+        own[go, at[go], slot] = gain[go]
+        cnt[go, lose[go]] -= 1
+        cnt[go, gain[go]] += 1
+        budget[go] -= 1
+    per = w / cnt
+    cap = -(-cnt // num_gpus)
+    own, _ = refine_swaps(own, per, cap, pairs=pairs, sweeps=sweeps, budget=budget)
+    return own.reshape(num_layers, num_slots)
+
+
+def peak_load(phy2log: np.ndarray, w: np.ndarray, num_gpus: int) -> np.ndarray:
+    """``[L]`` max GPU load of ``phy2log [L, R]`` under ``w [L, E]`` (loads split among replicas)."""
+    num_layers, num_experts = w.shape
+    flat = phy2log + (np.arange(num_layers) * num_experts)[:, None]
+    cnt = np.bincount(flat.ravel(), minlength=w.size).reshape(w.shape)
+    per = (w / np.maximum(cnt, 1)).ravel()[flat]  # [L, R]
+    return per.reshape(num_layers, num_gpus, -1).sum(-1).max(1)
+
+
+def check_old(old, num_layers: int, num_replicas: int, num_experts: int) -> np.ndarray:
+    """Validate ``old_phy2log`` (a tensor or array ``[L, R]``) and return it as int64 numpy."""
+    arr = old.detach().cpu().numpy() if hasattr(old, "detach") else np.asarray(old)
+    if arr.shape != (num_layers, num_replicas):
+        raise ValueError(f"old_phy2log has shape {tuple(arr.shape)}, expected ({num_layers}, {num_replicas})")
+    if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() >= num_experts):
+        raise ValueError(f"old_phy2log must hold expert ids in [0, {num_experts}), got {arr.dtype} "
+                         f"in [{arr.min()}, {arr.max()}]")
+    arr = arr.astype(np.int64)
+    cnt = np.bincount((arr + (np.arange(num_layers) * num_experts)[:, None]).ravel(),
+                      minlength=num_layers * num_experts).reshape(num_layers, num_experts)
+    if num_layers and (cnt == 0).any():
+        layer, expert = np.argwhere(cnt == 0)[0]
+        raise ValueError(f"old_phy2log gives expert {expert} of layer {layer} no slot")
+    return arr
+
+
+def budget_per_layer(max_moves, num_layers: int, num_replicas: int, scope: str) -> tuple[np.ndarray, int | None]:
+    """Turn ``max_moves`` into per-layer budgets ``[L]`` and, for ``scope="total"``, a total.
+
+    ``max_moves``: ``None`` (no limit), an int (slots), or a float in ``(0, 1]`` (fraction of the
+    slots of a layer, or of all layers for ``scope="total"``).
+    """
+    if scope not in ("layer", "total"):
+        raise ValueError(f"budget_scope={scope!r} must be 'layer' or 'total'")
+    unlimited = np.full(num_layers, num_replicas, dtype=np.int64)
+    if max_moves is None:
+        return unlimited, None
+    if isinstance(max_moves, bool) or not isinstance(max_moves, (int, float, np.integer, np.floating)):
+        raise ValueError(f"max_moves={max_moves!r} must be None, an int >= 0 or a fraction in (0, 1]")
+    if isinstance(max_moves, (float, np.floating)):
+        if not 0 < max_moves <= 1:
+            raise ValueError(f"max_moves={max_moves!r}: a float budget is a fraction in (0, 1]")
+        per = int(max_moves * num_replicas)
+        total = int(max_moves * num_replicas * num_layers)
+    else:
+        if max_moves < 0:
+            raise ValueError(f"max_moves={max_moves!r} must be >= 0")
+        per = total = int(max_moves)
+    if scope == "total":
+        return unlimited, total
+    return np.full(num_layers, per, dtype=np.int64), None
+
+
+def migrate(
+    w: np.ndarray,
+    old: np.ndarray,
+    num_gpus: int,
+    budget: np.ndarray,
+    total: int | None,
+    min_gain: float,
+    method: str,
+) -> np.ndarray:
+    """Incremental re-placement from ``old`` with per-layer ``budget [L]`` or a ``total`` budget.
+
+    Layers whose max GPU load would fall by less than ``min_gain`` (relative) keep ``old``
+    (hysteresis). With a ``total``, whole layers are taken in order of peak reduction per moved
+    slot while they fit, and the next layer gets what is left.
+
+    Shapes: ``w [L, E]`` float64, ``old [L, R]`` int64. Returns ``[L, R]`` int64.
+    """
+    new = incremental(w, old, num_gpus, budget, method)
+    peak_old = peak_load(old, w, num_gpus)
+    gain = peak_old - peak_load(new, w, num_gpus)  # [L] absolute peak reduction
+    worth = gain > min_gain * peak_old
+    moves = moved_slots(old, new)
+    if total is not None and (moves * worth).sum() > total:
+        order = np.argsort(-np.where(worth & (moves > 0), gain / np.maximum(moves, 1), -np.inf), kind="stable")
+        fits = np.cumsum(moves[order] * worth[order]) <= total
+        take = np.zeros_like(worth)
+        take[order[fits]] = True
+        left = total - int(moves[take].sum())
+        rest = order[~fits & worth[order]]
+        if rest.size and left > 0:  # the first layer that did not fit gets the remainder
+            layer = rest[:1]
+            new[layer] = incremental(w[layer], old[layer], num_gpus, np.array([left]), method)
+            take[layer] = True
+        worth &= take
+    return np.where(worth[:, None], new, old)
