@@ -167,7 +167,9 @@ def launch_workers(
         pg = placement_group([dict(bundle) for _ in range(topology.gpus_per_node)], strategy="STRICT_PACK")
         pgs.append(pg)
     ray.get([pg.ready() for pg in pgs], timeout=ready_timeout_s)
-    worker_device = "cuda" if res == "GPU" else "cpu"
+    # On GPU ranks "auto" resolves to cuda inside the actor; Ray's logical GPUs without a CUDA
+    # device behind them (tests, fake GPUs) fall back to cpu. An explicit device="cuda" insists.
+    worker_device = ("cuda" if device == "cuda" else "auto") if res == "GPU" else "cpu"
     # The swap group needs a thread per peer that may fetch from us at once, plus our own prepare.
     actor_cls = ray.remote(concurrency_groups={"swap": topology.num_gpus + 1})(RayExpertWorker)
     handles = []
@@ -194,8 +196,8 @@ def launch_workers(
                 stage_duty=stage_duty,
             )
         )
-    ray.get([h.ping.remote() for h in handles], timeout=ready_timeout_s)
-    return WorkerGroup(topology, handles, pgs, worker_device)
+    devices = {st["device"] for st in ray.get([h.state.remote() for h in handles], timeout=ready_timeout_s)}
+    return WorkerGroup(topology, handles, pgs, ",".join(sorted(devices)))
 
 
 def _quiet_zero_copy_warnings() -> None:
