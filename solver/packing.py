@@ -135,15 +135,17 @@ def place_replicas(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Replicas -> GPUs: serpentine packing, a repair of any surplus copy, swap refinement.
 
-    ``sweeps`` defaults to ``max(4, S // 2)``: a sweep moves one replica per paired bin, so
-    bins with more slots need more of them (measured: 4 sweeps leave qwen3_235b on 8 GPUs x 17
-    slots at 0.9994 in-window, 8 reach 0.9998; on 9 slots 4 are within 0.1% of 8).
+    ``sweeps`` defaults to 3, or ``S // 2`` from 12 slots per GPU up: a sweep moves one replica
+    per paired bin, so bins with many slots need more of them. Measured in-window balancedness:
+    9 slots (dsv2lite 288 on 32 GPUs) 0.9973 / 0.9982 / 0.9988 after 2 / 3 / 4 sweeps; 17 slots
+    (qwen3_235b 136 on 8 GPUs) 0.99936 / 0.99972 / 0.99985 after 4 / 6 / 8.
 
     Shapes: ``expert_load``/``counts`` ``[B, n]`` (see :func:`pack_snake`). Returns
     ``slot_owner [B, P, S]`` and ``bin_load [B, P]`` float64.
     """
     if sweeps is None:
-        sweeps = max(4, int(counts[0].sum()) // num_bins // 2)
+        slots = int(counts[0].sum()) // num_bins
+        sweeps = 3 if slots < 12 else slots // 2
     slot_owner = pack_snake(expert_load, counts, num_bins)
     per_replica = expert_load / counts  # [B, n]
     cap = -(-counts // num_bins)  # [B, n] fewest copies per bin an owner must be allowed

@@ -139,20 +139,23 @@ def rebalance_experts(
     )
 
 
-def _group_nodes(w: np.ndarray, num_groups: int, num_nodes: int) -> np.ndarray:
-    """``[L, N, E/N]`` logical experts of each node: whole groups, packed by balanced rounds."""
+def _group_nodes(w: np.ndarray, num_groups: int, num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Whole groups to nodes by balanced rounds.
+
+    Returns ``[L, N, E/N]`` the logical experts of each node, and ``[L, N]`` each node's load.
+    """
     num_layers, num_experts = w.shape
     group_size = num_experts // num_groups
     group_load = w.reshape(num_layers, num_groups, group_size).sum(-1)  # [L, G]
     groups = pack_rounds(group_load, num_nodes)  # [L, N, G/N] group ids per node
-    return (groups[..., None] * group_size + np.arange(group_size)).reshape(num_layers, num_nodes, -1)
+    node_load = np.take_along_axis(group_load, groups.reshape(num_layers, -1), 1).reshape(groups.shape).sum(-1)
+    experts = (groups[..., None] * group_size + np.arange(group_size)).reshape(num_layers, num_nodes, -1)
+    return experts, node_load
 
 
 def _node_bound(w: np.ndarray, num_groups: int, num_nodes: int, num_gpus: int) -> np.ndarray:
     """``[L]`` lower bound on the hierarchical plan's max GPU load: max node load / GPUs per node."""
-    node_experts = _group_nodes(w, num_groups, num_nodes)  # [L, N, E/N]
-    node_load = w[np.arange(w.shape[0])[:, None, None], node_experts].sum(-1)  # [L, N]
-    return node_load.max(1) / (num_gpus // num_nodes)
+    return _group_nodes(w, num_groups, num_nodes)[1].max(1) / (num_gpus // num_nodes)
 
 
 def _solve(
@@ -171,7 +174,7 @@ def _solve(
         node_experts = None  # every node (the one) holds experts 0..E-1 in order
         node_w = w
     else:
-        node_experts = _group_nodes(w, num_groups, num_nodes)  # [L, N, E/N]
+        node_experts = _group_nodes(w, num_groups, num_nodes)[0]  # [L, N, E/N]
         node_w = w[np.arange(num_layers)[:, None, None], node_experts].reshape(num_layers * num_nodes, n_node)
     counts = counts_np(node_w, slots_node, method)  # [L*N, E/N]
     slot_owner, gpu_load = place_replicas(node_w, counts, gpus_node)  # [L*N, P/N, S], [L*N, P/N]
