@@ -378,6 +378,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="seed for sampling static tables into windows")
     ap.add_argument("--json", help="write all results to this path")
     ap.add_argument("--quiet", action="store_true", help="no per-case progress lines")
+    _migration().add_arguments(ap)  # --migration and its options
     args = ap.parse_args(argv)
     for name in ("repeats", "greedy_repeats", "windows"):
         value = getattr(args, name)
@@ -386,18 +387,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _migration():  # imported late: bench_migration imports this module
+    from ray_eplb.controller import bench_migration  # noqa: PLC0415
+
+    return bench_migration
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         report = run_benchmark(args)
+        if args.migration:  # issue 4's tables on the same cases, also in --json
+            report["migration"] = _migration().run_benchmark(args)
     except ValueError as exc:
         print(f"ray-eplb bench: {exc}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads)
     print_report(report)
+    if args.migration:
+        _migration().print_report(report["migration"])
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
         print(f"results written to {args.json}")
