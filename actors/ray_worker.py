@@ -25,10 +25,10 @@ ZERO_COPY_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
 
 
 class RayFetcher:
-    """Peer transfers through Ray's object store: one ``export_ref`` call per source rank, all in
-    flight together. The source writes the weights into the store from its low-priority staging
-    thread; with zero-copy torch tensors the receiver maps those bytes without a copy and copies
-    them once, into its staging buffers."""
+    """Peer transfers through Ray's object store: one ``export`` call per source rank, all in flight
+    together. The source's reply carries the weights as they are (Ray writes them into the store;
+    measured ~3x faster here than a ``ray.put`` inside the actor); with zero-copy torch tensors the
+    receiver maps those bytes and copies them once, into its staging buffers."""
 
     def __init__(self, namespace: str = NAMESPACE):
         self.namespace = namespace
@@ -40,9 +40,8 @@ class RayFetcher:
         return self._handles[rank]
 
     def __call__(self, requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, list[torch.Tensor]]:
-        refs = {r: self._handle(r).export_ref.remote(items) for r, items in requests.items()}
-        inner = ray.get(list(refs.values()), timeout=timeout_s)  # each: [ObjectRef of the weights]
-        values = ray.get([box[0] for box in inner], timeout=timeout_s)
+        refs = {r: self._handle(r).export.remote(items) for r, items in requests.items()}
+        values = ray.get(list(refs.values()), timeout=timeout_s)
         return dict(zip(refs, values))
 
 
@@ -50,8 +49,8 @@ class RayExpertWorker(ExpertWorker):
     """:class:`ExpertWorker` inside a Ray actor: peers fetched by name, Ray node in its repr.
 
     Two concurrency groups: the default one serves ``forward``, telemetry and the quick protocol
-    calls; ``swap`` runs ``prepare`` and peers' ``export_ref`` calls, which wait on the staging
-    threads. A swap can therefore never take the threads dispatches need.
+    calls; ``swap`` runs ``prepare`` (which waits on peers) and peers' ``export`` calls. A swap can
+    therefore never take the threads dispatches need.
     """
 
     def __init__(self, *args: Any, namespace: str = NAMESPACE, **kwargs: Any):
@@ -70,10 +69,8 @@ class RayExpertWorker(ExpertWorker):
         return super().prepare(*args, **kwargs)
 
     @ray.method(concurrency_group="swap")
-    def export_ref(self, items: list[tuple[int, int]]) -> list:
-        """:meth:`export`, written into the object store by the low-priority staging thread; returns
-        ``[ref]`` (boxed, so Ray hands the ref over instead of resolving it)."""
-        return [self.staging.run("out", lambda: ray.put(self.export(items)))]
+    def export(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        return super().export(*args, **kwargs)
 
     # Benchmark helpers: a plain object-store read of the same bytes, for the bandwidth baseline.
     def make_blob(self, nbytes: int) -> int:

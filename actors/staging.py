@@ -7,8 +7,7 @@ Three measured facts shape it (2-core VM, see ``ray-eplb bench-runtime``):
   tables go back to the pool. A GPU needs its staging memory reserved up front anyway.
 - A swap that moves weights as fast as it can takes the CPU (or, on GPUs, the links) serving
   needs, so weights move in chunks with rests between them (``duty``).
-- Staging waits on peers; serving a peer's fetch waits on nothing. Separate threads for the two
-  directions, so two workers fetching from each other never wait on each other.
+- Optionally (``nice``), staging runs on a thread of lowered OS priority.
 """
 from __future__ import annotations
 
@@ -44,7 +43,7 @@ class Staging:
         self.device, self.lock, self.nice, self.duty, self.chunk_bytes = device, lock, nice, duty, chunk_bytes
         self.name = name
         self.pool: list[torch.Tensor] = []  # free packed [3, I, H] buffers
-        self._threads: dict[str, ThreadPoolExecutor] = {}
+        self._thread: ThreadPoolExecutor | None = None
         self.fetched_bytes = 0
         self.fetch_s = 0.0
 
@@ -71,19 +70,19 @@ class Staging:
                 seen.add(id(w))
                 self.pool.append(w)
 
-    def run(self, direction: str, fn: Callable, *args: Any) -> Any:
-        """Run ``fn(*args)`` on the ``"in"`` (staging a swap) or ``"out"`` (serving a peer) thread."""
+    def run(self, fn: Callable, *args: Any) -> Any:
+        """Run ``fn(*args)`` on the staging thread (lowered priority), or inline when ``nice`` is None.
+
+        Only staging runs there; serving a peer's fetch (``export``) runs on Ray's threads and waits
+        on nothing, so two workers fetching from each other can never wait on each other."""
         if self.nice is None:
             return fn(*args)
-        if direction not in ("in", "out"):
-            raise ValueError(f"direction={direction!r} must be 'in' or 'out'")
         with self.lock:
-            if direction not in self._threads:
-                self._threads[direction] = ThreadPoolExecutor(
-                    1, thread_name_prefix=f"{self.name}-stage-{direction}", initializer=_lower_priority, initargs=(self.nice,)
+            if self._thread is None:
+                self._thread = ThreadPoolExecutor(
+                    1, thread_name_prefix=f"{self.name}-stage", initializer=_lower_priority, initargs=(self.nice,)
                 )
-            pool = self._threads[direction]
-        return pool.submit(fn, *args).result()
+        return self._thread.submit(fn, *args).result()
 
     def fetch_paced(self, fetcher: Fetcher, remote: list[Transfer], place: Callable[[Transfer, torch.Tensor], None],
                     aborted: Callable[[], bool], timeout_s: float, expert_bytes: int) -> bool:

@@ -36,7 +36,7 @@ from ray_eplb.actors.staging import Staging
 from ray_eplb.actors.weights import WeightSource, swiglu
 from ray_eplb.topology import Topology
 
-__all__ = ["ExpertWorker", "Fetcher", "StaleEpochError", "Transfer", "local_fetcher"]
+__all__ = ["ExpertWorker", "Fetcher", "StaleEpochError", "Transfer", "decode_counts", "local_fetcher"]
 
 
 @dataclass
@@ -94,7 +94,7 @@ class ExpertWorker:
         spare_fraction: float = 0.25,
         stage_nice: int | None = None,
         stage_duty: float = 0.25,
-        stage_chunk_bytes: int = 8 * 2**20,
+        stage_chunk_bytes: int = 2 * 2**20,
     ):
         if not 0 <= rank < topology.num_gpus:
             raise ValueError(f"rank={rank} is outside the topology's {topology.num_gpus} ranks")
@@ -203,13 +203,15 @@ class ExpertWorker:
 
     def collect(self) -> dict:
         """Telemetry: cumulative token counts of the last few epochs: ``epochs`` (list) and
-        ``counts`` ``[len(epochs), L, S]`` int64."""
+        ``counts``, int64 ``[len(epochs), L, S]`` as raw bytes (decode with :func:`decode_counts`)."""
         self._fault("collect")
         with self._lock:
             epochs = sorted(self._counts)
-            # One tensor [n_epochs, L, S] (a copy): one buffer to serialize however many epochs are kept.
-            return {"rank": self.rank, "epoch": self.epoch, "epochs": epochs,
-                    "counts": torch.stack([self._counts[e] for e in epochs])}
+            counts = torch.stack([self._counts[e] for e in epochs])  # [n_epochs, L, S] int64
+        # Raw bytes, not a tensor: a telemetry reply is small, and Ray's tensor path costs ~2x a
+        # no-op call in a fan-out to 8 workers where plain bytes cost ~1.2x (measured here).
+        return {"rank": self.rank, "epoch": self.epoch, "epochs": epochs,
+                "shape": tuple(counts.shape), "counts": counts.numpy().tobytes()}
 
     # ------------------------------------------------------------------ swap protocol
     def export(self, items: Sequence[tuple[int, int]], epoch: int | None = None) -> list[torch.Tensor]:
@@ -232,7 +234,7 @@ class ExpertWorker:
 
         Runs on the staging thread (see ``stage_nice``), paced by ``stage_duty``, so serving keeps the CPU."""
         self._fault("prepare")
-        return self.staging.run("in", self._prepare, epoch, transfers, experts, timeout_s)
+        return self.staging.run(self._prepare, epoch, transfers, experts, timeout_s)
 
     def _prepare(self, epoch: int, transfers: Sequence[Transfer], experts: torch.Tensor, timeout_s: float) -> dict:
         experts = torch.as_tensor(experts, dtype=torch.int64).cpu()
@@ -400,6 +402,14 @@ class ExpertWorker:
                 if not torch.equal(table.weights[layer][j].cpu(), self.source.expert(layer, e)):
                     bad.append((layer, j, e))
         return bad
+
+
+def decode_counts(reply: dict) -> torch.Tensor:
+    """The ``[len(epochs), L, S]`` int64 counts of a :meth:`ExpertWorker.collect` reply."""
+    import numpy as np
+
+    flat = np.frombuffer(reply["counts"], dtype=np.int64)
+    return torch.from_numpy(flat.copy()).view(*reply["shape"])
 
 
 def local_fetcher(workers: Callable[[int], ExpertWorker]) -> Fetcher:

@@ -223,8 +223,8 @@ def run(a: argparse.Namespace) -> dict:
           f"{identity_bad}, max stall {max_stall_ms:.2f} ms, router re-routes {router.retries}")
 
     # 4. transfer bandwidth worker 0 -> worker 1
-    items = [(layer, int(e)) for layer in range(topo.num_layers) for e in Placement.identity(topo).rank_experts(0)[layer]]
-    items = [(layer, e) for layer, e in items if e in ray.get(group.handles[0].state.remote())["experts"][layer].tolist()]
+    held = ray.get(group.handles[0].state.remote())["experts"]  # [L, S] what worker 0 holds now
+    items = sorted({(layer, int(e)) for layer in range(topo.num_layers) for e in held[layer]})
     nbytes = len(items) * int(mb_per_expert * 2**20)
     ray.get(group.handles[0].make_blob.remote(nbytes))
     times: dict[str, list[float]] = {"experts": [], "get": [], "get_copy": []}
@@ -232,11 +232,18 @@ def run(a: argparse.Namespace) -> dict:
         for mode in times:
             times[mode].append(ray.get(group.handles[1].time_fetch.remote(0, items, mode)))
     med = {m: sorted(v)[len(v) // 2] for m, v in times.items()}
+    best = {m: min(v) for m, v in times.items()}
     gbps = {m: nbytes / t / 1e9 for m, t in med.items()}
-    results["transfer"] = {"bytes": nbytes, "experts": len(items), "GBps": gbps,
-                           "ratio_vs_get": gbps["experts"] / gbps["get"], "ratio_vs_get_copy": gbps["experts"] / gbps["get_copy"]}
-    print(f"[bench] transfer of {len(items)} experts ({nbytes / 2**20:.0f} MB): {gbps['experts']:.2f} GB/s vs plain ray.get "
-          f"{gbps['get']:.2f} GB/s = {results['transfer']['ratio_vs_get']:.2f} (target >= 0.5); vs ray.get + copy "
-          f"{gbps['get_copy']:.2f} GB/s = {results['transfer']['ratio_vs_get_copy']:.2f}")
+    gbps_best = {m: nbytes / t / 1e9 for m, t in best.items()}
+    results["transfer"] = {
+        "bytes": nbytes, "experts": len(items), "GBps_median": gbps, "GBps_best": gbps_best,
+        "ratio_vs_get": gbps["experts"] / gbps["get"], "ratio_vs_get_best": gbps_best["experts"] / gbps_best["get"],
+        "ratio_vs_get_copy": gbps["experts"] / gbps["get_copy"],
+    }
+    r = results["transfer"]
+    print(f"[bench] transfer of {len(items)} experts ({nbytes / 2**20:.0f} MB), median of 9 (best): {gbps['experts']:.2f} "
+          f"({gbps_best['experts']:.2f}) GB/s vs plain ray.get {gbps['get']:.2f} ({gbps_best['get']:.2f}) GB/s = "
+          f"{r['ratio_vs_get']:.2f} ({r['ratio_vs_get_best']:.2f}) (target >= 0.5); vs ray.get + a copy into fresh memory "
+          f"{gbps['get_copy']:.2f} GB/s = {r['ratio_vs_get_copy']:.2f}")
     router.close()
     return results

@@ -5,6 +5,7 @@ from collections import deque
 
 import torch
 
+from ray_eplb.actors.worker import decode_counts
 from ray_eplb.topology import Placement, Topology
 
 
@@ -32,14 +33,14 @@ class LoadTracker:
     def aggregate(self, results: dict[int, dict], placements: dict[int, Placement]) -> torch.Tensor:
         """New tokens since the last round, as logical load ``[L, E]`` float64.
 
-        ``results[rank]``: ``epochs`` (list) and ``counts`` ``[len(epochs), L, S]``, cumulative per
+        ``results[rank]``: a worker's ``collect`` reply, counts ``[len(epochs), L, S]`` cumulative per
         epoch; ``placements``: epoch -> placement (counts of an unknown epoch are only tallied).
         """
         t = self.topology
         delta = torch.zeros(t.num_layers, t.num_experts, dtype=torch.float64)  # [L, E]
         for rank, res in results.items():
             reported = set()
-            for epoch, counts in zip(res["epochs"], res["counts"]):
+            for epoch, counts in zip(res["epochs"], decode_counts(res)):
                 reported.add(epoch)
                 prev = self._seen.get((rank, epoch))
                 d = counts if prev is None else counts - prev  # [L, S]

@@ -78,7 +78,9 @@ def test_forward_matches_expert_ffn_and_counts_tokens():
         assert torch.allclose(y[i], swiglu(x[i : i + 1], SRC.expert(1, 3 + j))[0], atol=1e-6)
     got = w.collect()
     assert got["epochs"] == [0]
-    counts = got["counts"][0]
+    from ray_eplb.actors.worker import decode_counts
+
+    counts = decode_counts(got)[0]
     assert counts.tolist() == [[0, 0, 0], [1, 1, 3]]
 
 
