@@ -7,8 +7,9 @@ forecast rather than on the last window alone. Three kinds:
 * ``ema``: exponential moving average, ``f = alpha * load + (1 - alpha) * f`` (the first window
   starts it); a small ``alpha`` remembers longer.
 * ``window``: the mean (``reduce="mean"``) or sum (``reduce="sum"``) of the last ``window``
-  windows. The solver's plan depends only on each layer's load *shape*, so mean and sum give the
-  same placement; the sum keeps token counts, the mean keeps the scale of one window.
+  windows. The solver's plan depends only on each layer's load *shape*, so mean and sum give
+  equally balanced placements (float rounding may pick a different one among ties); the sum keeps
+  token counts, the mean keeps the scale of one window.
 
 Loads are raw token counts per window, so a busy window weighs more than a quiet one in ``ema``
 and ``window`` (as it should: it carries more routing evidence). An all-zero window is an ordinary
