@@ -5,7 +5,6 @@ import json
 import os
 
 import ray
-import torch
 from ray.cluster_utils import Cluster
 
 from ray_eplb.actors import SyntheticWeightSource
