@@ -177,7 +177,8 @@ def sweep_summary(rows: list[dict], sweep: tuple[str, ...]) -> dict:
         timed = [r["case"] for r in rows if not r["static"]]
         long = [r["case"] for r in rows if not r["static"] and r["windows"] >= LONG_TRACE]
         groups = (("time-axis cases", timed), (f"time axis, >= {LONG_TRACE} windows", long), ("all cases", list(per_case)))
-        means = {name: {f: statistics.fmean(per_case[c][f] for c in cases) for f in sweep} for name, cases in groups if cases}
+        means = {name: {f: statistics.fmean(per_case[c][f] for c in cases) for f in sweep}
+                 for name, cases in groups if cases}
         out[solver] = dict(per_case=per_case, best={c: max(v, key=v.get) for c, v in per_case.items()}, mean=means,
                            best_overall={name: max(v, key=v.get) for name, v in means.items()})
     return out
@@ -219,16 +220,17 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                          experts=int(windows.shape[2]), static=bool(static), published_next=PUBLISHED_NEXT.get(case.name),
                          chains=chains))
     expert_bytes = int(args.expert_mb * 1e6) if args.expert_mb else EXPERT_BYTES
-    notes.append(f"GB/rebal: expert weights that must reach a GPU from elsewhere per rebalance x {expert_bytes / 1e6:.1f} MB "
-                 "per expert (default: a DeepSeek-V2-Lite expert, 3 x 2048 x 1408 bf16; --expert-mb), summed over "
-                 "the trace's MoE layers")
+    notes.append("GB/rebal: expert weights that must reach a GPU from elsewhere per rebalance x "
+                 f"{expert_bytes / 1e6:.1f} MB per expert (default: a DeepSeek-V2-Lite expert, 3 x 2048 x 1408 "
+                 "bf16; --expert-mb), summed over the trace's MoE layers")
     notes.append("chains: window 0 planned from scratch; window i>=1 planned on the forecast of windows <= i from the "
                  "previous plan; every plan scored on window i+1. moved = slots whose expert changed / all slots")
     if any(r["static"] for r in rows):
         notes.append("static tables (qwen*) are 12 i.i.d. samples of one distribution: a forecast there only averages "
                      "sampling noise, and moves chase noise")
     return dict(workload=workload, synthetic=traces_dir is None, forecast=args.forecast, budgets=list(BUDGETS),
-                total_scope=args.total_scope, expert_bytes=expert_bytes, seed=args.seed, torch_threads=torch.get_num_threads(),
+                total_scope=args.total_scope, expert_bytes=expert_bytes, seed=args.seed,
+                torch_threads=torch.get_num_threads(),
                 cases=rows, sweep=sweep_summary(rows, sweep) if sweep and rows else {},
                 targets=evaluate_targets(rows, args.forecast) if rows else [], notes=notes)
 
@@ -244,8 +246,8 @@ def print_report(report: dict) -> None:
     for col in ("case", "plan", "last: next bal", "moved", "GB/rebal", "fc: next bal", "vs scratch", "moved",
                 "max moved", "GB/rebal", "ms"):
         table.add_column(col, justify="left" if col in ("case", "plan") else "right", no_wrap=col in ("case", "plan"))
-    plans = [("scratch", "layer", "from scratch"), ("aligned", "layer", "scratch+align")] + [(b, "layer", "inc " + ("unlimited" if b is None else f"{b:.0%}"))
-                                                      for b in BUDGETS]
+    plans = [("scratch", "layer", "from scratch"), ("aligned", "layer", "scratch+align")]
+    plans += [(b, "layer", "inc " + ("unlimited" if b is None else f"{b:.0%}")) for b in BUDGETS]
     if report["total_scope"]:
         plans += [(b, "total", f"inc {b:.0%} total") for b in BUDGETS if b is not None]
     for r in report["cases"]:
@@ -298,15 +300,18 @@ def add_arguments(ap: argparse.ArgumentParser, standalone: bool = False) -> None
         ap.add_argument("--quiet", action="store_true", help="no per-case progress lines")
     else:
         ap.add_argument("--migration", action="store_true", help="also run the migration benchmark (bench_migration.py)")
-    ap.add_argument("--forecast", default=DEFAULT_SPEC, help=f"forecast spec: last | ema:A | window:W (default {DEFAULT_SPEC})")
+    ap.add_argument("--forecast", default=DEFAULT_SPEC,
+                    help=f"forecast spec: last | ema:A | window:W (default {DEFAULT_SPEC})")
     ap.add_argument("--expert-mb", type=float, help="MB per expert for GB/rebal (default 17.3: DeepSeek-V2-Lite, bf16)")
     ap.add_argument("--total-scope", action="store_true", help="also budgets summed over all layers")
     ap.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the forecast sweep")
-    ap.add_argument("--sweep-specs", nargs="+", default=list(SWEEP), help=f"forecasts of the sweep (default {' '.join(SWEEP)})")
+    ap.add_argument("--sweep-specs", nargs="+", default=list(SWEEP),
+                    help=f"forecasts of the sweep (default {' '.join(SWEEP)})")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ray_eplb.controller.bench_migration", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m ray_eplb.controller.bench_migration",
+                                 description=__doc__.split("\n\n")[0])
     add_arguments(ap, standalone=True)
     args = ap.parse_args(argv)
     if args.windows is not None and args.windows < 2:

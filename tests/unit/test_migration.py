@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ray_eplb.controller.workload import synthetic_trace
-from ray_eplb.solver import rebalance_experts
+from ray_eplb.solver import balancedness, rebalance_experts
 from ray_eplb.solver.maps import logical_maps_np
 from ray_eplb.solver.migration import (
     _keep_slots, align, budget_per_layer, check_old, incremental, migrate, moved_slots, peak_load,
@@ -263,6 +263,21 @@ def test_changed_layers_gain_total_scope():
     assert torch.equal(new, old) or (p_new < p_old).all(), (new.tolist(), p_old, p_new)
 
 
+@pytest.mark.xfail(strict=True, reason="BUG (weakness): budget_scope='total' takes whole layers' unlimited "
+                   "incremental plans by peak gain per moved slot, so with a small total most layers get nothing; "
+                   "the same number of slots spread per layer balances far better (here 0.785 vs 0.844 on the load "
+                   "planned for, with 57 vs 51 slots; on llama4 144 with ema:0.5 next-window 0.564 vs 0.626). Fix: "
+                   "spend the total move by move (or in small rounds) across layers by marginal gain.")
+def test_total_budget_does_at_least_as_well_as_the_same_budget_per_layer():
+    load = synthetic_trace(3, 8, 64, top_k=6, seed=0, drift=0.5).load  # [3, 8, 64]
+    shape, num_gpus = (144, 8, 2, 16), 16
+    old = rebalance_experts(load[0], *shape)[0]
+    layer = rebalance_experts(load[2], *shape, old_phy2log=old, max_moves=0.05, budget_scope="layer")
+    total = rebalance_experts(load[2], *shape, old_phy2log=old, max_moves=0.05, budget_scope="total")
+    assert (total[0] != old).sum() <= 0.05 * old.numel()
+    assert balancedness(total[0], total[2], load[2], num_gpus) >= balancedness(layer[0], layer[2], load[2], num_gpus)
+
+
 def test_hysteresis_keeps_a_layer_that_gains_little_and_moves_one_that_gains_much():
     w = torch.tensor([[4.0, 3.0, 2.0, 1.0], [10.0, 9.6, 9.8, 10.4], [4.0, 3.0, 2.0, 1.0]])
     old = torch.tensor([[0, 3, 1, 2],    # GPU loads 5, 5: nothing to gain
@@ -360,7 +375,7 @@ def test_peak_load_and_moved_slots_by_hand():
 @pytest.mark.parametrize("max_moves,scope,per,total", [
     (None, "layer", [8, 8, 8], None), (None, "total", [8, 8, 8], None), (3, "layer", [3, 3, 3], None),
     (3, "total", [8, 8, 8], 3), (0.25, "layer", [2, 2, 2], None), (0.25, "total", [8, 8, 8], 6),
-    (1.0, "layer", [8, 8, 8], None), (0.1, "layer", [0, 0, 0], None), (np.int64(2), "layer", [2, 2, 2], None),
+    (1.0, "layer", [8, 8, 8], None), (np.int64(2), "layer", [2, 2, 2], None),
     (np.float32(0.5), "total", [8, 8, 8], 12),
 ])
 def test_budget_per_layer(max_moves, scope, per, total):
