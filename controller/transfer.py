@@ -6,7 +6,7 @@ rows, order them or cap them by a move budget without touching the worker protoc
 """
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import torch
 
@@ -76,66 +76,15 @@ def plan_summary(plan: list[Transfer], topology) -> dict:
     return {"moves": len(plan), **kinds}
 
 
+
 def align(old: Placement, new: Placement) -> Placement:
-    """Relabel ``new`` so that as many slots as possible keep their expert from ``old``, without
-    changing any GPU's expert set (so every balancedness stays the same).
-
-    Per layer: nodes are matched to nodes, then GPUs to GPUs within each node, by the number of
-    experts they already hold (maximum-weight assignment); then within each GPU an expert that
-    stays keeps its old slot. Whole nodes and whole GPUs move together, so groups kept on one node
-    by the hierarchical policy stay on one node.
-
-    Shapes: ``old.phy2log``, ``new.phy2log`` ``[L, R]``; returns a placement with ``new``'s epoch.
-    """
-    from scipy.optimize import linear_sum_assignment
+    """``new`` relabelled (nodes, GPUs, slots) to keep as many of ``old``'s slots as possible, with
+    every GPU's expert set and so every balancedness unchanged: the solver's
+    :func:`ray_eplb.solver.migration.align` on typed placements. Returns ``new``'s epoch."""
+    from ray_eplb.solver.migration import align as align_maps
 
     if old.topology != new.topology:
         raise ValueError("old and new placements are for different topologies")
     t = old.topology
-    n, g, s = t.num_nodes, t.gpus_per_node, t.slots_per_gpu
-    old_gpu = old.phy2log.view(t.num_layers, n, g, s).tolist()  # [L][node][gpu][slot]
-    new_gpu = new.phy2log.view(t.num_layers, n, g, s).tolist()
-    out = []
-    for layer in range(t.num_layers):
-        o, w = old_gpu[layer], new_gpu[layer]
-        node_of = _match([sum(x, []) for x in o], [sum(x, []) for x in w], linear_sum_assignment)
-        row = []
-        for node in range(n):
-            o_node, w_node = o[node], w[node_of[node]]
-            gpu_of = _match(o_node, w_node, linear_sum_assignment)
-            for gpu in range(g):
-                row += _keep_slots(o_node[gpu], w_node[gpu_of[gpu]])
-        out.append(row)
-    return Placement.from_phy2log(t, torch.tensor(out, dtype=torch.int64), new.epoch)
-
-
-def _overlap(a: list[int], b: list[int]) -> int:
-    """Size of the multiset intersection of ``a`` and ``b``."""
-    ca, cb = Counter(a), Counter(b)
-    return sum(min(v, cb[k]) for k, v in ca.items())
-
-
-def _match(old_sets: list[list[int]], new_sets: list[list[int]], lsa) -> list[int]:
-    """``perm[i]``: the new set given to old position ``i`` (maximum total overlap)."""
-    if len(old_sets) == 1:
-        return [0]
-    score = [[_overlap(a, b) for b in new_sets] for a in old_sets]
-    rows, cols = lsa(score, maximize=True)
-    perm = [0] * len(old_sets)
-    for r, c in zip(rows.tolist(), cols.tolist()):
-        perm[r] = c
-    return perm
-
-
-def _keep_slots(old_slots: list[int], new_slots: list[int]) -> list[int]:
-    """Order ``new_slots`` so experts that also sit in ``old_slots`` keep their slot."""
-    remaining = Counter(new_slots)
-    out: list[int | None] = []
-    for e in old_slots:
-        if remaining[e] > 0:
-            remaining[e] -= 1
-            out.append(e)
-        else:
-            out.append(None)
-    rest = [e for e, c in sorted(remaining.items()) for _ in range(c)]
-    return [e if e is not None else rest.pop() for e in out]
+    phy2log = align_maps(old.phy2log.cpu().numpy(), new.phy2log.cpu().numpy(), t.num_nodes, t.num_gpus)  # [L, R]
+    return Placement.from_phy2log(t, torch.from_numpy(phy2log), new.epoch)
