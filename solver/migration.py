@@ -15,6 +15,8 @@ Everything here is numpy, vectorised over layers (the assignment solver runs onc
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
@@ -71,8 +73,16 @@ def align(old: np.ndarray, new: np.ndarray, num_nodes: int, num_gpus: int) -> np
     rows = np.arange(num_layers)[:, None]
     blocks = new.reshape(num_layers, num_nodes, gpus_node * slots)
     if num_nodes > 1:
-        score = _overlap(_histograms(old, num_nodes, num_experts), _histograms(new, num_nodes, num_experts))
-        blocks = blocks[rows, _assign(score)]  # [L, N, g*S] node i of the result = matched new node
+        # A node pair is worth the slots its best GPU matching keeps (not just the experts the
+        # nodes share: those may sit on GPUs that cannot all be matched).
+        hist_old = _histograms(old, num_gpus, num_experts).reshape(num_layers, num_nodes, 1, gpus_node, -1)
+        hist_new = _histograms(new, num_gpus, num_experts).reshape(num_layers, 1, num_nodes, gpus_node, -1)
+        pair = _overlap(np.broadcast_to(hist_old, (num_layers, num_nodes, num_nodes) + hist_old.shape[3:]),
+                        np.broadcast_to(hist_new, (num_layers, num_nodes, num_nodes) + hist_new.shape[3:]))
+        pair = pair.reshape(-1, gpus_node, gpus_node)  # [L*N*N, g, g] GPU overlaps per node pair
+        perm = _assign(pair)  # [L*N*N, g]
+        value = np.take_along_axis(pair, perm[:, :, None], 2)[..., 0].sum(1)  # [L*N*N]
+        blocks = blocks[rows, _assign(value.reshape(num_layers, num_nodes, num_nodes))]  # [L, N, g*S]
     sub = blocks.reshape(num_layers * num_nodes, gpus_node * slots)  # node sub-problems
     old_sub = old.reshape(num_layers * num_nodes, gpus_node * slots)
     if gpus_node > 1:
@@ -144,9 +154,14 @@ def incremental(
         lose = np.where(need < 0, w / np.maximum(cnt - 1, 1), np.inf).argmin(1)  # [L] cheapest to thin
         per = w / cnt  # [L, E] per-replica load now
         gpu_load = _per_slot(per, own).sum(-1)  # [L, P]
-        has_gain = (own == gain[:, None, None]).any(-1)  # [L, P]
+        # The gainer may join a GPU below its cap at its new count (1 unless it outnumbers GPUs).
+        has_gain = (own == gain[:, None, None]).sum(-1) >= -(-(cnt[rows, gain] + 1) // num_gpus)[:, None]
         after = gpu_load - per[rows, lose][:, None] + w[rows, gain][:, None] / (cnt[rows, gain] + 1)[:, None]
-        ok = (own == lose[:, None, None]).any(-1) & ~has_gain  # [L, P] GPUs where the swap is legal
+        copies = (own == lose[:, None, None]).sum(-1)  # [L, P] replicas of the loser per GPU
+        ok = (copies > 0) & ~has_gain  # [L, P] GPUs where the swap is legal
+        # Thin a GPU where the loser is stacked first (that frees a wasted slot), then the one
+        # that ends up lightest.
+        ok &= copies == np.where(ok, copies, 0).max(1, keepdims=True)
         at = np.where(ok, after, np.inf).argmin(1)  # [L] chosen GPU
         possible = np.isfinite(after[rows, at]) & ok[rows, at]
         stuck |= live & ~possible
@@ -206,8 +221,8 @@ def budget_per_layer(max_moves, num_layers: int, num_replicas: int, scope: str) 
     if isinstance(max_moves, (float, np.floating)):
         if not 0 < max_moves <= 1:
             raise ValueError(f"max_moves={max_moves!r}: a float budget is a fraction in (0, 1]")
-        per = int(max_moves * num_replicas)
-        total = int(max_moves * num_replicas * num_layers)
+        per = math.ceil(max_moves * num_replicas - 1e-9)  # a positive fraction allows >= 1 move
+        total = math.ceil(max_moves * num_replicas * num_layers - 1e-9)
     else:
         if max_moves < 0:
             raise ValueError(f"max_moves={max_moves!r} must be >= 0")
@@ -228,27 +243,47 @@ def migrate(
 ) -> np.ndarray:
     """Incremental re-placement from ``old`` with per-layer ``budget [L]`` or a ``total`` budget.
 
-    Layers whose max GPU load would fall by less than ``min_gain`` (relative) keep ``old``
-    (hysteresis). With a ``total``, whole layers are taken in order of peak reduction per moved
-    slot while they fit, and the next layer gets what is left.
+    A layer changes only if its max GPU load falls by more than ``min_gain`` (relative): else it
+    keeps ``old`` (hysteresis). With a ``total``, each layer's plan is also made at 1/8, 1/4 and
+    1/2 of the slots its unlimited plan moves, and the total is spent greedily on the next level
+    of whichever layer gains the most peak reduction per extra moved slot.
 
     Shapes: ``w [L, E]`` float64, ``old [L, R]`` int64. Returns ``[L, R]`` int64.
     """
-    new = incremental(w, old, num_gpus, budget, method)
-    peak_old = peak_load(old, w, num_gpus)
-    gain = peak_old - peak_load(new, w, num_gpus)  # [L] absolute peak reduction
-    worth = gain > min_gain * peak_old
-    moves = moved_slots(old, new)
-    if total is not None and (moves * worth).sum() > total:
-        order = np.argsort(-np.where(worth & (moves > 0), gain / np.maximum(moves, 1), -np.inf), kind="stable")
-        fits = np.cumsum(moves[order] * worth[order]) <= total
-        take = np.zeros_like(worth)
-        take[order[fits]] = True
-        left = total - int(moves[take].sum())
-        rest = order[~fits & worth[order]]
-        if rest.size and left > 0:  # the first layer that did not fit gets the remainder
-            layer = rest[:1]
-            new[layer] = incremental(w[layer], old[layer], num_gpus, np.array([left]), method)
-            take[layer] = True
-        worth &= take
-    return np.where(worth[:, None], new, old)
+    peak_old = peak_load(old, w, num_gpus)  # [L]
+
+    def plan(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        new = incremental(w, old, num_gpus, b, method)
+        gain = peak_old - peak_load(new, w, num_gpus)  # [L] absolute peak reduction
+        worth = gain > min_gain * peak_old
+        return np.where(worth[:, None], new, old), np.where(worth, gain, 0.0), np.where(worth, moved_slots(old, new), 0)
+
+    new, gain, moves = plan(budget)
+    if total is None or moves.sum() <= total:
+        return new
+    # Levels: nothing, then budgets of 1, 2, 4, ... slots, then each layer's unlimited plan.
+    levels = [(old, np.zeros_like(gain), np.zeros_like(moves))]
+    b = 1
+    while b < moves.max():
+        levels.append(plan(np.minimum(moves, b)))
+        b *= 2
+    levels.append((new, gain, moves))
+    gains = np.stack([lv[1] for lv in levels])  # [K, L] peak reduction at each level
+    moved = np.stack([lv[2] for lv in levels])  # [K, L] slots moved at each level
+    # Steps from level j-1 to j, best rate first; a layer takes its steps in order (a step whose
+    # predecessor was not taken is skipped), each only while the total allows it.
+    d_gain, d_moves = np.diff(gains, axis=0), np.diff(moved, axis=0)  # [K-1, L]
+    rate = np.where((d_moves > 0) & (d_gain > 0), d_gain / np.maximum(d_moves, 1), -np.inf)
+    at = np.zeros(w.shape[0], dtype=np.int64)  # level reached per layer
+    left = total
+    for flat in np.argsort(-rate, axis=None, kind="stable"):
+        j, layer = divmod(int(flat), w.shape[0])
+        if not np.isfinite(rate[j, layer]):
+            break
+        if at[layer] == j and moved[j + 1, layer] - moved[j, layer] <= left:
+            left -= int(moved[j + 1, layer] - moved[j, layer])
+            at[layer] = j + 1
+    greedy = np.stack([lv[0] for lv in levels])[at, np.arange(w.shape[0])]  # [L, R]
+    # The same total split evenly is the fallback: keep whichever lowers the summed peak more.
+    even = plan(np.full(w.shape[0], total // max(w.shape[0], 1)))
+    return greedy if gains[at, np.arange(w.shape[0])].sum() >= even[1].sum() else even[0]

@@ -56,8 +56,8 @@ def test_run_chain_bookkeeping(budget):
     assert len(res["per_window_next"]) == 4 and res["rebalances"] == 3
     assert res["next_window_balancedness"] == pytest.approx(np.mean(res["per_window_next"]))
     assert 0 <= res["moved_frac"] <= res["moved_frac_max"] <= 1
-    if budget == 0.05:  # 5% of 16 slots is no slot at all
-        assert res["moved_frac_max"] == 0 and res["transfers_per_rebalance"] == 0
+    if budget == 0.05:  # 5% of 16 slots rounds up to one slot per layer
+        assert res["moved_frac_max"] <= 1 / 16
     if budget == 0.25:
         assert res["moved_frac_max"] <= 0.25
     assert res["duplicate_pairs"] >= res["avoidable_duplicate_pairs"]
