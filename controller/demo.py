@@ -123,7 +123,7 @@ def run(a: argparse.Namespace, load: torch.Tensor, top_k: int, gpu_fraction: flo
 
     from ray_eplb.actors import SafetensorsWeightSource, SyntheticWeightSource, write_checkpoint
     from ray_eplb.actors.moe import DenseMoE, TraceGate, mismatched, rms_norm
-    from ray_eplb.actors.ray_worker import launch_workers, rank_resource
+    from ray_eplb.actors.ray_worker import RANK_RESOURCE, launch_workers, rank_resource
     from ray_eplb.actors.router import Router
     from ray_eplb.controller.actor import start_controller
     from ray_eplb.controller.config import ControllerConfig
@@ -133,7 +133,12 @@ def run(a: argparse.Namespace, load: torch.Tensor, top_k: int, gpu_fraction: flo
     num_windows, num_layers, num_experts = load.shape
     res = rank_resource(a.device)
     slots = a.slots_per_gpu or math.ceil(num_experts / a.workers) + 1
-    topo = discover_topology(num_experts, num_layers, slots_per_gpu=slots, resource=res if res != "CPU" else None)
+    # On the cluster the demo started, every node offers one RANK_RESOURCE unit per rank: count
+    # those (ranks may share a GPU when there are fewer GPUs than ranks); else GPUs / ranks.
+    own = None if a.address else RANK_RESOURCE
+    topo = discover_topology(
+        num_experts, num_layers, slots_per_gpu=slots, resource=own or (res if res != "CPU" else None)
+    )
     if topo.num_gpus != a.workers and not a.address:
         topo = topo.model_copy(update={"num_nodes": a.nodes, "gpus_per_node": a.workers // a.nodes})
     source = SyntheticWeightSource(a.hidden, a.ffn, seed=a.seed)
