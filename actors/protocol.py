@@ -1,7 +1,8 @@
-"""The swap protocol's shared types: a transfer row, the stale-epoch error, the peer-fetch interface."""
+"""The swap protocol's shared types: a transfer row, the stale-epoch error, the peer-fetch interface,
+the telemetry wire format."""
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -35,3 +36,20 @@ class Fetcher(Protocol):
     def __call__(self, requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, list[torch.Tensor]]:
         """``{src_rank: [(layer, expert), ...]}`` -> ``{src_rank: [packed [3, I, H], ...]}`` in request order."""
         ...
+
+
+def decode_counts(reply: dict) -> torch.Tensor:
+    """The ``[len(epochs), L, S]`` int64 counts of a :meth:`ExpertWorker.collect` reply."""
+    import numpy as np
+
+    flat = np.frombuffer(reply["counts"], dtype=np.int64)
+    return torch.from_numpy(flat.copy()).view(*reply["shape"])
+
+
+def local_fetcher(workers: Callable[[int], Any]) -> Fetcher:
+    """A :class:`Fetcher` over in-process workers (unit tests, single-process use)."""
+
+    def fetch(requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, list[torch.Tensor]]:
+        return {r: workers(r).export(items) for r, items in requests.items()}
+
+    return fetch

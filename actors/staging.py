@@ -84,11 +84,45 @@ class Staging:
                 )
         return self._thread.submit(fn, *args).result()
 
+    def fill(self, rank: int, slots_per_gpu: int, base: Any, weights: list[list[torch.Tensor]],
+             rows: list[Transfer], source: Any, fetcher: Fetcher | None, aborted: Callable[[], bool],
+             timeout_s: float, rest_after: bool = False) -> tuple[bool, int]:
+        """Stage ``rows`` (transfers into ``rank``'s slots) into ``weights [L][S]``: a local copy
+        shares the tensor of ``base`` (the active table: ``experts [L, S]``, ``weights [L][S]``;
+        weights are never written in place), a ``src_rank`` of ``-1`` (or no ``fetcher``) loads from
+        ``source``, anything else is fetched from its peer (paced, see :meth:`fetch_paced`).
+        Returns ``(not aborted, bytes fetched or loaded)``."""
+        remote: list[Transfer] = []
+        nbytes = 0
+        for t in rows:
+            j = t.dst_slot - rank * slots_per_gpu
+            if t.src_rank == rank:
+                hits = (base.experts[t.layer] == t.expert).nonzero()
+                if hits.numel() == 0:
+                    raise ValueError(f"transfer {t}: worker {rank} does not hold expert {t.expert}")
+                weights[t.layer][j] = base.weights[t.layer][int(hits[0])]
+            elif t.src_rank < 0 or fetcher is None:
+                w = weights[t.layer][j] = self.own(source.expert(t.layer, t.expert))
+                nbytes += w.numel() * w.element_size()
+            else:
+                remote.append(t)
+        if not remote:
+            return True, nbytes
+
+        def place(t: Transfer, w: torch.Tensor) -> None:
+            weights[t.layer][t.dst_slot - rank * slots_per_gpu] = w
+
+        ref = base.weights[0][0]
+        before = self.fetched_bytes
+        ok = self.fetch_paced(fetcher, remote, place, aborted, timeout_s, ref.numel() * ref.element_size(), rest_after)
+        return ok, nbytes + self.fetched_bytes - before
+
     def fetch_paced(self, fetcher: Fetcher, remote: list[Transfer], place: Callable[[Transfer, torch.Tensor], None],
-                    aborted: Callable[[], bool], timeout_s: float, expert_bytes: int) -> bool:
+                    aborted: Callable[[], bool], timeout_s: float, expert_bytes: int, rest_after: bool = False) -> bool:
         """Fetch ``remote`` from peers ``chunk_bytes`` at a time, resting between chunks so staging
-        keeps busy at most ``duty`` of the time; ``place(t, own_tensor)`` stores each one. Returns
-        False as soon as ``aborted()`` says the epoch was aborted meanwhile."""
+        keeps busy at most ``duty`` of the time (and after the last one with ``rest_after``: more
+        batches of the same swap follow); ``place(t, own_tensor)`` stores each one. Returns False as
+        soon as ``aborted()`` says the epoch was aborted meanwhile."""
         per_chunk = max(1, self.chunk_bytes // max(1, expert_bytes))
         deadline = time.monotonic() + timeout_s
         for start in range(0, len(remote), per_chunk):
@@ -107,7 +141,7 @@ class Staging:
             self.fetch_s += dt
             if aborted():
                 return False
-            if self.duty < 1 and start + per_chunk < len(remote):
+            if self.duty < 1 and (rest_after or start + per_chunk < len(remote)):
                 time.sleep(min(dt * (1 - self.duty) / self.duty, max(0.0, deadline - time.monotonic())))
         return True
 

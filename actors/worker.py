@@ -10,7 +10,9 @@ Swap protocol (two-phase, epoch-versioned, zero-stall):
 - ``prepare(epoch, transfers, experts)`` builds the table of ``epoch`` off to the side: unchanged
   slots are shared, changed slots come from this worker (another of its slots holds the expert),
   from a peer worker (through :class:`Fetcher`) or from the :class:`WeightSource`. Dispatches keep
-  being served from the active table meanwhile.
+  being served from the active table meanwhile. The transfers may come in batches: calls with
+  ``seal=False`` add theirs to the table under construction, the ``seal=True`` call adds the last
+  ones and checks every changed slot was staged; only a sealed table can be committed.
 - ``commit(epoch)`` makes the staged table the active one. The previous table is *retired*: it keeps
   serving dispatches tagged with its epoch until ``release(epoch)`` says no router routes with it any
   more *and* no dispatch of it is in flight; then its buffers are dropped.
@@ -27,25 +29,17 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from ray_eplb.actors.protocol import Fetcher, StaleEpochError, Transfer
+from ray_eplb.actors.protocol import Fetcher, StaleEpochError, Transfer, decode_counts, local_fetcher
 from ray_eplb.actors.staging import Staging
+from ray_eplb.actors.tables import Partial, Table, check_rows
 from ray_eplb.actors.weights import WeightSource, swiglu
 from ray_eplb.topology import Topology
 
 __all__ = ["ExpertWorker", "Fetcher", "StaleEpochError", "Transfer", "decode_counts", "local_fetcher"]
-
-
-@dataclass
-class _Table:
-    epoch: int
-    experts: torch.Tensor  # [L, S] int64, logical expert of each local slot
-    weights: list[list[torch.Tensor]]  # [L][S] -> packed [3, I, H]
-    in_flight: int = 0
-    releasable: bool = False
 
 
 @dataclass
@@ -112,9 +106,11 @@ class ExpertWorker:
         self.stats = _Stats()
         self.staging = Staging(self.device, self._lock, stage_nice, stage_duty, stage_chunk_bytes, f"eplb-{rank}")
         weights = [[self.staging.own(source.expert(layer, int(e))) for e in row] for layer, row in enumerate(experts)]
-        self._tables: dict[int, _Table] = {epoch: _Table(epoch, experts, weights)}
+        self._tables: dict[int, Table] = {epoch: Table(epoch, experts, weights)}
         self.epoch = epoch
-        self._staged: _Table | None = None
+        self._staged: Table | None = None
+        self._partial: Partial | None = None
+        self._stage_lock = threading.Lock()  # one staging call at a time: batches build on each other
         self._max_aborted = -1
         self._counts: dict[int, torch.Tensor] = {epoch: torch.zeros(want, dtype=torch.int64)}  # epoch -> [L, S]
         self.staging.prewarm(weights[0][0], int(spare_fraction * topology.num_layers * topology.slots_per_gpu))
@@ -128,9 +124,10 @@ class ExpertWorker:
             f"device={self.device.type})"
         )
 
-    def _recycle(self, dropped: list[_Table]) -> None:
+    def _recycle(self, dropped: list[Table]) -> None:
         """Under the lock: give the buffers that only ``dropped`` tables used back to the staging pool."""
-        live = {id(w) for t in [*self._tables.values(), self._staged] if t is not None for row in t.weights for w in row}
+        live = {id(w) for t in [*self._tables.values(), self._staged, self._partial] if t is not None
+                for row in t.weights for w in row}
         self.staging.recycle((w for t in dropped for row in t.weights for w in row), live)
 
     def _fault(self, method: str) -> None:
@@ -228,82 +225,91 @@ class ExpertWorker:
             out.append(table.weights[layer][int(hits[0])])
         return [w.cpu() for w in out]
 
-    def prepare(self, epoch: int, transfers: Sequence[Transfer], experts: torch.Tensor, timeout_s: float = 60.0) -> dict:
-        """Stage the table of ``epoch``: ``experts [L, S]`` is this rank's new slot map and
-        ``transfers`` the moves whose ``dst_rank`` is this rank (one per changed slot).
+    def prepare(self, epoch: int, transfers: Sequence[Transfer], experts: torch.Tensor, timeout_s: float = 60.0,
+                seal: bool = True) -> dict:
+        """Stage (part of) the table of ``epoch``: ``experts [L, S]`` is this rank's new slot map and
+        ``transfers`` moves whose ``dst_rank`` is this rank (at most one per changed slot).
+
+        ``seal=False`` stages one batch and answers ``"staged"``; the ``seal=True`` call stages its
+        own rows, checks every changed slot has been staged by some call of this epoch and answers
+        ``"prepared"`` (one call with every row and ``seal=True`` does it all at once). A row staged
+        already is skipped, so a repeated call changes nothing. Replies carry ``moved`` (slots
+        staged by this call) and ``bytes`` (weight bytes it fetched from peers or loaded).
 
         Runs on the staging thread (see ``stage_nice``), paced by ``stage_duty``, so serving keeps the CPU."""
         self._fault("prepare")
-        return self.staging.run(self._prepare, epoch, transfers, experts, timeout_s)
+        return self.staging.run(self._prepare, epoch, transfers, experts, timeout_s, seal)
 
-    def _prepare(self, epoch: int, transfers: Sequence[Transfer], experts: torch.Tensor, timeout_s: float) -> dict:
+    def _prepare(self, epoch: int, transfers: Sequence[Transfer], experts: torch.Tensor, timeout_s: float,
+                 seal: bool) -> dict:
         experts = torch.as_tensor(experts, dtype=torch.int64).cpu()
-        if tuple(experts.shape) != tuple(self._tables[self.epoch].experts.shape):
-            raise ValueError(f"experts has shape {tuple(experts.shape)}, want {tuple(self._tables[self.epoch].experts.shape)}")
-        with self._lock:
-            verdict = self._check_new_epoch(epoch)
-            if verdict:
-                return verdict
-            base = self._tables[self.epoch]
-        s = self.topology.slots_per_gpu
-        weights = [list(row) for row in base.weights]
-        by_slot: dict[tuple[int, int], Transfer] = {}
-        for t in transfers:
-            t = Transfer(*t)
-            j = t.dst_slot - self.rank * s
-            if t.dst_rank != self.rank or not 0 <= j < s:
-                raise ValueError(f"transfer {t} is not for rank {self.rank}")
-            if int(experts[t.layer, j]) != t.expert:
-                raise ValueError(f"transfer {t} disagrees with the new map (slot holds {int(experts[t.layer, j])})")
-            by_slot[(t.layer, j)] = t
-        changed = (experts != base.experts).nonzero().tolist()
-        missing = [(layer, j) for layer, j in changed if (layer, j) not in by_slot]
-        if missing:
-            raise ValueError(f"worker {self.rank}: changed slots {missing[:4]} have no transfer")
-        remote: list[Transfer] = []
-        for (layer, j), t in sorted(by_slot.items()):
-            if t.src_rank == self.rank:
-                # Weights are never written in place, so the new slot shares the old slot's tensor.
-                hits = (base.experts[t.layer] == t.expert).nonzero()
-                if hits.numel() == 0:
-                    raise ValueError(f"transfer {t}: worker {self.rank} does not hold expert {t.expert}")
-                weights[layer][j] = base.weights[layer][int(hits[0])]
-            elif t.src_rank < 0 or self.fetcher is None:
-                weights[layer][j] = self.staging.own(self.source.expert(t.layer, t.expert))
-            else:
-                remote.append(t)
-        try:
-            def place(t: Transfer, w: torch.Tensor) -> None:
-                weights[t.layer][t.dst_slot - self.rank * s] = w
-
-            def aborted() -> bool:
+        with self._stage_lock:
+            with self._lock:
+                if tuple(experts.shape) != tuple(self._tables[self.epoch].experts.shape):
+                    raise ValueError(f"experts has shape {tuple(experts.shape)}, want {tuple(self._tables[self.epoch].experts.shape)}")
+                verdict = self._check_new_epoch(epoch)
+                if verdict:
+                    return verdict
+                part = self._begin(epoch, experts)
+                if part is None:
+                    return self._stale(epoch)
+            s = self.topology.slots_per_gpu
+            rows = check_rows(self.rank, s, part, transfers)
+            missing = part.missing(rows, self.rank, s) if seal else []
+            if missing:
                 with self._lock:
-                    return epoch <= self._max_aborted
+                    self._drop_partial(part)
+                raise ValueError(f"worker {self.rank}: changed slots {missing[:4]} have no transfer")
+            try:
+                ok, nbytes = self.staging.fill(
+                    self.rank, s, part.base, part.weights, rows, self.source,
+                    self.fetcher, lambda: self._aborted(epoch), timeout_s, rest_after=not seal,
+                )
+            except BaseException:
+                with self._lock:
+                    self._drop_partial(part)
+                raise
+            with self._lock:
+                if not ok or self._check_new_epoch(epoch) or self._partial is not part:
+                    self._drop_partial(part)  # an abort (or a newer epoch) arrived while we staged
+                    return self._stale(epoch)
+                part.done.update((t.layer, t.dst_slot - self.rank * s) for t in rows)
+                self.stats.moved += len(rows)
+                reply = {"rank": self.rank, "epoch": epoch, "moved": len(rows), "bytes": nbytes}
+                if not seal:
+                    return {"status": "staged", **reply}
+                self._partial = None
+                replaced, self._staged = self._staged, part.as_table()
+                if replaced is not None:  # a newer epoch supersedes an older staging
+                    self._recycle([replaced])
+            return {"status": "prepared", **reply}
 
-            ref = base.weights[0][0]
-            ok = not remote or self.staging.fetch_paced(
-                self.fetcher, remote, place, aborted, timeout_s, ref.numel() * ref.element_size()
-            )
-            if not ok:
-                self._discard(weights)
-                return {"status": "stale", "rank": self.rank, "epoch": epoch, "active": self.epoch}
-        except BaseException:
-            self._discard(weights)
-            raise
-        with self._lock:
-            verdict = self._check_new_epoch(epoch)  # an abort may have arrived while we fetched
-            if verdict:
-                return verdict
-            replaced, self._staged = self._staged, _Table(epoch, experts, weights)
-            if replaced is not None:  # a newer epoch supersedes an older staging
-                self._recycle([replaced])
-            self.stats.moved += len(by_slot)
-        return {"status": "prepared", "rank": self.rank, "epoch": epoch, "moved": len(by_slot)}
+    def _begin(self, epoch: int, experts: torch.Tensor) -> Partial | None:
+        """Under the lock: the table under construction for ``epoch`` (started on the active table
+        if this is the epoch's first batch), or ``None`` when a newer epoch is under construction."""
+        part = self._partial
+        if part is not None and part.epoch > epoch:
+            return None
+        if part is not None and part.epoch < epoch:  # an older round that never finished
+            self._drop_partial(part)
+            part = None
+        if part is None:
+            part = self._partial = Partial.start(epoch, experts, self._tables[self.epoch])
+        elif not torch.equal(part.experts, experts):
+            raise ValueError(f"worker {self.rank}: batches of epoch {epoch} disagree on the new slot map")
+        return part
 
-    def _discard(self, weights: list[list[torch.Tensor]]) -> None:
-        """Give the buffers of an abandoned staging back to the pool."""
+    def _aborted(self, epoch: int) -> bool:
         with self._lock:
-            self._recycle([_Table(-1, torch.empty(0), weights)])
+            return epoch <= self._max_aborted
+    def _stale(self, epoch: int) -> dict:
+        return {"status": "stale", "rank": self.rank, "epoch": epoch, "active": self.epoch}
+
+    def _drop_partial(self, part: Partial) -> None:
+        """Under the lock: give the buffers of an abandoned construction back to the pool."""
+        if self._partial is part:
+            self._partial = None
+        self._recycle([part.as_table()])
 
     def _check_new_epoch(self, epoch: int) -> dict | None:
         """Under the lock: why ``epoch`` must not be staged now (or ``None`` if it may)."""
@@ -337,6 +343,17 @@ class ExpertWorker:
         """Drop the staging of ``epoch``, or roll back a committed ``epoch`` to the previous table."""
         with self._lock:
             self._max_aborted = max(self._max_aborted, epoch)
+            if self._partial is not None and self._partial.epoch <= epoch:
+                part, self._partial = self._partial, None
+                # A staging call still filling it recycles it itself when it sees it detached (its
+                # buffers must not enter the pool twice, nor while it still writes them).
+                if self._stage_lock.acquire(blocking=False):
+                    try:
+                        self._recycle([part.as_table()])
+                    finally:
+                        self._stage_lock.release()
+                if self._staged is None or self._staged.epoch > epoch:
+                    return {"status": "aborted", "rank": self.rank, "epoch": epoch}
             if self._staged is not None and self._staged.epoch <= epoch:
                 staged, self._staged = self._staged, None
                 self._recycle([staged])
@@ -378,6 +395,7 @@ class ExpertWorker:
                 "epoch": self.epoch,
                 "experts": self._tables[self.epoch].experts.clone(),
                 "staged": None if self._staged is None else self._staged.epoch,
+                "staging": None if self._partial is None else self._partial.epoch,
                 "held": sorted(self._tables),
                 "max_aborted": self._max_aborted,
                 "device": self.device.type,
@@ -402,20 +420,3 @@ class ExpertWorker:
                 if not torch.equal(table.weights[layer][j].cpu(), self.source.expert(layer, e)):
                     bad.append((layer, j, e))
         return bad
-
-
-def decode_counts(reply: dict) -> torch.Tensor:
-    """The ``[len(epochs), L, S]`` int64 counts of a :meth:`ExpertWorker.collect` reply."""
-    import numpy as np
-
-    flat = np.frombuffer(reply["counts"], dtype=np.int64)
-    return torch.from_numpy(flat.copy()).view(*reply["shape"])
-
-
-def local_fetcher(workers: Callable[[int], ExpertWorker]) -> Fetcher:
-    """A :class:`Fetcher` over in-process workers (unit tests, single-process use)."""
-
-    def fetch(requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, list[torch.Tensor]]:
-        return {r: workers(r).export(items) for r, items in requests.items()}
-
-    return fetch

@@ -1,8 +1,10 @@
 """Diff two placements into a transfer plan: which expert weights move where, and from whom.
 
 The plan is a flat list of :class:`~ray_eplb.actors.worker.Transfer` rows
-``(layer, expert, src_rank, dst_rank, dst_slot)``, one per changed slot, so a later stage can batch
-rows, order them or cap them by a move budget without touching the worker protocol.
+``(layer, expert, src_rank, dst_rank, dst_slot)``, one per changed slot (:func:`transfer_plan`).
+:func:`batch_transfers` groups it into batches in which no rank sends, and none receives, more than
+``per_rank`` experts; the controller stages the batches one after the other on the workers, so a
+swap never floods one rank's links while the model keeps serving.
 """
 from __future__ import annotations
 
@@ -49,6 +51,66 @@ def transfer_plan(old: Placement, new: Placement) -> list[Transfer]:
             sends[src] += 1
         plan.append(Transfer(layer, e, src, dst, slot))
     return plan
+
+
+def batch_transfers(plan: list[Transfer], per_rank: int = 1) -> list[list[Transfer]]:
+    """Group ``plan`` into the fewest batches in which every rank sends at most ``per_rank`` experts
+    and receives at most ``per_rank`` (a rank may send and receive in the same batch: links are
+    full duplex).
+
+    Local copies (``src_rank == dst_rank``: a slot shares a tensor the rank already holds) cost no
+    transfer and ride in the first batch; loads from the weight source (``src_rank == -1``) count
+    against the receiver only. Remote rows are the edges of a bipartite multigraph (senders,
+    receivers), coloured with exactly ``D`` colours, ``D`` its largest degree (Koenig's theorem; each
+    clash is resolved by swapping the two colours along an alternating path), and ``per_rank``
+    consecutive colours make a batch: ``ceil(D / per_rank)`` batches, which no batching can beat.
+
+    Returns a list of batches (each a list of rows, in ``plan`` order); ``[]`` for an empty plan.
+    Every row of ``plan`` lands in exactly one batch.
+    """
+    if isinstance(per_rank, bool) or not isinstance(per_rank, int) or per_rank < 1:
+        raise ValueError(f"per_rank={per_rank!r} must be an int >= 1")
+    local = [i for i, t in enumerate(plan) if t.src_rank == t.dst_rank]
+    remote = [i for i, t in enumerate(plan) if t.src_rank != t.dst_rank]
+    ends: dict[int, tuple[tuple, tuple]] = {}  # row -> (sender node, receiver node)
+    for i in remote:
+        t = plan[i]
+        ends[i] = (("send", t.src_rank) if t.src_rank >= 0 else ("source", i), ("recv", t.dst_rank))
+    at: dict[tuple, dict[int, int]] = defaultdict(dict)  # node -> {colour: row}
+    colour: dict[int, int] = {}
+
+    def free(node: tuple) -> int:
+        c = 0
+        while c in at[node]:
+            c += 1
+        return c
+
+    for i in remote:
+        u, v = ends[i]
+        a, b = free(u), free(v)
+        if a in at[v]:
+            # v uses a (and lacks b): swap a and b along the a/b path from v. It alternates
+            # receiver -a-> sender -b-> receiver ..., so it never reaches the sender u (which lacks a).
+            path, node, c = [], v, a
+            while c in at[node]:
+                row = at[node][c]
+                path.append(row)
+                node = ends[row][0] if node == ends[row][1] else ends[row][1]
+                c = b if c == a else a
+            for row in path:
+                for end in ends[row]:
+                    del at[end][colour[row]]
+            for row in path:
+                colour[row] = b if colour[row] == a else a
+                for end in ends[row]:
+                    at[end][colour[row]] = row
+        colour[i] = a
+        at[u][a] = at[v][a] = i
+    num_batches = max(1 if local else 0, -(-(max(colour.values(), default=-1) + 1) // per_rank))
+    batches: list[list[Transfer]] = [[] for _ in range(num_batches)]
+    for i, t in enumerate(plan):
+        batches[colour[i] // per_rank if i in colour else 0].append(t)
+    return batches
 
 
 def split_by_rank(plan: list[Transfer], num_ranks: int) -> list[list[Transfer]]:
