@@ -19,6 +19,8 @@ _DESCRIPTIONS = {
     "eplb_phase_seconds": "seconds the last run of each controller phase took",
     "eplb_rebalances_total": "committed rebalances",
     "eplb_experts_moved_total": "expert slots whose weights were moved",
+    "eplb_bytes_moved_total": "expert weight bytes the workers fetched from peers or loaded, over committed swaps",
+    "eplb_swap_batches": "transfer batches of the last committed swap (no rank sends or receives more than a cap per batch)",
     "eplb_aborts_total": "rebalances aborted (a worker failed or missed a deadline)",
 }
 

@@ -1,9 +1,11 @@
 """The controller's configuration: one validated pydantic model, passed explicitly (no env reads)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
+
+from ray_eplb.controller.forecast import DEFAULT_SPEC, Forecaster
 
 
 class ControllerConfig(BaseModel):
@@ -12,7 +14,10 @@ class ControllerConfig(BaseModel):
     Fields:
         interval_s: period of the control loop (one telemetry round per step).
         window: telemetry rounds kept for "balancedness now" (the recent-load window).
-        ema_alpha: smoothing of the load forecast, ``f = a * round_load + (1 - a) * f`` (1.0: no memory).
+        forecast: what the controller plans on, a :class:`~ray_eplb.controller.forecast.Forecaster`
+            spec over the per-round load: ``"ema:ALPHA"`` (default ``forecast.DEFAULT_SPEC``),
+            ``"window:W"`` (mean of the last W rounds; ``"window:W:sum"`` their sum) or ``"last"``.
+            Rounds that routed no token are not fed to it.
         trigger: ``periodic`` (every ``rebalance_period_s``), ``drift`` (when the current placement's
             balancedness on the recent window falls below ``drift_threshold``) or ``both``.
         rebalance_period_s: minimum time between periodic rebalances.
@@ -26,13 +31,30 @@ class ControllerConfig(BaseModel):
             its next dispatch).
         router_ttl_s: a router that has not polled for this long is no longer waited for.
         solver_policy, solver_method: passed to ``rebalance_experts``.
+        planning: ``incremental`` (default): solve with the current placement as ``old_phy2log``,
+            so only slots that pay change, under ``max_moves`` and ``min_layer_gain``; ``fresh``:
+            solve from scratch and relabel the result to keep what it can (``align``), every
+            rebalance (what published EPLB solvers do; no budget, no hysteresis).
+        max_moves: move budget per rebalance: ``None`` (no limit), an int (slots) or a float in
+            ``(0, 1]`` (fraction of the slots, rounded up), per layer or in total (``budget_scope``).
+            Incremental planning only; not with ``solver_policy="hierarchical"`` (whose plans move
+            whole groups).
+        budget_scope: ``layer`` (the budget holds for every layer) or ``total`` (summed over layers,
+            spent where peak reduction per moved slot is highest).
+        min_layer_gain: hysteresis per layer: a layer keeps its placement unless its max GPU load on
+            the forecast falls by more than this fraction (``rebalance_experts``' ``min_gain``).
+            Incremental planning only.
+        transfer_batch_per_rank: the swap moves weights in batches in which no rank sends more than
+            this many experts and none receives more than this many (local copies are free and
+            ride in the first batch). All experts of a model have one size, so this is a byte cap
+            per rank and batch of ``transfer_batch_per_rank * expert bytes``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     interval_s: float = Field(default=2.0, gt=0)
     window: int = Field(default=5, gt=0)
-    ema_alpha: float = Field(default=0.5, gt=0, le=1)
+    forecast: str = DEFAULT_SPEC
     trigger: Literal["periodic", "drift", "both"] = "both"
     rebalance_period_s: float = Field(default=30.0, gt=0)
     drift_threshold: float = Field(default=0.9, gt=0, le=1)
@@ -46,6 +68,26 @@ class ControllerConfig(BaseModel):
     router_ttl_s: float = Field(default=30.0, gt=0)
     solver_policy: Literal["auto", "hierarchical", "global"] = "auto"
     solver_method: Literal["hybrid_tail", "dhondt"] = "hybrid_tail"
+    planning: Literal["incremental", "fresh"] = "incremental"
+    # Strict: 1 stays a slot count and 1.0 stays a fraction (lax coercion would blur the two).
+    max_moves: Union[StrictInt, StrictFloat, None] = None
+    budget_scope: Literal["layer", "total"] = "layer"
+    min_layer_gain: float = Field(default=0.0, ge=0, lt=1)
+    transfer_batch_per_rank: int = Field(default=1, gt=0)
+
+    @field_validator("forecast")
+    @classmethod
+    def _check_forecast(cls, spec: str) -> str:
+        return Forecaster.from_spec(spec).spec  # raises ValueError naming a bad spec; normalised
+
+    @field_validator("max_moves")
+    @classmethod
+    def _check_max_moves(cls, v: int | float | None) -> int | float | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"max_moves={v} must be >= 1 slot (or None for no limit)")
+        if isinstance(v, float) and not 0 < v <= 1:
+            raise ValueError(f"max_moves={v} is a fraction of the slots and must lie in (0, 1]")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "ControllerConfig":
@@ -61,5 +103,14 @@ class ControllerConfig(BaseModel):
         if self.release_timeout_s < self.commit_timeout_s:
             raise ValueError(
                 f"release_timeout_s={self.release_timeout_s} must be >= commit_timeout_s={self.commit_timeout_s}"
+            )
+        if self.planning == "fresh" and (self.max_moves is not None or self.min_layer_gain > 0):
+            raise ValueError(
+                f"max_moves={self.max_moves} / min_layer_gain={self.min_layer_gain} need planning='incremental' "
+                "(a fresh solve has no budget or hysteresis)"
+            )
+        if self.max_moves is not None and self.solver_policy == "hierarchical":
+            raise ValueError(
+                f"max_moves={self.max_moves} needs solver_policy 'auto' or 'global': hierarchical plans move whole groups"
             )
         return self

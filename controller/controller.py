@@ -7,10 +7,13 @@ One :meth:`EplbController.step` is one control round:
    because they are cumulative and diffed here);
 2. **aggregate** the new counts to logical load ``[L, E]`` through the ``phy2log`` of the epoch they
    were served under;
-3. **forecast**: an EMA of the per-round load, and the recent window's balancedness;
-4. **decide** (periodic / drift / forced) and **solve** (``rebalance_experts``, in a thread);
-5. **plan** the transfers (old vs new placement), **prepare** on all workers, **commit** on all or
-   **abort** on all, **publish** the new map to routers, and later **release** the retired epoch.
+3. **forecast** the next round's load (``config.forecast``: EMA, window mean or last round), and
+   the recent window's balancedness;
+4. **decide** (periodic / drift / forced) and **solve** (:mod:`~ray_eplb.controller.planning`, in a
+   thread): incremental from the current placement under the move budget and hysteresis, or fresh;
+5. **push** (:mod:`~ray_eplb.controller.swap`): plan the transfers, **prepare** them batch by batch
+   on the workers, **commit** on all or **abort** on all, **publish** the new map to routers, and
+   later **release** the retired epoch.
 
 Workers are handle-likes: ``worker.method.remote(*args)`` returns an awaitable (a Ray ``ObjectRef``,
 or a coroutine in unit tests). Nothing here blocks the event loop on a worker.
@@ -26,22 +29,14 @@ from typing import Any, Awaitable, Sequence
 import torch
 
 from ray_eplb.controller.config import ControllerConfig
-from ray_eplb.controller.telemetry import LoadTracker
-from ray_eplb.controller.transfer import align, plan_summary, split_by_rank, transfer_plan
+from ray_eplb.controller.loop import Loop
+from ray_eplb.controller.planning import budget_slots, solve
+from ray_eplb.controller.swap import push
+from ray_eplb.controller.telemetry import LoadTracker, NullMetrics
 from ray_eplb.solver import balancedness
-from ray_eplb.topology import Placement, Topology, plan
+from ray_eplb.topology import Placement, Topology
 
 log = logging.getLogger("ray_eplb.controller")
-
-
-class NullMetrics:
-    """Metrics sink that drops everything (the plain class outside Ray)."""
-
-    def gauge(self, name: str, value: float, tags: dict | None = None) -> None:
-        pass
-
-    def count(self, name: str, value: float = 1.0) -> None:
-        pass
 
 
 async def _await(x: Awaitable) -> Any:
@@ -76,7 +71,7 @@ class EplbController:
         self.metrics = metrics or NullMetrics()
         self._placements: dict[int, Placement] = {self.placement.epoch: self.placement}
         self._next_epoch = self.placement.epoch + 1
-        self.load = LoadTracker(topology, self.config.window, self.config.ema_alpha)
+        self.load = LoadTracker(topology, self.config.window, self.config.forecast)
         self._routers: dict[str, tuple[int, float]] = {}  # id -> (known epoch, last poll)
         self._retired: dict[int, float] = {}  # epoch -> retire time
         self._history: list[dict] = []
@@ -84,15 +79,14 @@ class EplbController:
         self._phase_s: dict[str, float] = {}
         self._last_rebalance = time.monotonic()
         self._recovered = False
-        self._rounds = self._rebalances = self._aborts = self._moved = 0
+        self._rounds = self._rebalances = self._aborts = self._moved = self._bytes = self._batches = 0
+        self._last_swap: dict = {}
         self._missing: list[int] = []
         self._errors: deque[str] = deque(maxlen=20)
         self._lock: asyncio.Lock | None = None
         self._published: asyncio.Condition | None = None
-        self._task: asyncio.Task | None = None
-        self._loop_state = "idle"
+        self._loop = Loop(self.step, self.config.interval_s, lambda phase, exc: self._fail({}, phase, exc))
         self.started = time.time()
-        self._wake: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ plumbing
     def _sync(self) -> tuple[asyncio.Lock, asyncio.Condition]:
@@ -100,9 +94,13 @@ class EplbController:
             self._lock, self._published = asyncio.Lock(), asyncio.Condition()
         return self._lock, self._published
 
-    async def _fanout(self, method: str, args: Sequence[tuple], timeout_s: float) -> tuple[dict, dict]:
-        """Call ``method(*args[rank])`` on every worker; ``({rank: result}, {rank: error})`` by the deadline."""
-        tasks = {asyncio.ensure_future(_await(getattr(w, method).remote(*a))): r for r, (w, a) in enumerate(zip(self.workers, args))}
+    async def _fanout(self, method: str, args: Sequence[tuple] | dict[int, tuple], timeout_s: float) -> tuple[dict, dict]:
+        """Call ``method(*args[rank])`` on every worker (``args`` a sequence, index = rank) or on the
+        ranks ``args`` names (a dict); ``({rank: result}, {rank: error})`` by the deadline."""
+        calls = args.items() if isinstance(args, dict) else enumerate(args)
+        tasks = {asyncio.ensure_future(_await(getattr(self.workers[r], method).remote(*a))): r for r, a in calls}
+        if not tasks:
+            return {}, {}
         done, pending = await asyncio.wait(tasks, timeout=timeout_s)
         results, failures = {}, {}
         for t in pending:
@@ -141,7 +139,8 @@ class EplbController:
         phy2log = torch.cat([results[r]["experts"] for r in range(len(self.workers))], dim=1)  # [L, R]
         self.placement = Placement.from_phy2log(self.topology, phy2log, epoch)
         self._placements[epoch] = self.placement
-        top = max(max(res["epoch"], res["max_aborted"], res["staged"] or -1) for res in results.values())
+        top = max(max(res["epoch"], res["max_aborted"], res["staged"] or -1, res.get("staging") or -1)
+                  for res in results.values())
         self._next_epoch = max(self._next_epoch, top + 1)
         self._recovered = True
         return True
@@ -167,15 +166,16 @@ class EplbController:
 
     @property
     def forecast(self) -> torch.Tensor | None:
-        """``[L, E]`` float64 EMA forecast of the per-round load (``None`` before any token)."""
+        """``[L, E]`` float64 forecast of the next round's load (``None`` before any token)."""
         return self.load.forecast
 
     def _balancedness(self, p: Placement, load: torch.Tensor) -> float | None:
         return balancedness(p.phy2log, p.logcnt, load, self.topology.num_gpus) if float(load.sum()) > 0 else None
 
     # ------------------------------------------------------------------ the round
-    async def step(self, force: bool = False) -> dict:
-        """One control round (see the module docstring). Returns its record; never raises."""
+    async def step(self, force: bool = False, fresh: bool = False) -> dict:
+        """One control round (see the module docstring). Returns its record; never raises.
+        ``force``: rebalance whatever the trigger and gain say; ``fresh``: solve from scratch."""
         lock, _ = self._sync()
         async with lock:
             rec: dict[str, Any] = {"round": self._rounds, "time": time.time(), "forced": force}
@@ -196,7 +196,7 @@ class EplbController:
             reason = self._decide(force, window, bal_now)
             self._timed("decide", t0)
             if reason is not None:
-                rec.update(await self._rebalance(reason, force))
+                rec.update(await self._rebalance(reason, force, fresh))
             self._maybe_release()
             return rec
 
@@ -212,64 +212,55 @@ class EplbController:
             return "periodic"
         return None
 
-    async def _rebalance(self, reason: str, force: bool) -> dict:
-        if self.forecast is None:
+    async def _rebalance(self, reason: str, force: bool, fresh: bool = False) -> dict:
+        forecast = self.forecast  # [L, E]
+        if forecast is None:
             return {"action": "skipped", "why": "no load seen yet"}
         t0 = time.monotonic()
+        cfg = self.config
+        fresh = fresh or cfg.planning == "fresh"
         try:
-            cfg = self.config
-            new = await asyncio.to_thread(
-                plan, self.topology, self.forecast, epoch=self._next_epoch,
-                policy=cfg.solver_policy, method=cfg.solver_method,
-            )
-            new = await asyncio.to_thread(align, self.placement, new)  # same balance, fewer moves
+            new = await asyncio.to_thread(solve, self.topology, forecast, self.placement, cfg, fresh=fresh, epoch=self._next_epoch)
         except Exception as exc:  # noqa: BLE001
             return self._fail({}, "solve", exc)
         self._timed("solve", t0)
         self.metrics.gauge("eplb_solve_seconds", self._phase_s["solve"])
-        pred_cur = self._balancedness(self.placement, self.forecast)
-        pred_new = self._balancedness(new, self.forecast)
+        pred_cur = self._balancedness(self.placement, forecast)
+        pred_new = self._balancedness(new, forecast)
         gain = (pred_new or 0.0) - (pred_cur or 0.0)
-        info = {"reason": reason, "predicted_before": pred_cur, "predicted_after": pred_new, "solve_s": self._phase_s["solve"]}
+        info = {"reason": reason, "planning": "fresh" if fresh else "incremental", "predicted_before": pred_cur,
+                "predicted_after": pred_new, "solve_s": self._phase_s["solve"]}
+        budget = budget_slots(self.topology, cfg, fresh)
+        if budget is not None:
+            info["budget_slots"] = budget
         self._last_rebalance = time.monotonic()
-        if not force and gain < self.config.min_gain:
-            return {**info, "action": "skipped", "why": f"predicted gain {gain:.4f} < min_gain {self.config.min_gain}"}
-        return {**info, **(await self.apply(new))}
+        if not force and gain < cfg.min_gain:
+            return {**info, "action": "skipped", "why": f"predicted gain {gain:.4f} < min_gain {cfg.min_gain}"}
+        return await self.apply(new, info)
 
-    async def apply(self, new: Placement) -> dict:
-        """Push ``new`` (any epoch number; it gets the next one): plan, prepare all, commit all or
-        abort all, publish. Returns the outcome record (also appended to :meth:`history`)."""
+    async def apply(self, new: Placement, info: dict | None = None) -> dict:
+        """Push ``new`` (any epoch number; it gets the next one): plan, prepare all (batch by batch),
+        commit all or abort all, publish. Returns the outcome record (also appended to :meth:`history`,
+        with ``info``): ``moved`` (slots), ``bytes_moved``, ``batches``, ``batch_sizes``,
+        ``transfers`` (by kind), ``swap_s``, and ``budget_used`` (moved / ``info["budget_slots"]``)."""
         if new.topology != self.topology:
             raise ValueError("placement is for another topology")
         epoch = self._next_epoch
         new = new.with_epoch(epoch)
-        rec: dict[str, Any] = {"epoch": epoch, "from_epoch": self.placement.epoch, "time": time.time()}
-        t_swap = t0 = time.monotonic()
-        moves = transfer_plan(self.placement, new)
-        per_rank = split_by_rank(moves, self.topology.num_gpus)
-        rec["transfers"] = plan_summary(moves, self.topology)
-        self._timed("plan", t0)
-        if not moves:
-            rec.update(action="no_change", epoch=self.placement.epoch)
+        rec: dict[str, Any] = {**(info or {}), "epoch": epoch, "from_epoch": self.placement.epoch, "time": time.time()}
+        t_swap = time.monotonic()
+        if bool(self.placement.changed_slots(new).any()):
+            self._next_epoch += 1  # used up even if the round aborts: workers refuse a retried aborted epoch
+        out = await push(self._fanout, self.placement, new, epoch, self.config)
+        rec.update(out)
+        if rec.get("budget_slots"):
+            rec["budget_used"] = rec["moved"] / rec["budget_slots"]
+        self._phase_s["prepare"] = out.get("prepare_s", 0.0)
+        if out["action"] == "no_change":
+            rec["epoch"] = self.placement.epoch
             return self._record(rec)
-        self._next_epoch += 1  # used up even if the round aborts: workers refuse a retried aborted epoch
-        t0 = time.monotonic()
-        cfg = self.config
-        args = [(epoch, per_rank[r], new.rank_experts(r).clone(), cfg.prepare_timeout_s) for r in range(len(self.workers))]
-        try:
-            results, failures = await self._fanout("prepare", args, cfg.prepare_timeout_s)
-        except Exception as exc:  # noqa: BLE001
-            results, failures = {}, {-1: repr(exc)}
-        failures.update({r: str(res) for r, res in results.items() if res.get("status") != "prepared"})
-        self._timed("prepare", t0)
-        if failures:
-            return await self._abort(rec, epoch, "prepare", failures)
-        t0 = time.monotonic()
-        results, failures = await self._fanout("commit", [(epoch,)] * len(self.workers), cfg.commit_timeout_s)
-        failures.update({r: str(res) for r, res in results.items() if res.get("status") != "committed"})
-        self._timed("commit", t0)
-        if failures:
-            return await self._abort(rec, epoch, "commit", failures)
+        if out["action"] == "failed":
+            return await self._abort(rec, epoch, out["phase"], out["failures"])
         t0 = time.monotonic()
         old = self.placement
         await self._publish(new)
@@ -277,12 +268,17 @@ class EplbController:
         self._timed("publish", t0)
         swap_s = time.monotonic() - t_swap
         self._rebalances += 1
-        self._moved += len(moves)
+        self._moved += out["moved"]
+        self._bytes += out["bytes_moved"]
+        self._batches += out["batches"]
         self.metrics.count("eplb_rebalances_total")
-        self.metrics.count("eplb_experts_moved_total", len(moves))
+        self.metrics.count("eplb_experts_moved_total", out["moved"])
+        self.metrics.count("eplb_bytes_moved_total", out["bytes_moved"])
+        self.metrics.gauge("eplb_swap_batches", out["batches"])
         self.metrics.gauge("eplb_swap_seconds", swap_s)
         self.metrics.gauge("eplb_epoch", epoch)
-        rec.update(action="committed", moved=len(moves), swap_s=swap_s)
+        rec.update(action="committed", swap_s=swap_s)
+        self._last_swap = {k: rec[k] for k in ("epoch", "moved", "bytes_moved", "batches", "swap_s")}
         return self._record(rec)
 
     async def _abort(self, rec: dict, epoch: int, phase: str, failures: dict) -> dict:
@@ -342,9 +338,19 @@ class EplbController:
                 self._fire("release", epoch)
 
     # ------------------------------------------------------------------ the API
-    async def rebalance_now(self) -> dict:
-        """Collect, solve on the forecast and push now, whatever the trigger and gain say."""
-        return await self.step(force=True)
+    async def rebalance_now(self, fresh: bool = False) -> dict:
+        """Collect, solve on the forecast and push now, whatever the trigger and gain say
+        (``fresh``: a from-scratch solve, ignoring the move budget and hysteresis)."""
+        return await self.step(force=True, fresh=fresh)
+
+    async def reconfigure(self, **changes: Any) -> dict:
+        """Change configuration fields at runtime (e.g. ``max_moves=0.1``); validated as a whole
+        (``ValueError`` names bad values, and nothing changes). A new ``forecast`` spec starts its
+        forecaster afresh. Returns the new configuration."""
+        cfg = ControllerConfig.model_validate({**self.config.model_dump(), **changes})
+        self.load.reconfigure(cfg.window, cfg.forecast)
+        self.config, self._loop.interval_s = cfg, cfg.interval_s
+        return cfg.model_dump()
 
     async def apply_placement(self, phy2log: torch.Tensor) -> dict:
         """Push an explicit placement ``phy2log [L, R]`` (operators, benchmarks)."""
@@ -366,13 +372,16 @@ class EplbController:
             "rebalances": self._rebalances,
             "aborts": self._aborts,
             "experts_moved": self._moved,
+            "bytes_moved": self._bytes,
+            "transfer_batches": self._batches,
+            "last_swap": dict(self._last_swap),
             "tokens_seen": self.load.tokens,
             "unmapped_tokens": self.load.unmapped,
             "missing_last_round": list(self._missing),
             "phase_seconds": dict(self._phase_s),
             "routers": {k: v[0] for k, v in self._routers.items()},
             "retired_epochs": sorted(self._retired),
-            "loop": self._loop_state,
+            "loop": self._loop.state,
             "errors": list(self._errors),
             "config": self.config.model_dump(),
         }
@@ -396,42 +405,10 @@ class EplbController:
         return {"noop_ms": med(noop), "telemetry_ms": med(tele), "ratio": med(tele) / med(noop)}
 
     # ------------------------------------------------------------------ the loop
-    async def run(self) -> None:
-        """The forever-wrapper: ``step()`` every ``interval_s`` until :meth:`stop`."""
-        self._loop_state = "running"
-        self._wake = asyncio.Event()
-        while self._loop_state == "running":
-            t0 = time.monotonic()
-            try:
-                await self.step()
-            except Exception as exc:  # noqa: BLE001 - step() should not raise; never let the loop die
-                self._fail({}, "step", exc)
-            try:  # sleep until the next round, or until stop() wakes us
-                await asyncio.wait_for(self._wake.wait(), max(0.0, self.config.interval_s - (time.monotonic() - t0)))
-            except asyncio.TimeoutError:
-                pass
-
     async def start(self) -> str:
-        """Start the loop as a background task (idempotent)."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self.run())
-            self._task.add_done_callback(self._loop_done)
-        return self._loop_state
-
-    def _loop_done(self, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self._loop_state = f"crashed: {task.exception()!r}"
-            self._errors.append(self._loop_state)
-        elif self._loop_state == "running":
-            self._loop_state = "stopped"
+        """Start the control loop (``step()`` every ``interval_s``) as a background task (idempotent)."""
+        return await self._loop.start()
 
     async def stop(self) -> str:
         """Stop the loop after the current step (the actor stays up for status/history)."""
-        if self._loop_state == "running":
-            self._loop_state = "stopping"
-            if self._wake is not None:
-                self._wake.set()
-        if self._task is not None:
-            await self._task
-        self._loop_state = "stopped"
-        return self._loop_state
+        return await self._loop.stop()

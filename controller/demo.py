@@ -154,7 +154,7 @@ def run(a: argparse.Namespace, load: torch.Tensor, top_k: int, gpu_fraction: flo
           f"({res}), {topo.slots_per_gpu} slots per rank; starting workers")
     group = launch_workers(topo, p0, source, device=a.device, gpu_fraction=gpu_fraction)
     cfg = ControllerConfig(
-        interval_s=a.interval, collect_timeout_s=min(0.5, a.interval / 2), window=3, ema_alpha=0.5,
+        interval_s=a.interval, collect_timeout_s=min(0.5, a.interval / 2), window=3,
         trigger="both", rebalance_period_s=max(a.rebalance_period, a.interval), drift_threshold=0.9, min_gain=0.01,
     )
     ctl = start_controller(topo, cfg, p0)

@@ -1,4 +1,5 @@
-"""Telemetry state of the controller: cumulative per-slot counts in, logical load and forecast out."""
+"""Telemetry state of the controller: cumulative per-slot counts in, logical load and forecast out;
+and the metrics sink used outside Ray."""
 from __future__ import annotations
 
 from collections import deque
@@ -6,6 +7,7 @@ from collections import deque
 import torch
 
 from ray_eplb.actors.worker import decode_counts
+from ray_eplb.controller.forecast import Forecaster
 from ray_eplb.topology import Placement, Topology
 
 
@@ -19,14 +21,15 @@ class LoadTracker:
     Args:
         topology: the deployment shape.
         window: rounds kept in the recent window.
-        ema_alpha: forecast smoothing, ``f = a * round + (1 - a) * f``.
+        forecast: a :class:`~ray_eplb.controller.forecast.Forecaster` spec (``"ema:0.5"``, ...),
+            fed every round that routed at least one token.
     """
 
-    def __init__(self, topology: Topology, window: int, ema_alpha: float):
-        self.topology, self.ema_alpha = topology, ema_alpha
+    def __init__(self, topology: Topology, window: int, forecast: str):
+        self.topology = topology
+        self.forecaster = Forecaster.from_spec(forecast)
         self._seen: dict[tuple[int, int], torch.Tensor] = {}  # (rank, epoch) -> cumulative [L, S]
         self._window: deque[torch.Tensor] = deque(maxlen=window)  # rounds of [L, E]
-        self.forecast: torch.Tensor | None = None  # [L, E] float64
         self.tokens = 0.0
         self.unmapped = 0.0
 
@@ -55,15 +58,36 @@ class LoadTracker:
         self.tokens += float(delta.sum())
         return delta
 
+    def reconfigure(self, window: int, forecast: str) -> None:
+        """Keep the last ``window`` rounds; a different forecast spec starts a fresh forecaster."""
+        self._window = deque(self._window, maxlen=window)
+        if Forecaster.from_spec(forecast).spec != self.forecaster.spec:
+            self.forecaster = Forecaster.from_spec(forecast)
+
     def update(self, delta: torch.Tensor) -> None:
-        """Add one round ``delta [L, E]`` to the window and, if it saw tokens, to the EMA forecast."""
+        """Add one round ``delta [L, E]`` to the window and, if it saw tokens, to the forecaster
+        (an idle round says nothing about which experts the next tokens will need)."""
         self._window.append(delta)
         if float(delta.sum()) > 0:
-            a = self.ema_alpha
-            self.forecast = delta.clone() if self.forecast is None else a * delta + (1 - a) * self.forecast
+            self.forecaster.update(delta)
+
+    @property
+    def forecast(self) -> torch.Tensor | None:
+        """``[L, E]`` float64 forecast of the next round's load (``None`` before any token)."""
+        return self.forecaster.predict() if self.forecaster.ready else None
 
     def window_load(self) -> torch.Tensor:
         """``[L, E]`` float64 load of the recent window (sum of its rounds)."""
         if not self._window:
             return torch.zeros(self.topology.num_layers, self.topology.num_experts, dtype=torch.float64)
         return torch.stack(list(self._window)).sum(0)
+
+
+class NullMetrics:
+    """Metrics sink that drops everything (the plain class outside Ray)."""
+
+    def gauge(self, name: str, value: float, tags: dict | None = None) -> None:
+        pass
+
+    def count(self, name: str, value: float = 1.0) -> None:
+        pass

@@ -21,6 +21,8 @@ class _Method:
         self.handle, self.name = handle, name
 
     def remote(self, *args):
+        self.handle.calls.append((self.name, args))
+
         async def call():
             delay = self.handle.delays.get(self.name, 0.0)
             if delay:
@@ -34,7 +36,7 @@ class FakeHandle:
     """Looks like a Ray actor handle: ``h.method.remote(*args)`` is awaitable."""
 
     def __init__(self, worker):
-        self.worker, self.delays = worker, {}
+        self.worker, self.delays, self.calls = worker, {}, []
 
     def __getattr__(self, name):
         return _Method(self, name)
@@ -225,3 +227,111 @@ def test_align_keeps_balance_and_never_moves_more():
     shuffled = Placement.from_phy2log(TOPO, perm.contiguous())
     assert int(a.changed_slots(shuffled).sum()) > 0
     assert int(a.changed_slots(align(a, shuffled)).sum()) == 0
+
+
+def skew(workers, placement, rounds=3):
+    """Route a skewed load: expert 0 hot in both layers."""
+    for _ in range(rounds):
+        for layer in range(2):
+            serve(workers, placement, layer, 0, 100)
+            serve(workers, placement, layer, 5, 5)
+
+
+def test_migration_config_fields_are_validated_with_the_bad_value_named():
+    cfg = ControllerConfig(max_moves=0.25, budget_scope="total", min_layer_gain=0.02, forecast="window:3")
+    assert (cfg.max_moves, cfg.forecast, cfg.planning) == (0.25, "window:3", "incremental")
+    assert ControllerConfig().forecast == "ema:0.5" and isinstance(ControllerConfig(max_moves=1).max_moves, int)
+    for bad, match in [
+        (dict(max_moves=0), "max_moves=0"), (dict(max_moves=1.5), "max_moves=1.5"), (dict(max_moves="2"), "max_moves"),
+        (dict(budget_scope="node"), "budget_scope"), (dict(min_layer_gain=1.0), "min_layer_gain"),
+        (dict(forecast="ema:0"), "ema:0"), (dict(forecast="median"), "median"),
+        (dict(planning="fresh", max_moves=4), "max_moves=4"), (dict(planning="fresh", min_layer_gain=0.1), "min_layer_gain=0.1"),
+        (dict(solver_policy="hierarchical", max_moves=0.5), "hierarchical"), (dict(transfer_batch_per_rank=0), "transfer_batch_per_rank"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ControllerConfig(**bad)
+
+
+def test_solve_passes_the_current_placement_budget_and_hysteresis_to_the_solver(monkeypatch):
+    from ray_eplb.controller import planning
+
+    seen = []
+    real = planning.plan
+
+    def spy(topology, weight, **kw):
+        seen.append(kw)
+        return real(topology, weight, **kw)
+
+    monkeypatch.setattr(planning, "plan", spy)
+    cfg = ControllerConfig(max_moves=2, budget_scope="total", min_layer_gain=0.05, solver_policy="global")
+    current = Placement.identity(TOPO, epoch=3)
+    load = torch.rand(2, 8, dtype=torch.float64)
+    planning.solve(TOPO, load, current, cfg, epoch=4)
+    kw = seen[-1]
+    assert torch.equal(kw["old_phy2log"], current.phy2log)
+    assert (kw["max_moves"], kw["budget_scope"], kw["min_gain"], kw["policy"], kw["epoch"]) == (2, "total", 0.05, "global", 4)
+    planning.solve(TOPO, load, current, cfg, fresh=True)
+    assert "old_phy2log" not in seen[-1] and "max_moves" not in seen[-1]
+    assert planning.budget_slots(TOPO, cfg) == 2 and planning.budget_slots(TOPO, cfg, fresh=True) is None
+    assert planning.budget_slots(TOPO, ControllerConfig(max_moves=0.1)) == 2 * 2  # ceil(0.1 * 12) per layer
+
+
+def test_a_budgeted_rebalance_never_moves_more_than_the_budget_and_reports_it():
+    cfg = ControllerConfig(interval_s=0.5, collect_timeout_s=0.2, max_moves=1, min_gain=0.0)
+    ctl, workers, _ = make(cfg)
+    p0 = Placement.identity(TOPO)
+    skew(workers, p0)
+    rec = asyncio.run(ctl.rebalance_now())
+    assert rec["action"] == "committed", rec
+    changed = p0.changed_slots(ctl.placement)  # [L, R]
+    assert changed.sum(1).tolist() == [1, 1]  # one slot per layer: the budget, spent
+    assert rec["moved"] == 2 and rec["budget_slots"] == 2 and rec["budget_used"] == 1.0
+    assert rec["planning"] == "incremental" and rec["batches"] >= 1
+    expert_bytes = SRC.expert(0, 0).numel() * 4
+    remote = rec["transfers"]["intra_node"] + rec["transfers"]["inter_node"] + rec["transfers"]["source"]
+    assert rec["bytes_moved"] == remote * expert_bytes
+    assert all(w.verify() == [] for w in workers.values())
+    hist = asyncio.run(ctl.history())[-1]
+    assert {k: hist[k] for k in ("moved", "bytes_moved", "batches", "budget_used")} == \
+        {k: rec[k] for k in ("moved", "bytes_moved", "batches", "budget_used")}
+    st = asyncio.run(ctl.status())
+    assert st["bytes_moved"] == rec["bytes_moved"] and st["last_swap"]["moved"] == 2
+    # A fresh solve ignores the budget.
+    skew(workers, ctl.placement)
+    fresh = asyncio.run(ctl.rebalance_now(fresh=True))
+    assert fresh["planning"] == "fresh" and "budget_slots" not in fresh and fresh["moved"] > 2
+
+
+def test_the_controller_pushes_a_swap_in_batches_and_seals_every_rank():
+    ctl, workers, handles = make()
+    old = Placement.identity(TOPO)  # r0 [0 1 2] r1 [3 4 5] r2 [6 7 0] r3 [1 2 3]
+    new_map = old.phy2log.clone()
+    new_map[0, 1], new_map[0, 2] = 3, 5  # rank 0 receives two experts, both sent by rank 1: two batches
+    new_map[0, 11] = 7  # rank 3 receives expert 7 from rank 2 in the first batch
+    rec = asyncio.run(ctl.apply_placement(new_map))
+    assert rec["action"] == "committed" and rec["batches"] == 2 and rec["batch_sizes"] == [2, 1], rec
+    prepares = {r: [args for name, args in h.calls if name == "prepare"] for r, h in enumerate(handles)}
+    assert [len(prepares[r][0][1]) for r in (0,)] == [1] and prepares[0][0][4] is False  # batch 1, not sealed
+    assert all(calls[-1][4] is True for calls in prepares.values())  # every rank sealed once, last
+    assert len(prepares[1]) == len(prepares[2]) == 1 and len(prepares[3]) == 2  # ranks 1, 2 receive nothing: only the seal
+    assert all(w.epoch == rec["epoch"] and w.verify() == [] for w in workers.values())
+    assert torch.equal(torch.cat([w.state()["experts"] for w in workers.values()], 1), new_map)
+
+
+def test_the_forecast_spec_drives_what_the_controller_plans_on():
+    cfg = ControllerConfig(interval_s=0.5, collect_timeout_s=0.2, forecast="last")
+    ctl, workers, _ = make(cfg)
+    p0 = Placement.identity(TOPO)
+    serve(workers, p0, 0, 1, 5)
+    asyncio.run(ctl.telemetry())
+    asyncio.run(ctl.telemetry())  # an idle round is not a forecast round
+    serve(workers, p0, 0, 2, 4)
+    asyncio.run(ctl.telemetry())
+    want = torch.zeros(2, 8, dtype=torch.float64)
+    want[0, 2] = 4
+    assert torch.equal(ctl.forecast, want)
+    asyncio.run(ctl.reconfigure(forecast="ema:0.5"))
+    assert ctl.forecast is None and ctl.config.forecast == "ema:0.5"
+    with pytest.raises(ValueError, match="max_moves=7.5"):
+        asyncio.run(ctl.reconfigure(max_moves=7.5))
+    assert ctl.config.max_moves is None
