@@ -390,6 +390,7 @@ class ExpertWorker:
     def state(self) -> dict:
         """Epoch, slot map ``experts [L, S]``, staged epoch, held tables and counters."""
         with self._lock:
+            w0 = self._tables[self.epoch].weights[0][0]  # packed [3, I, H]: every expert's size
             return {
                 "rank": self.rank,
                 "epoch": self.epoch,
@@ -407,6 +408,7 @@ class ExpertWorker:
                 "fetched_bytes": self.staging.fetched_bytes,
                 "fetch_s": self.staging.fetch_s,
                 "free_buffers": len(self.staging.pool),
+                "expert_bytes": w0.numel() * w0.element_size(),
             }
 
     def verify(self, epoch: int | None = None) -> list[tuple[int, int, int]]:

@@ -44,10 +44,12 @@ class ControllerConfig(BaseModel):
         min_layer_gain: hysteresis per layer: a layer keeps its placement unless its max GPU load on
             the forecast falls by more than this fraction (``rebalance_experts``' ``min_gain``).
             Incremental planning only.
-        transfer_batch_per_rank: the swap moves weights in batches in which no rank sends more than
-            this many experts and none receives more than this many (local copies are free and
-            ride in the first batch). All experts of a model have one size, so this is a byte cap
-            per rank and batch of ``transfer_batch_per_rank * expert bytes``.
+        transfer_batch_bytes: the swap moves weights in batches in which no rank sends, and none
+            receives, more than this many bytes of expert weights (but at least one expert; local
+            copies are free and ride in the first batch). All experts of a model have one size, so
+            this is ``max(1, transfer_batch_bytes // expert bytes)`` experts per rank and batch
+            (``1``: one expert at a time). The default, 64 MiB, is one expert of a large MoE
+            (DeepSeek-V3: 3 x 7168 x 2048 bytes in fp8 = 42 MiB) and many of a small one.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -73,7 +75,7 @@ class ControllerConfig(BaseModel):
     max_moves: Union[StrictInt, StrictFloat, None] = None
     budget_scope: Literal["layer", "total"] = "layer"
     min_layer_gain: float = Field(default=0.0, ge=0, lt=1)
-    transfer_batch_per_rank: int = Field(default=1, gt=0)
+    transfer_batch_bytes: int = Field(default=64 * 2**20, gt=0)
 
     @field_validator("forecast")
     @classmethod

@@ -81,6 +81,7 @@ class EplbController:
         self._recovered = False
         self._rounds = self._rebalances = self._aborts = self._moved = self._bytes = self._batches = 0
         self._last_swap: dict = {}
+        self._expert_bytes = 0  # bytes of one expert's weights, read from the workers by recover()
         self._missing: list[int] = []
         self._errors: deque[str] = deque(maxlen=20)
         self._lock: asyncio.Lock | None = None
@@ -136,6 +137,7 @@ class EplbController:
             await self._fanout("abort", [(max(epochs),)] * len(self.workers), self.config.abort_timeout_s)
             return False
         epoch = epochs.pop()
+        self._expert_bytes = int(results[0].get("expert_bytes", 0))
         phy2log = torch.cat([results[r]["experts"] for r in range(len(self.workers))], dim=1)  # [L, R]
         self.placement = Placement.from_phy2log(self.topology, phy2log, epoch)
         self._placements[epoch] = self.placement
@@ -251,7 +253,8 @@ class EplbController:
         t_swap = time.monotonic()
         if bool(self.placement.changed_slots(new).any()):
             self._next_epoch += 1  # used up even if the round aborts: workers refuse a retried aborted epoch
-        out = await push(self._fanout, self.placement, new, epoch, self.config)
+        per_rank = max(1, self.config.transfer_batch_bytes // max(1, self._expert_bytes))
+        out = await push(self._fanout, self.placement, new, epoch, self.config, per_rank)
         rec.update(out)
         if rec.get("budget_slots"):
             rec["budget_used"] = rec["moved"] / rec["budget_slots"]
@@ -356,6 +359,8 @@ class EplbController:
         """Push an explicit placement ``phy2log [L, R]`` (operators, benchmarks)."""
         lock, _ = self._sync()
         async with lock:
+            if not self._recovered:
+                await self.recover()
             return await self.apply(Placement.from_phy2log(self.topology, phy2log))
 
     async def status(self) -> dict:

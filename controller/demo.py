@@ -5,6 +5,11 @@ discovers the topology from it, launches one expert worker per rank and the cont
 replays a real expert-load trace through a small MoE (real gate, real SwiGLU experts) via the
 router, while the controller rebalances on its own loop. Every MoE output is checked against a
 dense single-process reference. Token authentication stays on (Ray's default).
+
+The controller plans incrementally from the current placement by default (``--planning``,
+``--max-moves``, ``--budget-scope``, ``--min-layer-gain``, ``--forecast``); ``--compare`` replays
+the trace twice, from-scratch planning against incremental planning that rebalances more often
+(:mod:`ray_eplb.controller.demo_compare`).
 """
 from __future__ import annotations
 
@@ -34,6 +39,25 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--slots-per-gpu", type=int, default=0, help="default ceil(experts / workers) + 1")
     ap.add_argument("--interval", type=float, default=1.0, help="controller loop period, seconds")
     ap.add_argument("--rebalance-period", type=float, default=6.0, help="periodic trigger, seconds")
+    ap.add_argument("--trigger", choices=("periodic", "drift", "both"), default="both")
+    ap.add_argument("--min-gain", type=float, default=0.01,
+                    help="skip a rebalance whose predicted balancedness gain is below this (default 0.01)")
+    ap.add_argument("--planning", choices=("incremental", "fresh"), default="incremental",
+                    help="incremental: change only what pays, from the current placement (default); "
+                         "fresh: solve from scratch every rebalance")
+    ap.add_argument("--max-moves", type=_budget, default=None,
+                    help="move budget per rebalance: slots (int) or a fraction of the slots (e.g. 0.1); default none")
+    ap.add_argument("--budget-scope", choices=("layer", "total"), default="layer")
+    ap.add_argument("--min-layer-gain", type=float, default=0.0, help="hysteresis: a layer moves only if its peak falls by more")
+    ap.add_argument("--prepare-timeout", type=float, default=120.0,
+                    help="seconds a swap may take to stage all its batches before it is aborted (default 120)")
+    ap.add_argument("--batch-mib", type=float, default=16.0,
+                    help="transfer batches: no rank sends or receives more than this many MiB per batch (default 16)")
+    ap.add_argument("--forecast", default=None, help="forecast spec: ema:ALPHA | window:W | last (default ema:0.5)")
+    ap.add_argument("--compare", action="store_true",
+                    help="run the trace twice: from-scratch planning, then incremental planning rebalancing "
+                         "--compare-ratio times as often with --max-moves (default 0.1); print both")
+    ap.add_argument("--compare-ratio", type=float, default=4.0)
     ap.add_argument("--window-seconds", type=float, default=-1.0,
                     help="replay each window over at least this long (default: the controller interval, so "
                          "the controller sees every window)")
@@ -48,7 +72,38 @@ def parse(argv: list[str]) -> argparse.Namespace:
             raise SystemExit(f"ray-eplb demo: --{name.replace('_', '-')}={getattr(a, name)} must be positive")
     if a.workers % a.nodes:
         raise SystemExit(f"ray-eplb demo: --workers={a.workers} is not divisible by --nodes={a.nodes}")
+    if a.compare_ratio < 1:
+        raise SystemExit(f"ray-eplb demo: --compare-ratio={a.compare_ratio} must be >= 1")
+    try:
+        controller_config(a)  # bad budget / forecast / planning combinations fail before any cluster starts
+    except ValueError as exc:
+        raise SystemExit(f"ray-eplb demo: {exc}") from None
     return a
+
+
+def _budget(text: str) -> int | float:
+    """``--max-moves``: ``8`` is a slot count, ``0.1`` (or ``1.0``) a fraction of the slots."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is neither a slot count nor a fraction") from None
+
+
+def controller_config(a: argparse.Namespace):
+    """The demo's :class:`ControllerConfig` from its arguments (``ValueError`` names bad values)."""
+    from ray_eplb.controller.config import ControllerConfig
+    from ray_eplb.controller.forecast import DEFAULT_SPEC
+
+    return ControllerConfig(
+        interval_s=a.interval, collect_timeout_s=min(0.5, a.interval / 2), window=3, trigger=a.trigger,
+        rebalance_period_s=max(a.rebalance_period, a.interval), drift_threshold=0.9, min_gain=a.min_gain,
+        planning=a.planning, max_moves=a.max_moves, budget_scope=a.budget_scope,
+        min_layer_gain=a.min_layer_gain, forecast=a.forecast or DEFAULT_SPEC,
+        transfer_batch_bytes=max(1, int(a.batch_mib * 2**20)), prepare_timeout_s=a.prepare_timeout,
+    )
 
 
 def start_cluster(a: argparse.Namespace):
@@ -109,7 +164,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{num_layers} layers x {num_experts} experts, top-{top_k}")
     cluster, gpu_fraction = start_cluster(a)
     try:
-        return run(a, load, top_k, gpu_fraction, t_start)
+        if a.compare:
+            from ray_eplb.controller.demo_compare import compare
+
+            return compare(a, lambda args: run(args, load, top_k, gpu_fraction, t_start))
+        summary = run(a, load, top_k, gpu_fraction, t_start)
+        if a.json:
+            print(json.dumps(summary))
+        return 0 if summary["ok"] else 1
     finally:
         import ray
 
@@ -118,16 +180,14 @@ def main(argv: list[str] | None = None) -> int:
             cluster.shutdown()
 
 
-def run(a: argparse.Namespace, load: torch.Tensor, top_k: int, gpu_fraction: float, t_start: float) -> int:
+def run(a: argparse.Namespace, load: torch.Tensor, top_k: int, gpu_fraction: float, t_start: float) -> dict:
+    """Launch workers and the controller, replay ``load [T, L, E]``, tear them down; the summary."""
     import ray
 
     from ray_eplb.actors import SafetensorsWeightSource, SyntheticWeightSource, write_checkpoint
-    from ray_eplb.actors.moe import DenseMoE, TraceGate, mismatched, rms_norm
     from ray_eplb.actors.ray_worker import RANK_RESOURCE, launch_workers, rank_resource
     from ray_eplb.actors.router import Router
     from ray_eplb.controller.actor import start_controller
-    from ray_eplb.controller.config import ControllerConfig
-    from ray_eplb.solver import balancedness
     from ray_eplb.topology import Placement, discover_topology
 
     num_windows, num_layers, num_experts = load.shape
@@ -153,12 +213,26 @@ def run(a: argparse.Namespace, load: torch.Tensor, top_k: int, gpu_fraction: flo
     print(f"[demo] cluster up ({time.monotonic() - t_start:.1f} s): {topo.num_nodes} nodes x {topo.gpus_per_node} ranks "
           f"({res}), {topo.slots_per_gpu} slots per rank; starting workers")
     group = launch_workers(topo, p0, source, device=a.device, gpu_fraction=gpu_fraction)
-    cfg = ControllerConfig(
-        interval_s=a.interval, collect_timeout_s=min(0.5, a.interval / 2), window=3,
-        trigger="both", rebalance_period_s=max(a.rebalance_period, a.interval), drift_threshold=0.9, min_gain=0.01,
-    )
+    cfg = controller_config(a)
     ctl = start_controller(topo, cfg, p0)
     router = Router(group.handles, controller=ctl)
+    try:
+        return _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start)
+    finally:
+        router.close()
+        ray.kill(ctl)
+        group.shutdown()
+
+
+def _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start) -> dict:
+    """Replay every window of ``load [T, L, E]`` through the router; check, measure, summarise."""
+    import ray
+
+    from ray_eplb.actors.moe import DenseMoE, TraceGate, mismatched, rms_norm
+    from ray_eplb.solver import balancedness
+
+    num_windows, num_layers, num_experts = load.shape
+    tag = f"[demo {a.planning}]"
     gate = TraceGate(num_layers, source.hidden_size, num_experts, top_k, seed=a.seed)
     dense = DenseMoE(source, num_layers, num_experts)
     print(f"[demo] {topo.num_gpus} workers ({group.device}) and the controller ready ({time.monotonic() - t_start:.1f} s); replaying")
@@ -192,9 +266,10 @@ def run(a: argparse.Namespace, load: torch.Tensor, top_k: int, gpu_fraction: flo
         static = balancedness(p0.phy2log, p0.logcnt, logical, topo.num_gpus)
         st = ray.get(ctl.status.remote())
         rows.append({"window": t, "epoch": epoch0, "epoch_end": router.placement.epoch, "actual": actual, "static": static})
-        print(f"[demo] window {t:2d}  epoch {epoch0:2d}->{router.placement.epoch:2d}  balancedness {actual:.3f} "
+        print(f"{tag} window {t:2d}  epoch {epoch0:2d}->{router.placement.epoch:2d}  balancedness {actual:.3f} "
               f"(static placement {static:.3f})  {a.batches_per_window * a.batch_tokens / busy:6.0f} tok/s  "
-              f"rebalances {st['rebalances']}  moved {st['experts_moved']}  mismatched {bad_tokens}")
+              f"rebalances {st['rebalances']}  moved {st['experts_moved']} ({st['bytes_moved'] / 2**20:.1f} MiB)  "
+              f"mismatched {bad_tokens}")
     replay_s = time.monotonic() - t_replay
     ray.get(ctl.stop.remote())
     st = ray.get(ctl.status.remote())
@@ -207,14 +282,25 @@ def run(a: argparse.Namespace, load: torch.Tensor, top_k: int, gpu_fraction: flo
     if not after:
         after, which = rows, "all {n} windows (no rebalance took effect)"
     which = which.format(n=len(after))
+    swaps = [h["swap_s"] for h in hist if h.get("action") == "committed"]
     summary = {
         "balancedness_before": round(sum(r["static"] for r in after) / len(after), 4),
         "balancedness_after": round(sum(r["actual"] for r in after) / len(after), 4),
+        "balancedness_run": round(sum(r["actual"] for r in rows) / len(rows), 4),
+        "planning": a.planning,
+        "max_moves": a.max_moves,
+        "rebalance_period_s": float(st["config"]["rebalance_period_s"]),
         "rebalances": st["rebalances"],
         "experts_moved": st["experts_moved"],
+        "bytes_moved": st["bytes_moved"],
+        "transfer_batches": st["transfer_batches"],
+        "aborted": sum(h.get("action") == "aborted" for h in hist),
+        "swap_s_mean": round(sum(swaps) / len(swaps), 2) if swaps else None,
         "tokens": tokens,
         "mismatched_tokens": bad_tokens,
         "max_stall_ms": round(max([1e3 * router.max_stall_s] + [s["max_lock_wait_ms"] for s in states]), 3),
+        "wrong_weight_slots": identity_bad,
+        "ok": bad_tokens == 0 and identity_bad == 0,
     }
     aborted = sum(h.get("action") == "aborted" for h in hist)
     for err in st["errors"][-5:]:
@@ -224,8 +310,8 @@ def run(a: argparse.Namespace, load: torch.Tensor, top_k: int, gpu_fraction: flo
           f"{router.retries} router re-routes, {identity_bad} slots with wrong weights")
     print(f"[demo] balancedness over {which}: "
           f"{summary['balancedness_before']:.3f} with the start placement -> {summary['balancedness_after']:.3f} measured")
+    print(f"{tag} rebalances {st['rebalances']}, moved {st['experts_moved']} slots ({st['bytes_moved'] / 2**20:.1f} MiB) "
+          f"in {st['transfer_batches']} transfer batches; mean balancedness over the run {summary['balancedness_run']:.3f}")
     print(f"[demo] tokens {tokens}, mismatched vs dense reference {bad_tokens}, max stall {summary['max_stall_ms']:.2f} ms")
-    router.close()
-    if a.json:
-        print(json.dumps(summary))
-    return 0 if bad_tokens == 0 and identity_bad == 0 else 1
+    return summary
+

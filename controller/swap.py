@@ -2,7 +2,7 @@
 
 :func:`push` plans the transfers (:func:`~ray_eplb.controller.transfer.transfer_plan`), groups them
 into batches (:func:`~ray_eplb.controller.transfer.batch_transfers`: no rank sends or receives more
-than ``transfer_batch_per_rank`` experts per batch), stages the batches one after the other on the
+than ``per_rank`` experts per batch: ``config.transfer_batch_bytes`` worth), stages the batches one after the other on the
 workers (``prepare(..., seal=False)``; the last batch goes to every rank with ``seal=True``), and
 commits on every rank. Serving goes on meanwhile: workers serve their active table until commit.
 The commit stays atomic per epoch: on any failure the caller aborts the epoch on every worker.
@@ -21,8 +21,10 @@ from ray_eplb.topology import Placement
 Fanout = Callable[[str, dict, float], Awaitable[tuple[dict, dict]]]
 
 
-async def push(fanout: Fanout, old: Placement, new: Placement, epoch: int, config: ControllerConfig) -> dict:
-    """Move the workers from ``old`` to ``new`` (already numbered ``epoch``).
+async def push(fanout: Fanout, old: Placement, new: Placement, epoch: int, config: ControllerConfig,
+               per_rank: int = 1) -> dict:
+    """Move the workers from ``old`` to ``new`` (already numbered ``epoch``), in batches where no
+    rank sends or receives more than ``per_rank`` experts.
 
     Returns a record: ``transfers`` (plan summary), ``moved`` (slots), ``batches``, ``batch_sizes``,
     ``bytes_moved`` (weight bytes the workers fetched or loaded), ``prepare_s``, and ``action``:
@@ -31,7 +33,7 @@ async def push(fanout: Fanout, old: Placement, new: Placement, epoch: int, confi
     """
     topo = new.topology
     moves = transfer_plan(old, new)
-    batches = batch_transfers(moves, config.transfer_batch_per_rank)
+    batches = batch_transfers(moves, per_rank)
     rec: dict[str, Any] = {
         "transfers": plan_summary(moves, topo), "moved": len(moves), "batches": len(batches),
         "batch_sizes": [len(b) for b in batches], "bytes_moved": 0,

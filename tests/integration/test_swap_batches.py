@@ -17,7 +17,7 @@ def test_a_budgeted_rebalance_moves_exactly_the_planned_slots_in_batches(runtime
     before_cfg = ray.get(ctl.status.remote())["config"]
     # Start from the round-robin placement, so the plan below does not depend on earlier tests.
     ray.get(ctl.apply_placement.remote(Placement.identity(topo).phy2log))
-    ray.get(ctl.reconfigure.remote(max_moves=3, min_gain=0.0, forecast="last", transfer_batch_per_rank=1))
+    ray.get(ctl.reconfigure.remote(max_moves=3, min_gain=0.0, forecast="last", transfer_batch_bytes=1))
     try:
         ray.get(ctl.telemetry.remote())  # drain: plan on the load below only
         gen = torch.Generator().manual_seed(7)
@@ -34,7 +34,7 @@ def test_a_budgeted_rebalance_moves_exactly_the_planned_slots_in_batches(runtime
         after = ray.get([h.state.remote() for h in runtime.workers])
         new = ray.get(ctl.status.remote())["phy2log"]
     finally:
-        ray.get(ctl.reconfigure.remote(**{k: before_cfg[k] for k in ("max_moves", "min_gain", "forecast", "transfer_batch_per_rank")}))
+        ray.get(ctl.reconfigure.remote(**{k: before_cfg[k] for k in ("max_moves", "min_gain", "forecast", "transfer_batch_bytes")}))
     assert rec["action"] == "committed", rec
     changed = old != new  # [L, R]
     assert int(changed.sum()) == rec["moved"] and changed.sum(1).max() <= 3  # the budget per layer

@@ -246,7 +246,7 @@ def test_migration_config_fields_are_validated_with_the_bad_value_named():
         (dict(budget_scope="node"), "budget_scope"), (dict(min_layer_gain=1.0), "min_layer_gain"),
         (dict(forecast="ema:0"), "ema:0"), (dict(forecast="median"), "median"),
         (dict(planning="fresh", max_moves=4), "max_moves=4"), (dict(planning="fresh", min_layer_gain=0.1), "min_layer_gain=0.1"),
-        (dict(solver_policy="hierarchical", max_moves=0.5), "hierarchical"), (dict(transfer_batch_per_rank=0), "transfer_batch_per_rank"),
+        (dict(solver_policy="hierarchical", max_moves=0.5), "hierarchical"), (dict(transfer_batch_bytes=0), "transfer_batch_bytes"),
     ]:
         with pytest.raises(ValueError, match=match):
             ControllerConfig(**bad)
@@ -303,7 +303,7 @@ def test_a_budgeted_rebalance_never_moves_more_than_the_budget_and_reports_it():
 
 
 def test_the_controller_pushes_a_swap_in_batches_and_seals_every_rank():
-    ctl, workers, handles = make()
+    ctl, workers, handles = make(ControllerConfig(interval_s=0.5, collect_timeout_s=0.2, transfer_batch_bytes=1))
     old = Placement.identity(TOPO)  # r0 [0 1 2] r1 [3 4 5] r2 [6 7 0] r3 [1 2 3]
     new_map = old.phy2log.clone()
     new_map[0, 1], new_map[0, 2] = 3, 5  # rank 0 receives two experts, both sent by rank 1: two batches
