@@ -35,7 +35,9 @@ def test_demo_runs_end_to_end_with_token_auth_on():
            "--interval", "0.3", "--rebalance-period", "0.6", "--json"]
     out = run(cmd, 190, env)
     summary = json.loads(out.strip().splitlines()[-1])
-    assert set(summary) == {"balancedness_before", "balancedness_after", "rebalances", "experts_moved", "tokens",
-                            "mismatched_tokens", "max_stall_ms"}
-    assert summary["tokens"] == 6 * 2 * 64 and summary["mismatched_tokens"] == 0
-    assert summary["rebalances"] >= 1 and summary["experts_moved"] > 0
+    assert set(summary) == {"balancedness_before", "balancedness_after", "balancedness_run", "planning", "max_moves",
+                            "rebalance_period_s", "rebalances", "experts_moved", "bytes_moved", "transfer_batches",
+                            "aborted", "swap_s_mean", "tokens", "mismatched_tokens", "max_stall_ms",
+                            "wrong_weight_slots", "ok"}
+    assert summary["tokens"] == 6 * 2 * 64 and summary["mismatched_tokens"] == 0 and summary["ok"]
+    assert summary["rebalances"] >= 1 and summary["experts_moved"] > 0 and summary["bytes_moved"] > 0
