@@ -160,8 +160,10 @@ def incremental(
         lose = np.where(need < 0, w / np.maximum(cnt - 1, 1), np.inf).argmin(1)  # [L] cheapest to thin
         per = w / cnt  # [L, E] per-replica load now
         gpu_load = _per_slot(per, own).sum(-1)  # [L, P]
-        # The gainer may join a GPU below its cap at its new count (1 unless it outnumbers GPUs).
-        has_gain = (own == gain[:, None, None]).sum(-1) >= -(-(cnt[rows, gain] + 1) // num_gpus)[:, None]
+        # The gainer joins a GPU among those holding the fewest of its replicas (none, unless it
+        # outnumbers the GPUs): no avoidable duplicate.
+        gain_copies = (own == gain[:, None, None]).sum(-1)  # [L, P]
+        has_gain = gain_copies > gain_copies.min(1, keepdims=True)
         after = gpu_load - per[rows, lose][:, None] + w[rows, gain][:, None] / (cnt[rows, gain] + 1)[:, None]
         copies = (own == lose[:, None, None]).sum(-1)  # [L, P] replicas of the loser per GPU
         ok = (copies > 0) & ~has_gain  # [L, P] GPUs where the swap is legal

@@ -161,22 +161,32 @@ def _per_slot(table: np.ndarray, slot_owner: np.ndarray) -> np.ndarray:
 
 
 def surplus_copies(slot_owner: np.ndarray, cap: np.ndarray) -> np.ndarray:
-    """``[B, P, S]`` bool: a slot whose owner already fills its per-bin cap earlier in the bin.
+    """``[B, P, S]`` bool: a later copy of an owner in its bin that wastes a slot.
+
+    A copy is surplus when its bin already holds ``cap`` copies of the owner earlier in the bin,
+    or when its owner is doubled up in this bin while missing from another bin although it has
+    replicas enough for more bins (it covers fewer than ``min(count, P)`` bins): then moving it
+    to a bin without the owner saves a duplicate pair.
 
     ``slot_owner [B, P, S]``; ``cap [B, n]`` copies allowed per bin for each owner.
     """
-    slots = slot_owner.shape[-1]
+    num_rows, num_bins, slots = slot_owner.shape
+    n = cap.shape[1]
     same = slot_owner[..., :, None] == slot_owner[..., None, :]  # [B, P, S, S]
-    earlier = np.tril(np.ones((slots, slots), dtype=bool), -1)  # [S, S] j < s
-    return (same & earlier).sum(-1) >= _per_slot(cap, slot_owner)
+    earlier = (same & np.tri(slots, k=-1, dtype=bool)).sum(-1)  # [B, P, S] copies before this one
+    held = np.bincount((np.arange(num_rows * num_bins)[:, None] * n + slot_owner.reshape(num_rows * num_bins, -1)).ravel(),
+                       minlength=num_rows * num_bins * n).reshape(num_rows, num_bins, n)
+    short = (held > 0).sum(1) < np.minimum(held.sum(1), num_bins)  # [B, n] covers too few bins
+    return (earlier >= _per_slot(cap, slot_owner)) | ((earlier > 0) & _per_slot(short, slot_owner))
 
 
 def separate_copies(slot_owner: np.ndarray, per_replica: np.ndarray, cap: np.ndarray) -> np.ndarray:
     """Swap surplus copies of an owner out of a bin, each for the closest-load replica it can take.
 
-    A slot over its owner's cap (see :func:`surplus_copies`) swaps with the replica, in another
-    bin, whose load is nearest its own such that neither owner then exceeds its cap in its new
-    bin. One repair per row per pass; a surplus slot with no legal swap is skipped until another
+    A surplus slot (see :func:`surplus_copies`) swaps with the replica, in another bin, whose load
+    is nearest its own, such that neither owner exceeds its cap in its new bin or leaves a bin
+    bare to double up on another; a copy that is within its cap goes only to a bin without its
+    owner. One repair per row per pass; a surplus slot with no legal swap is skipped until another
     repair in its row changes what is legal. Ends when none is left or none can be repaired.
 
     Shapes: ``slot_owner [B, P, S]`` (a repaired copy is returned), ``per_replica``/``cap`` ``[B, n]``.
@@ -194,12 +204,18 @@ def separate_copies(slot_owner: np.ndarray, per_replica: np.ndarray, cap: np.nda
         pb, sb = at // slots, at % slots  # [r] its bin and slot
         o = own[r]  # [r, P, S]
         x_own = o[np.arange(len(r)), pb, sb]  # [r]
-        x_cap = cap[r, x_own]
         load = _per_slot(per_replica[r], o)  # [r, P, S]
-        # Copies of x's owner per bin, and copies of each candidate's owner in x's bin.
+        # Copies of x's owner per bin; of each candidate y's owner in x's bin and in y's own bin.
         x_in = (o == x_own[:, None, None]).sum(-1)  # [r, P]
         y_in_xbin = (o[:, :, :, None] == o[np.arange(len(r)), pb][:, None, None, :]).sum(-1)  # [r, P, S]
-        ok = (x_in < x_cap[:, None])[:, :, None] & (y_in_xbin < _per_slot(cap[r], o)) & (o != x_own[:, None, None])
+        y_home = (o[..., :, None] == o[..., None, :]).sum(-1)  # [r, P, S]
+        x_cap = cap[r, x_own][:, None]  # [r, 1]
+        over_cap = (x_in[np.arange(len(r)), pb] > x_cap[:, 0])  # [r] x is beyond its cap here
+        # x goes where its owner is below cap, and to a bin without it unless x only fixes a cap;
+        # y comes to x's bin below its cap, and joins its owner there only if it leaves one behind.
+        x_ok = (x_in < x_cap) & ((x_in == 0) | over_cap[:, None])  # [r, P]
+        y_ok = (y_in_xbin < _per_slot(cap[r], o)) & ((y_in_xbin == 0) | (y_home >= 2))
+        ok = x_ok[:, :, None] & y_ok & (o != x_own[:, None, None])
         ok[np.arange(len(r)), pb] = False
         cost = np.where(ok, np.abs(load - per_replica[r, x_own][:, None, None]), np.inf)
         best = cost.reshape(len(r), -1).argmin(1)
@@ -256,8 +272,14 @@ def refine_swaps(
         oa, ob = io[hb], io[lb]  # [B, kk, S] owners in the heavy / light bin
         # A replica may enter the other bin only below its owner's cap there; a blocked one is
         # priced out (-inf leaving, +inf arriving) so no swap that moves it can score.
-        la = np.where(held[(lb * n)[..., None] + oa] < ic[hb], il[hb], -np.inf)  # [B, kk, S]
-        lb_load = np.where(held[(hb * n)[..., None] + ob] < ic[lb], il[lb], np.inf)
+        # A move must not double an owner up on one bin while it leaves another bin bare: it may
+        # join a bin that holds it only if the bin it leaves keeps a copy.
+        a_there, a_here = held[(lb * n)[..., None] + oa], held[(hb * n)[..., None] + oa]  # [B, kk, S]
+        b_there, b_here = held[(hb * n)[..., None] + ob], held[(lb * n)[..., None] + ob]
+        ok_a = (a_there < ic[hb]) & ((a_there == 0) | (a_here >= 2))
+        ok_b = (b_there < ic[lb]) & ((b_there == 0) | (b_here >= 2))
+        la = np.where(ok_a, il[hb], -np.inf)  # [B, kk, S]
+        lb_load = np.where(ok_b, il[lb], np.inf)
         d = la[..., :, None] - lb_load[..., None, :]  # [B, kk, S, S] what the heavy bin sheds
         gap = (bin_load.ravel()[hb] - bin_load.ravel()[lb])[..., None, None]  # [B, kk, 1, 1]
         score = np.minimum(d, gap - d).reshape(num_rows * kk, -1)  # how much the pair's max falls

@@ -202,7 +202,19 @@ def test_pack_snake_mixes_hot_and_cold():
 def test_surplus_copies_marks_copies_beyond_the_cap():
     slot_owner = np.array([[[0, 0, 1], [2, 2, 2]]])
     cap = np.array([[1, 1, 2]])
-    assert surplus_copies(slot_owner, cap).tolist() == [[[False, True, False], [False, False, True]]]
+    # Owner 2 (3 replicas, 2 bins) is missing from bin 0, so both its later copies in bin 1 are
+    # avoidable duplicates, not only the one beyond its cap.
+    assert surplus_copies(slot_owner, cap).tolist() == [[[False, True, False], [False, True, True]]]
+
+
+def test_surplus_copies_marks_doubling_up_while_a_bin_lacks_the_owner():
+    # Owner 0 has 5 replicas on 4 bins: [2, 2, 1, 0] is within cap 2 but wastes a slot.
+    slot_owner = np.array([[[0, 0, 1], [0, 0, 2], [0, 3, 4], [5, 6, 7]]])
+    cap = np.array([[2, 1, 1, 1, 1, 1, 1, 1]])
+    flags = surplus_copies(slot_owner, cap)
+    assert flags[0, :2, 1].tolist() == [True, True] and flags.sum() == 2
+    # Spread as [2, 1, 1, 1] it is minimal: nothing to flag.
+    assert not surplus_copies(np.array([[[0, 0, 1], [0, 2, 3], [0, 4, 5], [0, 6, 7]]]), cap).any()
 
 
 def test_separate_copies_repairs_hand_made_surplus():
@@ -233,8 +245,8 @@ def test_separate_copies_removes_every_surplus_copy_of_the_serpentine(num_bins, 
     check_slot_owner(fixed, counts, num_bins)
     assert (n_surplus(fixed, cap) == 0).all()
     np.testing.assert_array_equal(surplus_copies(fixed, cap), False)
-    # Rows that had no surplus are left alone.
-    clean = n_surplus(start, cap) == 0
+    # Rows that had no surplus (beyond a cap, or doubled up while a bin lacks the owner) are left alone.
+    clean = ~surplus_copies(start, cap).reshape(num_rows, -1).any(1)
     np.testing.assert_array_equal(fixed[clean], start[clean])
 
 
@@ -284,9 +296,10 @@ def test_refine_swaps_respects_owners():
     assert load.tolist() == [[4.0, 4.0]]
     assert n_surplus(out, caps(counts, 2)).tolist() == [0]
     assert [sorted(b) for b in out[0].tolist()] == [[1, 2, 3], [0, 3, 4]]
-    # Allowed two per bin, owner 3 may double up: the first best swap (2 <-> 3) is taken.
+    # Even with a cap of two, owner 3 may not double up on bin 1 while leaving bin 0 without it
+    # (that wastes a slot for nothing): the same swap as above is taken.
     out, load = refine_swaps(slot_owner, per_replica, np.array([[1, 1, 1, 2, 1]]))
-    assert [sorted(b) for b in out[0].tolist()] == [[1, 2, 4], [0, 3, 3]]
+    assert [sorted(b) for b in out[0].tolist()] == [[1, 2, 3], [0, 3, 4]]
     assert load.tolist() == [[4.0, 4.0]]
 
 
