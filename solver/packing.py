@@ -74,24 +74,32 @@ def pack_snake(expert_load: np.ndarray, counts: np.ndarray, num_bins: int) -> np
     rows = np.arange(num_rows)[:, None]  # [B, 1]
     rank = np.arange(num_bins)  # [P]
     # Sort owners (not replicas) by per-replica load, then expand: cheaper than sorting M items.
+    # (Owners are distinct, so ties between them may fall either way: no stable sort needed.)
     by_owner = np.argsort(-(expert_load / counts), axis=1, kind="stable")  # [B, n]
     sorted_counts = np.take_along_axis(counts, by_owner, 1)  # [B, n]
     own = np.repeat(by_owner.ravel(), sorted_counts.ravel()).reshape(num_rows, slots, num_bins)  # [B, S, P]
     pos = np.tile(rank, (num_rows, slots, 1))  # [B, S, P] dealing position of each replica in its round
     if slots > 1:
-        last = own[:, :-1, -1:]  # [B, S-1, 1] owner ending each round
-        lead = np.cumprod(own[:, 1:] == last, axis=2).sum(2)  # [B, S-1] its replicas in the next round
-        tail = np.cumprod(own[:, :-1, ::-1] == last, axis=2).sum(2)  # [B, S-1] ... in this round
+        # The owner ending round r (position q-1, q = (r+1)P) is the block around q-1 of the sorted
+        # replicas; found for all rows at once by one search over row-offset block ends.
+        ends = np.cumsum(sorted_counts, 1) + rows * num_items  # [B, n] flat end of each owner's block
+        q = (np.arange(1, slots) * num_bins)[None, :] + rows * num_items  # [B, S-1] flat round starts
+        block = np.searchsorted(ends.ravel(), q - 1, side="right")  # [B, S-1] flat block index
+        end = ends.ravel()[block]
+        start = end - sorted_counts.ravel()[block]
+        lead = np.clip(end - q, 0, num_bins)  # [B, S-1] its replicas in the next round
+        tail = np.where(lead > 0, q - np.maximum(start, q - num_bins), 0)  # [B, S-1] ... in this round
         # Usual case, all turns at once: the straddler's tail took the bins of the next round's
-        # first `tail` positions, so rotate that round's first tail+lead positions: the next
-        # `tail` replicas go first, its `lead` replicas right after.
-        span = np.where(lead > 0, lead + tail, 0)  # [B, S-1] positions a turn rotates
-        t = np.where(span <= num_bins, np.where(lead > 0, tail, 0), 0)[..., None]
-        i, n_lead = pos[:, 1:], lead[..., None]
-        pos[:, 1:] = np.where(i < n_lead, i + t, np.where(i < n_lead + t, i - n_lead, i))
+        # first `tail` positions, so rotate that round's first tail+lead positions by `tail`: the
+        # next `tail` replicas go first, its `lead` replicas right after.
+        span = lead + tail  # [B, S-1] positions a turn rotates (0 where nothing straddles)
+        t = np.where(span <= num_bins, tail, 0)[..., None]
+        span_ok = np.where(span <= num_bins, span, 0)[..., None]
+        i = pos[:, 1:]
+        pos[:, 1:] = np.where(i < span_ok, (i + t) % np.maximum(span_ok, 1), i)
         # That is exact unless a rotation reaches the next straddler's tail, or an owner has more
         # replicas than bins; such rows (rare with many bins) redo their turns one at a time.
-        next_tail = np.concatenate([np.where(lead[:, 1:] > 0, tail[:, 1:], 0), np.zeros_like(tail[:, :1])], 1)
+        next_tail = np.concatenate([tail[:, 1:], np.zeros_like(tail[:, :1])], 1)
         redo = ((span > 0) & (span + next_tail > num_bins)).any(1)
         if redo.any():
             sub = np.nonzero(redo)[0]
