@@ -22,7 +22,6 @@ i.i.d. samples of one distribution, so a forecast there only averages sampling n
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ray_eplb.controller.bench_solver import CASES, SYNTHETIC_CASES, Case, case_windows, unavoidable_duplicates
+from ray_eplb.controller.bench_solver import CASES, SYNTHETIC_CASES, Case, case_windows, run_cli, unavoidable_duplicates
 from ray_eplb.controller.forecast import DEFAULT_SPEC, Forecaster, forecast_series
 from ray_eplb.controller.workload import default_traces_dir, load_trace
 from ray_eplb.solver import balancedness, duplicate_pairs, rebalance_experts
@@ -316,20 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.windows is not None and args.windows < 2:
         ap.error(f"--windows={args.windows} must be >= 2")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        report = run_benchmark(args)
-    except ValueError as exc:
-        print(f"bench-migration: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        torch.set_num_threads(threads)
-    print_report(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-        print(f"results written to {args.json}")
-    return 0
+    return run_cli("bench-migration", args.json, lambda: run_benchmark(args), print_report)
 
 
 if __name__ == "__main__":

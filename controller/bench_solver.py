@@ -393,26 +393,40 @@ def _migration():  # imported late: bench_migration imports this module
     return bench_migration
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_cli(prog: str, json_path: str | None, run: Callable[[], dict], show: Callable[[dict], None]) -> int:
+    """Run a benchmark with torch single-threaded, print it, write ``json_path``; a ``ValueError``
+    (bad case filter, bad traces folder) is reported on stderr as exit status 2."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        report = run_benchmark(args)
-        if args.migration:  # issue 4's tables on the same cases, also in --json
-            report["migration"] = _migration().run_benchmark(args)
+        report = run()
     except ValueError as exc:
-        print(f"ray-eplb bench: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads)
-    print_report(report)
-    if args.migration:
-        _migration().print_report(report["migration"])
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-        print(f"results written to {args.json}")
+    show(report)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=1))
+        print(f"results written to {json_path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def run() -> dict:
+        report = run_benchmark(args)
+        if args.migration:  # issue 4's tables on the same cases, also in --json
+            report["migration"] = _migration().run_benchmark(args)
+        return report
+
+    def show(report: dict) -> None:
+        print_report(report)
+        if args.migration:
+            _migration().print_report(report["migration"])
+
+    return run_cli("ray-eplb bench", args.json, run, show)
 
 
 if __name__ == "__main__":

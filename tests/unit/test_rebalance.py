@@ -4,7 +4,6 @@ Invariants are checked with code written here (numpy, loops), not with the solve
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
