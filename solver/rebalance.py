@@ -139,23 +139,18 @@ def rebalance_experts(
     )
 
 
-def _group_nodes(w: np.ndarray, num_groups: int, num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Whole groups to nodes by balanced rounds.
-
-    Returns ``[L, N, E/N]`` the logical experts of each node, and ``[L, N]`` each node's load.
-    """
+def _pack_groups(w: np.ndarray, num_groups: int, num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Whole groups to nodes by balanced rounds: ``[L, N, G/N]`` group ids and ``[L, N]`` node loads."""
     num_layers, num_experts = w.shape
-    group_size = num_experts // num_groups
-    group_load = w.reshape(num_layers, num_groups, group_size).sum(-1)  # [L, G]
-    groups = pack_rounds(group_load, num_nodes)  # [L, N, G/N] group ids per node
+    group_load = w.reshape(num_layers, num_groups, num_experts // num_groups).sum(-1)  # [L, G]
+    groups = pack_rounds(group_load, num_nodes)  # [L, N, G/N]
     node_load = np.take_along_axis(group_load, groups.reshape(num_layers, -1), 1).reshape(groups.shape).sum(-1)
-    experts = (groups[..., None] * group_size + np.arange(group_size)).reshape(num_layers, num_nodes, -1)
-    return experts, node_load
+    return groups, node_load
 
 
 def _node_bound(w: np.ndarray, num_groups: int, num_nodes: int, num_gpus: int) -> np.ndarray:
     """``[L]`` lower bound on the hierarchical plan's max GPU load: max node load / GPUs per node."""
-    return _group_nodes(w, num_groups, num_nodes)[1].max(1) / (num_gpus // num_nodes)
+    return _pack_groups(w, num_groups, num_nodes)[1].max(1) / (num_gpus // num_nodes)
 
 
 def _solve(
@@ -174,7 +169,9 @@ def _solve(
         node_experts = None  # every node (the one) holds experts 0..E-1 in order
         node_w = w
     else:
-        node_experts = _group_nodes(w, num_groups, num_nodes)[0]  # [L, N, E/N]
+        groups = _pack_groups(w, num_groups, num_nodes)[0]  # [L, N, G/N]
+        size = num_experts // num_groups
+        node_experts = (groups[..., None] * size + np.arange(size)).reshape(num_layers, num_nodes, n_node)
         node_w = w[np.arange(num_layers)[:, None, None], node_experts].reshape(num_layers * num_nodes, n_node)
     counts = counts_np(node_w, slots_node, method)  # [L*N, E/N]
     slot_owner, gpu_load = place_replicas(node_w, counts, gpus_node)  # [L*N, P/N, S], [L*N, P/N]
