@@ -25,14 +25,13 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ray_eplb.controller.bench_solver import CASES, SYNTHETIC_CASES, Case, case_windows, run_cli, unavoidable_duplicates
+from ray_eplb.controller.bench_solver import Case, case_windows, run_cli, select_cases, unavoidable_duplicates
 from ray_eplb.controller.forecast import DEFAULT_SPEC, Forecaster, forecast_series
-from ray_eplb.controller.workload import default_traces_dir, load_trace
+from ray_eplb.controller.workload import load_trace
 from ray_eplb.solver import balancedness, duplicate_pairs, rebalance_experts
 from ray_eplb.solver.migration import align
 
@@ -191,18 +190,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     sweep = tuple(dict.fromkeys(args.sweep_specs)) if args.sweep else ()
     for spec in sweep:
         Forecaster.from_spec(spec)
-    notes = []
-    traces_dir = Path(args.traces_dir) if args.traces_dir else default_traces_dir()
-    if args.synthetic or traces_dir is None or not traces_dir.is_dir():
-        if not args.synthetic:
-            notes.append("no traces folder found: running on the built-in SYNTHETIC workload, not real traces")
-        cases, workload, traces_dir = SYNTHETIC_CASES, "synthetic workload", None
-    else:
-        cases, workload = CASES, f"real traces from {traces_dir}"
-    if args.cases:
-        cases = [c for c in cases if any(w in c.name for w in args.cases)]
-        if not cases:
-            raise ValueError(f"--cases {args.cases!r} matches no case")
+    notes: list[str] = []
+    cases, workload, traces_dir = select_cases(args, notes)
     rows = []
     for case in cases:
         try:

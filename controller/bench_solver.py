@@ -312,9 +312,10 @@ def print_report(report: dict) -> None:
         console.print(f"[yellow]note:[/yellow] {note}")
 
 
-def run_benchmark(args: argparse.Namespace) -> dict:
-    """Run the selected cases; return the report (also the JSON written by ``--json``)."""
-    notes: list[str] = []
+def select_cases(args: argparse.Namespace, notes: list[str]) -> tuple[list[Case], str, Path | None]:
+    """The cases to run (real traces, or the synthetic ones when there is no traces folder or
+    ``--synthetic``; a notice goes to ``notes``), filtered by ``--cases``: ``(cases, workload
+    label, traces folder or None)``. Raises ``ValueError`` when the filter matches nothing."""
     traces_dir = Path(args.traces_dir) if args.traces_dir else default_traces_dir()
     if args.synthetic or traces_dir is None or not traces_dir.is_dir():
         if not args.synthetic:
@@ -327,6 +328,13 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         cases = [c for c in cases if any(w in c.name for w in args.cases)]
         if not cases:
             raise ValueError(f"--cases {args.cases!r} matches no case")
+    return cases, workload, traces_dir
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """Run the selected cases; return the report (also the JSON written by ``--json``)."""
+    notes: list[str] = []
+    cases, workload, traces_dir = select_cases(args, notes)
     solvers, notice = build_solvers(args.variants or [])
     if notice:
         notes.append(notice)
