@@ -6,8 +6,9 @@ The default, ``hybrid_tail``, is the seed design's hybrid-tail waterfill
 1. *Water level.* The seed bisects a threshold ``t`` until ``sum_i max(ceil(w_i / t), 1)`` fits
    ``num_phy``. The level it converges to is ``t*`` = the ``(m+1)``-th largest of all quotients
    ``w_i / k`` (``k >= 1``, ``m = num_phy - n`` extra seats), because ``max(ceil(w/t), 1) = 1 + #{k :
-   w/k > t}``. We find ``t*`` directly: a few interpolation steps bracket it between two levels
-   whose seat totals differ by a handful, and the quotients inside the bracket are ranked. The
+   w/k > t}``. We find ``t*`` directly: the bracket ``[S / num_phy, S / m]`` (``S`` the row sum)
+   holds it, a few bisection steps shrink it until it holds at most 32 quotients, and those are
+   ranked (interpolation steps measured slower on the traces). The
    counts at ``t*`` give every row the minimal possible peak ``max_i w_i / c_i``; on a row without
    ties they already use every seat.
 2. *Bulk fill.* Seats left over (rows with ties at ``t*``) beyond the last ``T`` go in chunks of up
@@ -33,7 +34,6 @@ import torch
 METHODS = ("hybrid_tail", "dhondt")
 _MAX_BRACKET_STEPS = 64
 _BRACKET_SEATS = 32  # rank the quotients once every bracket holds at most this many (measured best)
-_PROBES = 15  # levels probed per bracket step  # rank the quotients once a bracket holds at most this many
 
 
 def check_weight(weight: torch.Tensor, name: str = "weight") -> np.ndarray:
