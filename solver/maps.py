@@ -5,6 +5,16 @@ import numpy as np
 import torch
 
 
+def bin_counts(owner: np.ndarray, num_bins: int, num_experts: int) -> np.ndarray:
+    """Replicas of each expert per bin: ``owner [B, M]`` (expert per slot; bins are ``M / num_bins``
+    consecutive slots) -> ``[B, num_bins, E]`` int64. ``num_bins=1``: replicas per row (``logcnt``)."""
+    num_rows, num_slots = owner.shape
+    bins = np.arange(num_rows * num_bins).repeat(num_slots // num_bins)  # [B*M] flat bin of each slot
+    return np.bincount(bins * num_experts + owner.ravel(), minlength=num_rows * num_bins * num_experts).reshape(
+        num_rows, num_bins, num_experts
+    )
+
+
 def logical_maps(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Invert a slot map.
 
@@ -41,7 +51,7 @@ def logical_maps_np(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, 
     num_layers, num_slots = phy2log.shape
     width = num_slots - num_experts + 1
     flat = phy2log + (np.arange(num_layers) * num_experts)[:, None]  # [L, R] row-unique expert ids
-    logcnt = np.bincount(flat.ravel(), minlength=num_layers * num_experts).reshape(num_layers, num_experts)
+    logcnt = bin_counts(phy2log, 1, num_experts)[:, 0]  # [L, E]
     keys = phy2log.astype(np.int16) if num_experts < 2**15 else phy2log  # int16: numpy radix-sorts it
     order = np.argsort(keys, axis=1, kind="stable")  # [L, R] slots grouped by expert, ascending
     sorted_flat = flat.ravel()[order + (np.arange(num_layers) * num_slots)[:, None]]  # [L, R]

@@ -21,22 +21,13 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from ray_eplb.solver.counts import counts_np
+from ray_eplb.solver.maps import bin_counts
 from ray_eplb.solver.packing import _per_slot, refine_swaps
 
 
 def moved_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
     """``[L]`` slots whose expert differs between ``old`` and ``new`` (both ``[L, R]``)."""
     return (old != new).sum(1)
-
-
-def _histograms(phy2log: np.ndarray, num_bins: int, num_experts: int) -> np.ndarray:
-    """``[L, num_bins, E]`` replicas of each expert per bin (bins = consecutive slot blocks)."""
-    num_layers, num_slots = phy2log.shape
-    bins = np.arange(num_layers * num_bins).repeat(num_slots // num_bins)  # [L*R] bin of each slot
-    flat = bins * num_experts + phy2log.ravel()
-    return np.bincount(flat, minlength=num_layers * num_bins * num_experts).reshape(
-        num_layers, num_bins, num_experts
-    )
 
 
 def _overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -75,8 +66,8 @@ def align(old: np.ndarray, new: np.ndarray, num_nodes: int, num_gpus: int) -> np
     if num_nodes > 1:
         # A node pair is worth the slots its best GPU matching keeps (not just the experts the
         # nodes share: those may sit on GPUs that cannot all be matched).
-        hist_old = _histograms(old, num_gpus, num_experts).reshape(num_layers, num_nodes, 1, gpus_node, -1)
-        hist_new = _histograms(new, num_gpus, num_experts).reshape(num_layers, 1, num_nodes, gpus_node, -1)
+        hist_old = bin_counts(old, num_gpus, num_experts).reshape(num_layers, num_nodes, 1, gpus_node, -1)
+        hist_new = bin_counts(new, num_gpus, num_experts).reshape(num_layers, 1, num_nodes, gpus_node, -1)
         pair = _overlap(np.broadcast_to(hist_old, (num_layers, num_nodes, num_nodes) + hist_old.shape[3:]),
                         np.broadcast_to(hist_new, (num_layers, num_nodes, num_nodes) + hist_new.shape[3:]))
         pair = pair.reshape(-1, gpus_node, gpus_node)  # [L*N*N, g, g] GPU overlaps per node pair
@@ -86,7 +77,7 @@ def align(old: np.ndarray, new: np.ndarray, num_nodes: int, num_gpus: int) -> np
     sub = blocks.reshape(num_layers * num_nodes, gpus_node * slots)  # node sub-problems
     old_sub = old.reshape(num_layers * num_nodes, gpus_node * slots)
     if gpus_node > 1:
-        score = _overlap(_histograms(old_sub, gpus_node, num_experts), _histograms(sub, gpus_node, num_experts))
+        score = _overlap(bin_counts(old_sub, gpus_node, num_experts), bin_counts(sub, gpus_node, num_experts))
         sub = sub.reshape(-1, gpus_node, slots)[np.arange(sub.shape[0])[:, None], _assign(score)]
     return _keep_slots(old.reshape(-1, slots), sub.reshape(-1, slots)).reshape(num_layers, num_slots)
 
@@ -147,8 +138,7 @@ def incremental(
         sweeps = 3 if slots < 12 else slots // 2
     rows = np.arange(num_layers)
     own = old.reshape(num_layers, num_gpus, slots).copy()  # [L, P, S] expert per slot
-    cnt = np.bincount((old + (rows * num_experts)[:, None]).ravel(), minlength=num_layers * num_experts)
-    cnt = cnt.reshape(num_layers, num_experts)  # [L, E] current replicas
+    cnt = bin_counts(old, 1, num_experts)[:, 0]  # [L, E] current replicas
     target = counts_np(w, num_slots, method)  # [L, E]
     stuck = np.zeros(num_layers, dtype=bool)
     for _ in range(int(np.abs(target - cnt).sum(1).max(initial=0)) // 2):
@@ -191,7 +181,7 @@ def peak_load(phy2log: np.ndarray, w: np.ndarray, num_gpus: int) -> np.ndarray:
     """``[L]`` max GPU load of ``phy2log [L, R]`` under ``w [L, E]`` (loads split among replicas)."""
     num_layers, num_experts = w.shape
     flat = phy2log + (np.arange(num_layers) * num_experts)[:, None]
-    cnt = np.bincount(flat.ravel(), minlength=w.size).reshape(w.shape)
+    cnt = bin_counts(phy2log, 1, num_experts)[:, 0]  # [L, E]
     per = (w / np.maximum(cnt, 1)).ravel()[flat]  # [L, R]
     return per.reshape(num_layers, num_gpus, -1).sum(-1).max(1)
 
@@ -205,8 +195,7 @@ def check_old(old, num_layers: int, num_replicas: int, num_experts: int) -> np.n
         raise ValueError(f"old_phy2log must hold expert ids in [0, {num_experts}), got {arr.dtype} "
                          f"in [{arr.min()}, {arr.max()}]")
     arr = arr.astype(np.int64)
-    cnt = np.bincount((arr + (np.arange(num_layers) * num_experts)[:, None]).ravel(),
-                      minlength=num_layers * num_experts).reshape(num_layers, num_experts)
+    cnt = bin_counts(arr, 1, num_experts)[:, 0]  # [L, E]
     if num_layers and (cnt == 0).any():
         layer, expert = np.argwhere(cnt == 0)[0]
         raise ValueError(f"old_phy2log gives expert {expert} of layer {layer} no slot")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ray_eplb.solver.maps import bin_counts
+
 
 def pack_rounds(load: np.ndarray, num_bins: int) -> np.ndarray:
     """Balanced packing by rounds (LPT per round), for distinct items such as expert groups.
@@ -182,8 +184,7 @@ def surplus_copies(slot_owner: np.ndarray, cap: np.ndarray) -> np.ndarray:
     n = cap.shape[1]
     same = slot_owner[..., :, None] == slot_owner[..., None, :]  # [B, P, S, S]
     earlier = (same & np.tri(slots, k=-1, dtype=bool)).sum(-1)  # [B, P, S] copies before this one
-    held = np.bincount((np.arange(num_rows * num_bins)[:, None] * n + slot_owner.reshape(num_rows * num_bins, -1)).ravel(),
-                       minlength=num_rows * num_bins * n).reshape(num_rows, num_bins, n)
+    held = bin_counts(slot_owner.reshape(num_rows, -1), num_bins, n)  # [B, P, n]
     short = (held > 0).sum(1) < np.minimum(held.sum(1), num_bins)  # [B, n] covers too few bins
     return (earlier >= _per_slot(cap, slot_owner)) | ((earlier > 0) & _per_slot(short, slot_owner))
 
@@ -269,7 +270,7 @@ def refine_swaps(
         return slot_owner, bin_load
     ic = _per_slot(cap, slot_owner).reshape(io.shape)  # [B*P, S] the slot owner's cap
     # held[bin * n + owner]: replicas of an owner in a bin (so a legality test is one gather).
-    held = np.bincount((np.arange(num_rows * num_bins)[:, None] * n + io).ravel(), minlength=num_rows * num_bins * n)
+    held = bin_counts(io.reshape(num_rows, -1), num_bins, n).ravel()  # flat view, updated in place
     first = np.arange(num_rows)[:, None] * num_bins  # [B, 1] flat bin id of each row's bin 0
     quiet = 0
     for sweep in range(sweeps):
