@@ -14,6 +14,7 @@ from typing import Any
 import ray
 import torch
 
+from ray_eplb.actors.protocol import pack_reply, unpack_reply
 from ray_eplb.actors.weights import WeightSource
 from ray_eplb.actors.worker import ExpertWorker
 from ray_eplb.topology import Placement, Topology
@@ -28,7 +29,10 @@ class RayFetcher:
     """Peer transfers through Ray's object store: one ``export`` call per source rank, all in flight
     together. The source's reply carries the weights as they are (Ray writes them into the store;
     measured ~3x faster here than a ``ray.put`` inside the actor); with zero-copy torch tensors the
-    receiver maps those bytes and copies them once, into its staging buffers."""
+    receiver maps those bytes and, on a cpu worker, serves from them as they are (``zero_copy``:
+    each reply is an immutable object nobody else writes; see :meth:`Staging.borrow`)."""
+
+    zero_copy = True
 
     def __init__(self, namespace: str = NAMESPACE):
         self.namespace = namespace
@@ -42,7 +46,7 @@ class RayFetcher:
     def __call__(self, requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, list[torch.Tensor]]:
         refs = {r: self._handle(r).export.remote(items) for r, items in requests.items()}
         values = ray.get(list(refs.values()), timeout=timeout_s)
-        return dict(zip(refs, values))
+        return {r: unpack_reply(v) for r, v in zip(refs, values)}
 
 
 class RayExpertWorker(ExpertWorker):
@@ -69,35 +73,41 @@ class RayExpertWorker(ExpertWorker):
         return super().prepare(*args, **kwargs)
 
     @ray.method(concurrency_group="swap")
-    def export(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
-        return super().export(*args, **kwargs)
+    def export(self, *args: Any, **kwargs: Any) -> dict:  # type: ignore[override]
+        """:meth:`ExpertWorker.export` in the wire format (:func:`pack_reply`)."""
+        return pack_reply(super().export(*args, **kwargs))
 
     # Benchmark helpers: a plain object-store read of the same bytes, for the bandwidth baseline.
     def make_blob(self, nbytes: int) -> int:
         self._blob = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
         return int(self._blob.numel() * 4)
 
-    def blob(self) -> torch.Tensor:
-        return self._blob
+    def blob(self, as_numpy: bool = False) -> Any:
+        return self._blob.numpy() if as_numpy else self._blob
 
     def time_fetch(self, src_rank: int, items: list[tuple[int, int]], mode: str) -> float:
-        """Seconds to pull bytes from ``src_rank``: ``experts`` the way ``prepare`` does (stacked
-        export, zero-copy receive, a copy into memory of our own per expert), ``get`` a plain
-        ``ray.get`` of the source's blob, ``get_copy`` the same plus one copy into our memory."""
+        """Seconds to pull bytes from ``src_rank``: ``experts`` the way ``prepare`` does (one export
+        reply, zero-copy receive, kept as it is: :meth:`Staging.borrow`, its cap aside),
+        ``experts_copy`` the same copied into staging buffers (what a worker past its borrow cap
+        does), ``get`` a plain ``ray.get`` of the source's blob, ``get_copy`` that plus one copy
+        into fresh memory, ``get_numpy`` a plain ``ray.get`` of the blob as a numpy array."""
         import time
         t0 = time.perf_counter()
-        if mode == "experts":
-            bufs = [self.staging.own(w, copy=True) for w in self.fetcher({src_rank: items}, 60.0)[src_rank]]
+        if mode in ("experts", "experts_copy"):
+            reply = self.fetcher({src_rank: items}, 60.0)[src_rank]
+            if mode == "experts_copy" or not self.staging.borrow(reply, self.fetcher.zero_copy, capped=False):
+                reply = [self.staging.own(w, copy=True) for w in reply]
             elapsed = time.perf_counter() - t0
-            with self._lock:  # a benchmark: give the staging buffers back
-                self.staging.pool.extend(bufs)
+            if mode == "experts_copy":
+                with self._lock:  # a benchmark: give the staging buffers back
+                    self.staging.pool.extend(reply)
             return elapsed
-        elif mode in ("get", "get_copy"):
-            blob = ray.get(self.fetcher._handle(src_rank).blob.remote())
+        elif mode in ("get", "get_copy", "get_numpy"):
+            blob = ray.get(self.fetcher._handle(src_rank).blob.remote(mode == "get_numpy"))
             if mode == "get_copy":
                 torch.empty_like(blob).copy_(blob)
         else:
-            raise ValueError(f"mode={mode!r} must be experts, get or get_copy")
+            raise ValueError(f"mode={mode!r} must be experts, experts_copy, get, get_copy or get_numpy")
         return time.perf_counter() - t0
 
 

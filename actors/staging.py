@@ -1,10 +1,15 @@
-"""Where a worker stages a swap: pooled weight buffers, low-priority staging threads, paced fetches.
+"""Where a worker stages a swap: borrowed object-store replies, pooled weight buffers,
+low-priority staging threads, paced fetches.
 
-Three measured facts shape it (2-core VM, see ``ray-eplb bench-runtime``):
+Four measured facts shape it (2-core VM, see ``ray-eplb bench-runtime``):
 
+- Copying a received expert into memory of the worker's own halves the transfer bandwidth: a plain
+  ``ray.get`` of zero-copy tensors only maps the object store. So a CPU worker *borrows* what a peer
+  sent (the weights stay in the object store, read-only, pinned while any of its tensors serves)
+  up to ``borrow_bytes`` of object-store memory; beyond that, or on a GPU, it copies.
 - A fresh allocation costs ~10x a copy into memory already touched (page faults are expensive on
-  VMs), so received weights are copied into a pool of pre-touched buffers, and buffers of released
-  tables go back to the pool. A GPU needs its staging memory reserved up front anyway.
+  VMs), so copied weights go into a pool of pre-touched buffers, and buffers of released tables go
+  back to the pool (up to the number pre-touched). A GPU needs its staging memory reserved anyway.
 - A swap that moves weights as fast as it can takes the CPU (or, on GPUs, the links) serving
   needs, so weights move in chunks with rests between them (``duty``).
 - Optionally (``nice``), staging runs on a thread of lowered OS priority.
@@ -14,6 +19,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
@@ -32,29 +38,62 @@ class Staging:
         nice: lower the staging threads' OS priority by this much (``None``: run in the caller's thread).
         duty: fraction of the time a staging may keep busy (1.0: as fast as possible).
         chunk_bytes: bytes moved per chunk of a paced fetch.
+        borrow_bytes: object-store bytes this worker may keep mapped as weights (``0``: copy all).
     """
 
     def __init__(self, device: torch.device, lock: threading.Lock, nice: int | None = None,
-                 duty: float = 0.25, chunk_bytes: int = 8 * 2**20, name: str = "eplb"):
+                 duty: float = 0.25, chunk_bytes: int = 8 * 2**20, name: str = "eplb", borrow_bytes: int = 0):
         if not 0 < duty <= 1:
             raise ValueError(f"stage_duty={duty} must lie in (0, 1]")
         if chunk_bytes <= 0:
             raise ValueError(f"stage_chunk_bytes={chunk_bytes} must be positive")
+        if borrow_bytes < 0:
+            raise ValueError(f"stage_borrow_bytes={borrow_bytes} must be >= 0")
         self.device, self.lock, self.nice, self.duty, self.chunk_bytes = device, lock, nice, duty, chunk_bytes
-        self.name = name
+        self.name, self.borrow_bytes = name, borrow_bytes
         self.pool: list[torch.Tensor] = []  # free packed [3, I, H] buffers
+        self.pool_cap = 0  # buffers the pool keeps: as many as were pre-touched
+        self._replies: list[_Reply] = []  # borrowed replies, some maybe released already
         self._thread: ThreadPoolExecutor | None = None
         self.fetched_bytes = 0
+        self.borrowed_total = 0  # of fetched_bytes, those kept in the object store (not copied)
         self.fetch_s = 0.0
 
     def prewarm(self, like: torch.Tensor, count: int) -> None:
         """Add ``count`` buffers shaped like ``like``; zeros, so their pages are touched now."""
         self.pool += [torch.zeros_like(like, device=self.device) for _ in range(count)]
+        self.pool_cap += count
+
+    @property
+    def borrowed_bytes(self) -> int:
+        """Object-store bytes this worker's tables keep pinned now (whole replies: a reply stays
+        pinned while any of its tensors is referenced)."""
+        self._replies = [r for r in self._replies if r.alive]
+        return sum(r.nbytes for r in self._replies)
+
+    def borrow(self, reply: list[torch.Tensor], zero_copy: bool, capped: bool = True) -> bool:
+        """Keep the tensors of ``reply`` (one peer reply: one object-store object) as weights, as
+        they are, if ``zero_copy`` (they are immutable views nobody else writes), the device is the
+        cpu and the reply fits under ``borrow_bytes`` (``capped=False``: a benchmark of this path
+        ignores the cap). Marks them so they never enter the pool."""
+        nbytes = sum(w.numel() * w.element_size() for w in reply)
+        if not (zero_copy and reply and self.device.type == "cpu"
+                and all(w.device.type == "cpu" and w.is_contiguous() for w in reply)):
+            return False
+        if capped and self.borrowed_bytes + nbytes > self.borrow_bytes:
+            return False
+        rec = _Reply(nbytes, len(reply))
+        for i, w in enumerate(reply):
+            w._eplb_borrowed = True  # recycle() must never reuse (write into) object-store memory
+            weakref.finalize(w, rec.alive.discard, i)
+        self._replies.append(rec)
+        self.borrowed_total += nbytes
+        return True
 
     def own(self, w: torch.Tensor, copy: bool = False) -> torch.Tensor:
         """``w`` on the device in memory of the worker's own: copied into a pooled buffer when one
-        fits (``copy``: ``w`` must not be kept, e.g. a read-only zero-copy view of the object store)."""
-        if not (copy or w.device != self.device or not w.is_contiguous() or _read_only(w)):
+        fits (``copy``: ``w`` must not be kept, e.g. a peer's tensor or a view of the object store)."""
+        if not (copy or w.device != self.device or not w.is_contiguous()):
             return w
         with self.lock:
             buf = self.pool.pop() if self.pool else None
@@ -63,12 +102,15 @@ class Staging:
         return buf.copy_(w, non_blocking=self.device.type == "cuda")
 
     def recycle(self, tensors: Iterable[torch.Tensor], live: set[int]) -> None:
-        """Caller holds the lock: return ``tensors`` whose ``id`` is not in ``live`` to the pool (once each)."""
+        """Caller holds the lock: return ``tensors`` whose ``id`` is not in ``live`` to the pool (once
+        each), up to ``pool_cap`` buffers; borrowed ones are dropped (their reply is released once none
+        of its tensors is referenced)."""
         seen: set[int] = set()
         for w in tensors:
             if id(w) not in live and id(w) not in seen:
                 seen.add(id(w))
-                self.pool.append(w)
+                if not getattr(w, "_eplb_borrowed", False) and len(self.pool) < self.pool_cap:
+                    self.pool.append(w)
 
     def run(self, fn: Callable, *args: Any) -> Any:
         """Run ``fn(*args)`` on the staging thread (lowered priority), or inline when ``nice`` is None.
@@ -133,9 +175,11 @@ class Staging:
                 requests[t.src_rank].append(t)
             got = fetcher({r: [(t.layer, t.expert) for t in ts] for r, ts in requests.items()},
                           max(0.1, deadline - time.monotonic()))
+            zero_copy = getattr(fetcher, "zero_copy", False)
             for r, ts in requests.items():
+                keep = self.borrow(got[r], zero_copy)
                 for t, w in zip(ts, got[r], strict=True):
-                    place(t, self.own(w, copy=True))
+                    place(t, w if keep else self.own(w, copy=True))
                     self.fetched_bytes += w.numel() * w.element_size()
             dt = time.perf_counter() - t0
             self.fetch_s += dt
@@ -154,9 +198,11 @@ def _lower_priority(nice: int) -> None:
         pass
 
 
-def _read_only(t: torch.Tensor) -> bool:
-    """True for tensors backed by read-only memory (zero-copy tensors from Ray's object store)."""
-    try:
-        return not t.numpy().flags.writeable
-    except (RuntimeError, TypeError):
-        return False
+class _Reply:
+    """A borrowed reply: its ``nbytes`` stay pinned in the object store while ``alive`` (indices of
+    its tensors not yet garbage-collected) is not empty."""
+
+    __slots__ = ("nbytes", "alive")
+
+    def __init__(self, nbytes: int, count: int):
+        self.nbytes, self.alive = nbytes, set(range(count))

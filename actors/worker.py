@@ -73,6 +73,10 @@ class ExpertWorker:
             ``stage_chunk_bytes`` and staging rests ``(1 - duty) / duty`` times each chunk's time
             between chunks (1.0: as fast as possible). A slower swap costs nothing in correctness
             (old slots keep serving) and leaves serving its bandwidth and CPU.
+        stage_borrow_bytes: on a cpu worker, weights a peer sent through Ray's object store are
+            kept there (zero-copy, read-only) up to this many pinned bytes, copied beyond it
+            (``None``: as many bytes as this worker's own slots hold; ``0``: always copy). A copy
+            halves the transfer bandwidth (see :mod:`ray_eplb.actors.staging`).
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class ExpertWorker:
         stage_nice: int | None = None,
         stage_duty: float = 0.25,
         stage_chunk_bytes: int = 2 * 2**20,
+        stage_borrow_bytes: int | None = None,
     ):
         if not 0 <= rank < topology.num_gpus:
             raise ValueError(f"rank={rank} is outside the topology's {topology.num_gpus} ranks")
@@ -114,6 +119,8 @@ class ExpertWorker:
         self._max_aborted = -1
         self._counts: dict[int, torch.Tensor] = {epoch: torch.zeros(want, dtype=torch.int64)}  # epoch -> [L, S]
         self.staging.prewarm(weights[0][0], int(spare_fraction * topology.num_layers * topology.slots_per_gpu))
+        table_bytes = sum(w.numel() * w.element_size() for row in weights for w in row)
+        self.staging.borrow_bytes = table_bytes if stage_borrow_bytes is None else stage_borrow_bytes
 
     # ------------------------------------------------------------------ identity
     def __repr__(self) -> str:
@@ -408,6 +415,8 @@ class ExpertWorker:
                 "fetched_bytes": self.staging.fetched_bytes,
                 "fetch_s": self.staging.fetch_s,
                 "free_buffers": len(self.staging.pool),
+                "borrowed_bytes": self.staging.borrowed_bytes,
+                "borrowed_total": self.staging.borrowed_total,
                 "expert_bytes": w0.numel() * w0.element_size(),
             }
 

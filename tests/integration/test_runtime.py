@@ -74,6 +74,9 @@ def test_forced_rebalance_moves_weights_and_every_slot_holds_its_expert(runtime)
     assert torch.equal(torch.cat([s["experts"] for s in states(runtime)], 1), st["phy2log"])
     assert int(st["phy2log"][0].eq(0).sum()) > 1  # the hot expert has replicas now
     assert ray.get([w.verify.remote() for w in runtime.workers]) == [[]] * runtime.topology.num_gpus
+    # cpu workers keep what peers sent in the object store (zero-copy) and serve from it
+    after = states(runtime)
+    assert sum(s["borrowed_total"] for s in after) > 0 and sum(s["borrowed_bytes"] for s in after) > 0
     assert drive(runtime, seed=20) == 0
     assert runtime.router.placement.epoch == rec["epoch"]
 

@@ -239,5 +239,5 @@ def test_staging_buffers_are_pooled_and_recycled():
     assert fetched > 0 and unused > 0
     before = w.state()["free_buffers"]
     w.release(0)
-    assert w.state()["free_buffers"] == before + unused
+    assert w.state()["free_buffers"] == min(start, before + unused)  # the pool keeps what was pre-touched
     assert w.verify() == []
