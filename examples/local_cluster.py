@@ -22,7 +22,8 @@ def main() -> None:
     enable_zero_copy()  # before ray.init: tensors cross the object store without copies
     # One machine standing in for a node with 4 GPUs: 4 units of the rank resource. On a GPU
     # cluster, call ray.init() and discover_topology() finds the GPUs instead.
-    ray.init(resources={RANK_RESOURCE: 4}, include_dashboard=False)
+    # address="local": always a fresh local instance, even when another Ray runs on this machine.
+    ray.init(address="local", resources={RANK_RESOURCE: 4}, include_dashboard=False)
     topo = discover_topology(num_experts=16, num_layers=2, slots_per_gpu=5)  # 4 ranks x 5 slots
     source = SyntheticWeightSource(hidden_size=32, ffn_size=64)
     workers = launch_workers(topo, Placement.identity(topo), source)  # named ray_eplb_worker_<rank>
