@@ -8,10 +8,13 @@ gate weights. It subscribes to the controller's published maps by long poll (``w
 without blocking before every dispatch; a worker that no longer holds the epoch answers
 :class:`StaleEpochError`, and the router then fetches the newest map and re-routes those tokens.
 
-Not thread-safe: use one Router per serving thread (each is a subscriber of its own).
+Thread-safe: serving threads (e.g. a Ray Serve replica's thread pool) may share one Router; its
+map, subscription, round-robin offset and counters change under one lock, and the workers' calls
+run outside it, concurrently.
 """
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from typing import Any, Sequence
@@ -79,6 +82,7 @@ class Router:
         if len(self.workers) != t.num_gpus:
             raise ValueError(f"got {len(self.workers)} workers for {t.num_gpus} ranks")
         self._poll = None
+        self._lock = threading.Lock()  # placement, _poll, _offset and the counters
         self._offset = 0
         self.rank_tokens = torch.zeros(t.num_layers, t.num_gpus, dtype=torch.int64)  # [L, G] routed
         self.max_stall_s = 0.0
@@ -93,6 +97,10 @@ class Router:
         """Adopt a newer published map if one has arrived (``block``: ask the controller now)."""
         if self.controller is None or not (block or self.subscribe):
             return False
+        with self._lock:
+            return self._refresh(block)
+
+    def _refresh(self, block: bool) -> bool:
         ray = self._ray
         if block:
             self._poll = None
@@ -140,10 +148,11 @@ class Router:
         todo = torch.ones(n * k, dtype=torch.bool)  # assignments not yet served
         t_first_stale = None
         for attempt in range(4):
-            p = self.placement
             idx = todo.nonzero().squeeze(1)  # [M]
-            slots = route(p, layer, ids[idx].unsqueeze(1), self._offset)  # [M]
-            self._offset += int(idx.numel())
+            with self._lock:
+                p, offset = self.placement, self._offset
+                self._offset += int(idx.numel())
+            slots = route(p, layer, ids[idx].unsqueeze(1), offset)  # [M]
             ranks = slots // p.topology.slots_per_gpu
             local = slots % p.topology.slots_per_gpu
             calls = []
@@ -158,19 +167,23 @@ class Router:
                     t_first_stale = t_first_stale or time.perf_counter()
                     continue
                 out.index_add_(0, tok[m], y * w[m, None])
-                self.rank_tokens[layer, r] += int(m.numel())
+                with self._lock:
+                    self.rank_tokens[layer, r] += int(m.numel())
                 todo[m] = False
             if not bool(todo.any()):
                 break
-            self.retries += 1
+            with self._lock:
+                self.retries += 1
             self.refresh(block=True)
         else:
             raise RuntimeError(f"{self}: layer {layer} could not be served after 4 map refreshes")
         if t_first_stale is not None:
-            self.max_stall_s = max(self.max_stall_s, time.perf_counter() - t_first_stale)
+            with self._lock:
+                self.max_stall_s = max(self.max_stall_s, time.perf_counter() - t_first_stale)
         return out
 
     def close(self) -> None:
-        if self._poll is not None:
-            self._ray.cancel(self._poll)
-            self._poll = None
+        with self._lock:
+            if self._poll is not None:
+                self._ray.cancel(self._poll)
+                self._poll = None

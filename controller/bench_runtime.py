@@ -70,8 +70,9 @@ class DispatchLoad:
     """A router thread dispatching random top-k batches, checking every output against the dense
     reference and logging ``(t_start, t_end, tokens)`` per dispatch."""
 
-    def __init__(self, router, dense, num_layers: int, num_experts: int, hidden: int, batch: int, top_k: int = 4):
-        self.router, self.dense = router, dense
+    def __init__(self, router, dense, num_layers: int, num_experts: int, hidden: int, batch: int, top_k: int = 4,
+                 seed: int = 11):
+        self.router, self.dense, self.seed = router, dense, seed
         self.shape = (num_layers, num_experts, hidden, batch, top_k)
         self.log: list[tuple[float, float, int]] = []
         self.mismatched = 0
@@ -83,7 +84,7 @@ class DispatchLoad:
         from ray_eplb.actors.moe import mismatched
 
         num_layers, num_experts, hidden, batch, top_k = self.shape
-        gen = torch.Generator().manual_seed(11)
+        gen = torch.Generator().manual_seed(self.seed)
         layer = 0
         try:
             while not self._stop.is_set():

@@ -87,8 +87,10 @@ def test_tokens_routed_during_swaps_all_match_the_dense_reference(runtime):
     from ray_eplb.actors.router import Router
     from ray_eplb.controller.bench_runtime import DispatchLoad, swap_target
 
-    router = Router(runtime.workers, controller=runtime.controller)  # a second subscriber, in its own thread
-    load = DispatchLoad(router, runtime.dense, runtime.topology.num_layers, 8, 16, batch=32, top_k=2).start()
+    # A second subscriber, shared by two dispatching threads (a Serve replica's thread pool does that).
+    router = Router(runtime.workers, controller=runtime.controller)
+    loads = [DispatchLoad(router, runtime.dense, runtime.topology.num_layers, 8, 16, batch=32, top_k=2, seed=s).start()
+             for s in (11, 12)]
     recs = []
     try:
         time.sleep(0.5)
@@ -97,13 +99,15 @@ def test_tokens_routed_during_swaps_all_match_the_dense_reference(runtime):
             recs.append(ray.get(runtime.controller.apply_placement.remote(swap_target(phy, 3, 0.5, seed=i))))
             time.sleep(0.3)
     finally:
-        load.stop()
+        for load in loads:
+            load.stop()
         router.close()
     assert [r["action"] for r in recs] == ["committed"] * 3
-    assert router.map_updates >= 1 and len(load.log) > 10
+    assert router.map_updates >= 1 and all(len(load.log) > 5 for load in loads)
     epochs = {r["epoch"] for r in recs}
     assert router.placement.epoch in epochs or router.placement.epoch > max(epochs)
-    assert load.mismatched == 0
+    assert [load.mismatched for load in loads] == [0, 0]
+    assert int(router.rank_tokens.sum()) == 2 * sum(n for load in loads for _, _, n in load.log)  # top_k=2
 
 
 def test_a_worker_missing_the_prepare_deadline_aborts_the_round_on_every_worker(runtime):
