@@ -32,9 +32,15 @@ def moved_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
 
 def _overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``[..., m, m]`` multiset overlap of every bin of ``a`` with every bin of ``b`` (``[..., m, E]``)."""
-    if max(int(a.max(initial=0)), int(b.max(initial=0))) <= 1:  # sets: overlap = dot product
-        return np.matmul(a.astype(np.float32), np.swapaxes(b, -1, -2).astype(np.float32)).astype(np.int64)
-    return np.minimum(a[..., :, None, :], b[..., None, :, :]).sum(-1)
+    # Sets (no expert twice in a bin): the overlap is a dot product. Rows where an expert fills
+    # two slots of a bin (an expert with more replicas than GPUs) take the minimum instead.
+    out = np.matmul(a.astype(np.float32), np.swapaxes(b, -1, -2).astype(np.float32)).astype(np.int64)
+    multi = np.nonzero((a.max((-2, -1), initial=0) > 1) | (b.max((-2, -1), initial=0) > 1))
+    if multi[0].size:
+        shape = out.shape[:-2] + a.shape[-2:]
+        ra, rb = np.broadcast_to(a, shape)[multi], np.broadcast_to(b, shape)[multi]  # [k, m, E]
+        out[multi] = np.minimum(ra[:, :, None, :], rb[:, None, :, :]).sum(-1)
+    return out
 
 
 def _assign(score: np.ndarray) -> np.ndarray:
@@ -68,8 +74,7 @@ def align(old: np.ndarray, new: np.ndarray, num_nodes: int, num_gpus: int) -> np
         # nodes share: those may sit on GPUs that cannot all be matched).
         hist_old = bin_counts(old, num_gpus, num_experts).reshape(num_layers, num_nodes, 1, gpus_node, -1)
         hist_new = bin_counts(new, num_gpus, num_experts).reshape(num_layers, 1, num_nodes, gpus_node, -1)
-        pair = _overlap(np.broadcast_to(hist_old, (num_layers, num_nodes, num_nodes) + hist_old.shape[3:]),
-                        np.broadcast_to(hist_new, (num_layers, num_nodes, num_nodes) + hist_new.shape[3:]))
+        pair = _overlap(hist_old, hist_new)  # [L, N, N, g, g] (matmul broadcasts the node axes)
         pair = pair.reshape(-1, gpus_node, gpus_node)  # [L*N*N, g, g] GPU overlaps per node pair
         perm = _assign(pair)  # [L*N*N, g]
         value = np.take_along_axis(pair, perm[:, :, None], 2)[..., 0].sum(1)  # [L*N*N]
