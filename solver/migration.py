@@ -234,6 +234,35 @@ def budget_per_layer(max_moves, num_layers: int, num_replicas: int, scope: str) 
     return np.full(num_layers, per, dtype=np.int64), None
 
 
+def _hull_spend(gains: np.ndarray, moved: np.ndarray, total: int) -> np.ndarray:
+    """Which of ``K`` plans each layer takes: summed ``moved`` at most ``total``, summed gain high.
+
+    ``gains``, ``moved``: ``[K, L]``, plan 0 of every layer is "nothing" (0 moves, 0 gain). Per
+    layer, the plans on the upper concave hull of (moves, gain) form a chain of steps with falling
+    gain per extra moved slot; the steps of all layers are taken best rate first, each only after
+    its layer's previous step and while the total allows it. Returns ``[L]`` int64 plan indices.
+    """
+    num_layers = gains.shape[1]
+    steps = []  # (rate, layer, from plan, to plan, extra moves)
+    for layer in range(num_layers):
+        g, m = gains[:, layer], moved[:, layer]
+        hull = [0]
+        for k in np.lexsort((-g, m)):  # fewest moves first, the higher gain first among equals
+            if m[k] <= m[hull[-1]] or g[k] <= g[hull[-1]]:
+                continue  # no more gain, or no more moves, than the hull so far
+            while len(hull) > 1 and ((g[hull[-1]] - g[hull[-2]]) * (m[k] - m[hull[-2]])
+                                     <= (g[k] - g[hull[-2]]) * (m[hull[-1]] - m[hull[-2]])):
+                hull.pop()  # the last point is not above the chord to this one
+            hull.append(int(k))
+        steps += [((g[b] - g[a]) / (m[b] - m[a]), layer, a, b, int(m[b] - m[a])) for a, b in zip(hull, hull[1:])]
+    at = np.zeros(num_layers, dtype=np.int64)
+    left = total
+    for _, layer, a, b, extra in sorted(steps, key=lambda s: -s[0]):  # stable: ties keep layer order
+        if at[layer] == a and extra <= left:
+            at[layer], left = b, left - extra
+    return at
+
+
 def migrate(
     w: np.ndarray,
     old: np.ndarray,
@@ -246,46 +275,38 @@ def migrate(
     """Incremental re-placement from ``old`` with per-layer ``budget [L]`` or a ``total`` budget.
 
     A layer changes only if its max GPU load falls by more than ``min_gain`` (relative): else it
-    keeps ``old`` (hysteresis). With a ``total``, each layer's plan is also made at 1/8, 1/4 and
-    1/2 of the slots its unlimited plan moves, and the total is spent greedily on the next level
-    of whichever layer gains the most peak reduction per extra moved slot.
+    keeps ``old`` (hysteresis). With a ``total``, each layer is also planned with budgets of 1, 2,
+    4, ... slots (below what its unlimited plan moves), and the total is spent greedily on the
+    steps between these plans with the most peak reduction per extra moved slot
+    (:func:`_hull_spend`); the same total split evenly over the layers is the fallback.
 
     Shapes: ``w [L, E]`` float64, ``old [L, R]`` int64. Returns ``[L, R]`` int64.
     """
+    num_layers = w.shape[0]
     peak_old = peak_load(old, w, num_gpus)  # [L]
 
     def plan(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         new = incremental(w, old, num_gpus, b, method)
-        gain = peak_old - peak_load(new, w, num_gpus)  # [L] absolute peak reduction
+        peak, moves = peak_load(new, w, num_gpus), moved_slots(old, new)
+        gain = peak_old - peak  # [L] absolute peak reduction
         worth = gain > min_gain * peak_old
-        return np.where(worth[:, None], new, old), np.where(worth, gain, 0.0), np.where(worth, moved_slots(old, new), 0)
+        return np.where(worth[:, None], new, old), np.where(worth, gain, 0.0), np.where(worth, moves, 0)
 
     new, gain, moves = plan(budget)
     if total is None or moves.sum() <= total:
         return new
-    # Levels: nothing, then budgets of 1, 2, 4, ... slots, then each layer's unlimited plan.
+    # Plans: nothing, then budgets of 1, 2, 4, ... slots, then each layer's unlimited plan.
     levels = [(old, np.zeros_like(gain), np.zeros_like(moves))]
     b = 1
     while b < moves.max():
         levels.append(plan(np.minimum(moves, b)))
         b *= 2
     levels.append((new, gain, moves))
-    gains = np.stack([lv[1] for lv in levels])  # [K, L] peak reduction at each level
-    moved = np.stack([lv[2] for lv in levels])  # [K, L] slots moved at each level
-    # Steps from level j-1 to j, best rate first; a layer takes its steps in order (a step whose
-    # predecessor was not taken is skipped), each only while the total allows it.
-    d_gain, d_moves = np.diff(gains, axis=0), np.diff(moved, axis=0)  # [K-1, L]
-    rate = np.where((d_moves > 0) & (d_gain > 0), d_gain / np.maximum(d_moves, 1), -np.inf)
-    at = np.zeros(w.shape[0], dtype=np.int64)  # level reached per layer
-    left = total
-    for flat in np.argsort(-rate, axis=None, kind="stable"):
-        j, layer = divmod(int(flat), w.shape[0])
-        if not np.isfinite(rate[j, layer]):
-            break
-        if at[layer] == j and moved[j + 1, layer] - moved[j, layer] <= left:
-            left -= int(moved[j + 1, layer] - moved[j, layer])
-            at[layer] = j + 1
-    greedy = np.stack([lv[0] for lv in levels])[at, np.arange(w.shape[0])]  # [L, R]
+    gains = np.stack([lv[1] for lv in levels])  # [K, L] peak reduction of each plan
+    moved = np.stack([lv[2] for lv in levels])  # [K, L] slots moved by each plan
+    at = _hull_spend(gains, moved, total)  # [L]
+    layers = np.arange(num_layers)
+    greedy = np.stack([lv[0] for lv in levels])[at, layers]  # [L, R]
     # The same total split evenly is the fallback: keep whichever lowers the summed peak more.
-    even = plan(np.full(w.shape[0], total // max(w.shape[0], 1)))
-    return greedy if gains[at, np.arange(w.shape[0])].sum() >= even[1].sum() else even[0]
+    even = plan(np.full(num_layers, total // max(num_layers, 1)))
+    return greedy if gains[at, layers].sum() >= even[1].sum() else even[0]
