@@ -57,13 +57,24 @@ class RayExpertWorker(ExpertWorker):
     therefore never take the threads dispatches need.
     """
 
-    def __init__(self, *args: Any, namespace: str = NAMESPACE, **kwargs: Any):
+    def __init__(self, rank: int, topology: Any, experts: torch.Tensor, source: WeightSource, *,
+                 namespace: str = NAMESPACE, epoch: int = 0, restore_timeout_s: float = 60.0, **kwargs: Any):
         _quiet_zero_copy_warnings()
-        super().__init__(*args, fetcher=RayFetcher(namespace), **kwargs)
+        self.restored = False
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            # Ray restarted us: our weights and epoch died with the old process. Come back on the
+            # controller's placement in force (loaded from the weight source), not the launch one.
+            current = _map_in_force(namespace, restore_timeout_s)
+            if current is not None and current.topology == topology:
+                experts, epoch, self.restored = current.rank_experts(rank).clone(), current.epoch, True
+        super().__init__(rank, topology, experts, source, fetcher=RayFetcher(namespace), epoch=epoch, **kwargs)
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", ray_node={self.node_id[:8]})"
+
+    def state(self) -> dict:
+        return {**super().state(), "restored": self.restored}
 
     def node(self) -> str:
         return self.node_id
@@ -150,13 +161,15 @@ def launch_workers(
     stage_nice: int | None = None,
     stage_duty: float = 0.25,
     ready_timeout_s: float = 180.0,
+    max_restarts: int = -1,
 ) -> WorkerGroup:
     """Start one named worker actor per rank of ``topology`` holding ``placement``'s slots.
 
     ``device``: ``auto`` (cuda on a GPU cluster, else cpu), ``cuda`` or ``cpu``. Workers are
-    threaded actors (``max_concurrency``) so staging a swap never blocks dispatches. They do not
-    restart (a restarted worker would come back without its epoch's weights); the controller
-    aborts rounds a dead worker cannot join. ``gpu_fraction`` < 1 lets several ranks share a GPU
+    threaded actors (``max_concurrency``) so staging a swap never blocks dispatches. Ray restarts a
+    dead worker up to ``max_restarts`` times (-1: always); it comes back on the controller's
+    placement in force, its slots loaded from ``source`` (see :class:`RayExpertWorker`), and the
+    controller aborts a round it could not join. ``gpu_fraction`` < 1 lets several ranks share a GPU
     (a demo of 8 ranks on one GPU). ``stage_nice``, ``stage_duty``: see :class:`ExpertWorker`.
     """
     from ray.util.placement_group import placement_group
@@ -186,7 +199,7 @@ def launch_workers(
             name=WORKER_NAME.format(rank=rank),
             namespace=namespace,
             max_concurrency=max_concurrency,
-            max_restarts=0,
+            max_restarts=max_restarts,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pgs[node], placement_group_bundle_index=local),
             runtime_env={"env_vars": dict(ZERO_COPY_ENV)},
         )
@@ -205,6 +218,30 @@ def launch_workers(
         )
     devices = {st["device"] for st in ray.get([h.state.remote() for h in handles], timeout=ready_timeout_s)}
     return WorkerGroup(topology, handles, pgs, ",".join(sorted(devices)))
+
+
+def _map_in_force(namespace: str, timeout_s: float) -> Any:
+    """The controller's placement in force (waits out a round under way), or ``None`` when there
+    is no controller or it cannot tell by ``timeout_s``: the worker then keeps its launch placement,
+    and dispatches or swaps of any other epoch are refused (never served with wrong weights)."""
+    import logging
+    import time
+
+    from ray_eplb.controller.actor import CONTROLLER_NAME
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ctl = ray.get_actor(CONTROLLER_NAME, namespace=namespace)
+            current = ray.get(ctl.current_map.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            if current is not None:
+                return current
+        except (ValueError, ray.exceptions.RayError) as exc:  # no such actor / it is restarting
+            logging.getLogger(__name__).warning("restarted worker: no placement from the controller yet: %r", exc)
+        if time.monotonic() >= deadline:
+            logging.getLogger(__name__).error("restarted worker: no placement in force; keeping the launch one")
+            return None
+        time.sleep(0.5)
 
 
 def _quiet_zero_copy_warnings() -> None:

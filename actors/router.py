@@ -6,7 +6,8 @@ are split evenly among its replicas, the split the solver assumes), sends every 
 ``forward(epoch, layer, local_slots, x)`` call for all its tokens, and combines the outputs with the
 gate weights. It subscribes to the controller's published maps by long poll (``wait_map``), checked
 without blocking before every dispatch; a worker that no longer holds the epoch answers
-:class:`StaleEpochError`, and the router then fetches the newest map and re-routes those tokens.
+:class:`StaleEpochError`, and the router then fetches the newest map and re-routes those tokens
+(so does a worker that died and is being restarted).
 
 Thread-safe: serving threads (e.g. a Ray Serve replica's thread pool) may share one Router; its
 map, subscription, round-robin offset and counters change under one lock, and the workers' calls
@@ -163,7 +164,9 @@ class Router:
             for r, m, ref in calls:
                 try:
                     y = self._ray.get(ref, timeout=self.timeout_s)  # [|m|, H]
-                except StaleEpochError:
+                except (StaleEpochError, self._ray.exceptions.RayActorError):
+                    # A stale map, or a worker that died: Ray restarts it on the map in force and
+                    # holds our next call until it is back; re-route these tokens.
                     t_first_stale = t_first_stale or time.perf_counter()
                     continue
                 out.index_add_(0, tok[m], y * w[m, None])

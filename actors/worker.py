@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -104,6 +105,7 @@ class ExpertWorker:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.rank, self.topology, self.source, self.fetcher = rank, topology, source, fetcher
+        self.incarnation = uuid.uuid4().hex[:8]  # this process's counters: telemetry sees a restart
         self.device = torch.device(device)
         self.keep_count_epochs = keep_count_epochs
         self._lock = threading.Lock()
@@ -214,7 +216,7 @@ class ExpertWorker:
             counts = torch.stack([self._counts[e] for e in epochs])  # [n_epochs, L, S] int64
         # Raw bytes, not a tensor: a telemetry reply is small, and Ray's tensor path costs ~2x a
         # no-op call in a fan-out to 8 workers where plain bytes cost ~1.2x (measured here).
-        return {"rank": self.rank, "epoch": self.epoch, "epochs": epochs,
+        return {"rank": self.rank, "epoch": self.epoch, "epochs": epochs, "incarnation": self.incarnation,
                 "shape": tuple(counts.shape), "counts": counts.numpy().tobytes()}
 
     # ------------------------------------------------------------------ swap protocol
@@ -400,6 +402,7 @@ class ExpertWorker:
             w0 = self._tables[self.epoch].weights[0][0]  # packed [3, I, H]: every expert's size
             return {
                 "rank": self.rank,
+                "incarnation": self.incarnation,
                 "epoch": self.epoch,
                 "experts": self._tables[self.epoch].experts.clone(),
                 "staged": None if self._staged is None else self._staged.epoch,

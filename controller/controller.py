@@ -332,6 +332,15 @@ class EplbController:
                 return None
             return self.placement
 
+    async def current_map(self) -> Placement | None:
+        """The placement in force once no round is under way (``None`` while it cannot be told,
+        e.g. recovery is still missing a worker). A restarted worker loads its slots from it."""
+        lock, _ = self._sync()
+        async with lock:
+            if not self._recovered:
+                await self.recover()
+            return self.placement if self._recovered else None
+
     def _maybe_release(self) -> None:
         now = time.monotonic()
         live = [e for e, seen in self._routers.values() if now - seen < self.config.router_ttl_s]

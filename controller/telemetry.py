@@ -28,7 +28,8 @@ class LoadTracker:
     def __init__(self, topology: Topology, window: int, forecast: str):
         self.topology = topology
         self.forecaster = Forecaster.from_spec(forecast)
-        self._seen: dict[tuple[int, int], torch.Tensor] = {}  # (rank, epoch) -> cumulative [L, S]
+        # (rank, epoch) -> (the worker's incarnation, its cumulative counts [L, S])
+        self._seen: dict[tuple[int, int], tuple[str | None, torch.Tensor]] = {}
         self._window: deque[torch.Tensor] = deque(maxlen=window)  # rounds of [L, E]
         self.tokens = 0.0
         self.unmapped = 0.0
@@ -43,11 +44,12 @@ class LoadTracker:
         delta = torch.zeros(t.num_layers, t.num_experts, dtype=torch.float64)  # [L, E]
         for rank, res in results.items():
             reported = set()
+            life = res.get("incarnation")  # a restarted worker counts from zero again
             for epoch, counts in zip(res["epochs"], decode_counts(res)):
                 reported.add(epoch)
-                prev = self._seen.get((rank, epoch))
-                d = counts if prev is None else counts - prev  # [L, S]
-                self._seen[(rank, epoch)] = counts
+                prev_life, prev = self._seen.get((rank, epoch), (None, None))
+                d = counts if prev is None or prev_life != life else counts - prev  # [L, S]
+                self._seen[(rank, epoch)] = (life, counts)
                 p = placements.get(epoch)
                 if p is None:
                     self.unmapped += float(d.sum())

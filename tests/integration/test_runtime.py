@@ -211,3 +211,38 @@ def test_controller_restarts_and_recovers_the_placement_from_the_workers(runtime
     assert torch.equal(st["phy2log"], torch.cat([s["experts"] for s in states(runtime)], 1))
     assert drive(runtime, seed=90) == 0  # the router's subscription survives the restart
     assert ray.get(ctl.rebalance_now.remote())["action"] in ("committed", "no_change")
+
+
+def test_a_killed_worker_restarts_on_the_placement_in_force_and_serves_correctly(runtime):
+    import ray
+
+    ctl = runtime.controller
+    drive(runtime, seed=100)
+    assert ray.get(ctl.rebalance_now.remote())["action"] in ("committed", "no_change")
+    st = ray.get(ctl.status.remote())
+    epoch, phy2log = st["epoch"], st["phy2log"]
+    assert epoch > 0  # the launch placement is epoch 0: a restart on it would be caught below
+    ray.get(ctl.telemetry.remote())  # drain
+    victim = runtime.workers[1]
+    before = ray.get(victim.state.remote())
+    ray.kill(victim, no_restart=False)
+    # The router's calls to rank 1 wait for the restart (or re-route); every output is still right.
+    assert drive(runtime, seed=110) == 0
+    after = ray.get(victim.state.remote(), timeout=60)
+    assert after["incarnation"] != before["incarnation"] and after["restored"]
+    assert after["epoch"] == epoch and torch.equal(after["experts"], phy2log[:, 3:6])
+    assert ray.get(victim.verify.remote()) == []  # every slot holds its expert's weights
+    # Telemetry starts the new process's counters from zero: exact, never negative.
+    got = ray.get(ctl.telemetry.remote())
+    want = torch.zeros_like(got)
+    for b in range(2):
+        x, ids, w = skewed_batch(n=40, seed=120 + b)
+        for layer in range(runtime.topology.num_layers):
+            runtime.router.dispatch(layer, x, ids, w)
+            want[layer] += torch.bincount(ids.reshape(-1), minlength=8).double()
+    assert float(got.min()) >= 0
+    assert torch.equal(ray.get(ctl.telemetry.remote()), want)
+    rec = ray.get(ctl.rebalance_now.remote(fresh=True))  # and it takes part in the next swap
+    assert rec["action"] in ("committed", "no_change"), rec
+    assert ray.get([w.verify.remote() for w in runtime.workers]) == [[]] * runtime.topology.num_gpus
+    assert drive(runtime, seed=130) == 0
