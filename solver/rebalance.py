@@ -59,7 +59,9 @@ def rebalance_experts(
         method: replica-count rule, ``"hybrid_tail"`` (default) or ``"dhondt"``.
         old_phy2log: ``[L, R]`` the current placement. Given, the result changes as few slots as
             it can (:mod:`ray_eplb.solver.migration`): under ``global``/``auto`` it is improved
-            incrementally from ``old_phy2log``; under ``hierarchical`` it is solved afresh and
+            incrementally from ``old_phy2log`` (per layer, the fresh plan relabelled to keep what
+            it can replaces that where it dominates: no higher peak, no more moved slots, better
+            in one); under ``hierarchical`` it is solved afresh and
             relabelled to keep what it can (whole nodes and GPUs, so the balance is unchanged).
         max_moves: at most this many slots change per layer (an int), or this fraction of a
             layer's slots (a float in (0, 1]); ``None``: no limit. Needs ``old_phy2log``; not
@@ -114,22 +116,10 @@ def rebalance_experts(
         phy2log = align(old, fresh, num_nodes, num_gpus)
         worse = peak_load(phy2log, w, num_gpus) >= (1 - min_gain) * peak_load(old, w, num_gpus)
         phy2log[worse] = old[worse]
-    elif old_phy2log is not None:
-        phy2log = migrate(w, old, num_gpus, budget, total, min_gain, method)
-    elif policy == "global" or not hier_ok or num_nodes == 1:
-        phy2log, _ = _solve(w, num_replicas, 1, 1, num_gpus, method)
-    elif policy == "hierarchical":
-        phy2log, _ = _solve(w, num_replicas, num_groups, num_nodes, num_gpus, method)
     else:
-        phy2log, peak = _solve(w, num_replicas, 1, 1, num_gpus, method)
-        # Hierarchical can only match or beat a layer where its bound (a node's load spread over
-        # that node's GPUs, with groups packed as _solve packs them) reaches the global max GPU load.
-        bound = _node_bound(w, num_groups, num_nodes, num_gpus)  # [L]
-        maybe = np.nonzero(bound <= peak)[0]
-        if maybe.size:
-            hier, hier_peak = _solve(w[maybe], num_replicas, num_groups, num_nodes, num_gpus, method)
-            take = hier_peak <= peak[maybe]  # no higher: a tie keeps the locality for free
-            phy2log[maybe[take]] = hier[take]
+        fresh = _fresh(w, num_replicas, num_groups, num_nodes, num_gpus, policy, method, hier_ok)
+        # With an old placement: incremental, or the fresh plan relabelled where it dominates.
+        phy2log = fresh if old_phy2log is None else migrate(w, old, num_gpus, budget, total, min_gain, method, fresh)
     log2phy, logcnt = logical_maps_np(phy2log, num_experts)
     device = weight.device
     return (
@@ -137,6 +127,27 @@ def rebalance_experts(
         torch.from_numpy(log2phy).to(device),
         torch.from_numpy(logcnt).to(device),
     )
+
+
+def _fresh(
+    w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, policy: str, method: str,
+    hier_ok: bool,
+) -> np.ndarray:
+    """The from-scratch plan ``phy2log [L, R]`` of ``policy`` for ``w [L, E]`` (see the module docstring)."""
+    if policy == "global" or not hier_ok or num_nodes == 1:
+        return _solve(w, num_replicas, 1, 1, num_gpus, method)[0]
+    if policy == "hierarchical":
+        return _solve(w, num_replicas, num_groups, num_nodes, num_gpus, method)[0]
+    phy2log, peak = _solve(w, num_replicas, 1, 1, num_gpus, method)
+    # Hierarchical can only match or beat a layer where its bound (a node's load spread over
+    # that node's GPUs, with groups packed as _solve packs them) reaches the global max GPU load.
+    bound = _node_bound(w, num_groups, num_nodes, num_gpus)  # [L]
+    maybe = np.nonzero(bound <= peak)[0]
+    if maybe.size:
+        hier, hier_peak = _solve(w[maybe], num_replicas, num_groups, num_nodes, num_gpus, method)
+        take = hier_peak <= peak[maybe]  # no higher: a tie keeps the locality for free
+        phy2log[maybe[take]] = hier[take]
+    return phy2log
 
 
 def _pack_groups(w: np.ndarray, num_groups: int, num_nodes: int) -> tuple[np.ndarray, np.ndarray]:

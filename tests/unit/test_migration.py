@@ -372,7 +372,8 @@ def test_migrate_direct_call_matches_rebalance():
     w = _weights(rng, 3, 8)
     old = rebalance_experts(_weights(rng, 3, 8), 16, 1, 1, 4)[0]
     b, t = budget_per_layer(0.25, 3, 16, "layer")
-    direct = migrate(w.numpy(), old.numpy(), 4, b, t, 0.0, "hybrid_tail")
+    fresh = rebalance_experts(w, 16, 1, 1, 4)[0].numpy()  # rebalance_experts offers its fresh plan too
+    direct = migrate(w.numpy(), old.numpy(), 4, b, t, 0.0, "hybrid_tail", fresh)
     via = rebalance_experts(w, 16, 1, 1, 4, old_phy2log=old, max_moves=0.25)[0].numpy()
     assert np.array_equal(direct, via)
 
