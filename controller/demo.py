@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
@@ -113,6 +114,9 @@ def start_cluster(a: argparse.Namespace):
     from ray_eplb.actors.ray_worker import RANK_RESOURCE, enable_zero_copy
 
     enable_zero_copy()
+    # Metrics reach the Prometheus endpoint every 2 s instead of Ray's default 10 s, so the
+    # dashboard check at the end of a short run sees them.
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
     if a.address:
         ray.init(address=a.address, log_to_driver=False)
         return None, 1.0
@@ -276,6 +280,9 @@ def _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start) -> di
     hist = ray.get(ctl.history.remote())
     states = ray.get([h.state.remote() for h in group.handles])
     identity_bad = sum(len(v) for v in ray.get([h.verify.remote() for h in group.handles]))
+    from ray_eplb.controller.dashboard import inspect
+
+    dash = inspect(("ray_eplb_epoch", "ray_eplb_rebalances_total") if st["rebalances"] else ("ray_eplb_phase_seconds",))
     after, which = [r for r in rows if r["epoch"] > 0], "the {n} windows served after the first rebalance"
     if not after:
         after, which = [r for r in rows if r["epoch_end"] > 0], "the {n} window(s) in which the first rebalance took effect"
@@ -300,6 +307,7 @@ def _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start) -> di
         "mismatched_tokens": bad_tokens,
         "max_stall_ms": round(max([1e3 * router.max_stall_s] + [s["max_lock_wait_ms"] for s in states]), 3),
         "wrong_weight_slots": identity_bad,
+        "dashboard": {"url": dash["url"], "actors": sorted(dash["actors"]), "metrics": dash["metrics"]},
         "ok": bad_tokens == 0 and identity_bad == 0,
     }
     aborted = sum(h.get("action") == "aborted" for h in hist)
@@ -313,5 +321,10 @@ def _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start) -> di
     print(f"{tag} rebalances {st['rebalances']}, moved {st['experts_moved']} slots ({st['bytes_moved'] / 2**20:.1f} MiB) "
           f"in {st['transfer_batches']} transfer batches; mean balancedness over the run {summary['balancedness_run']:.3f}")
     print(f"[demo] tokens {tokens}, mismatched vs dense reference {bad_tokens}, max stall {summary['max_stall_ms']:.2f} ms")
+    print(f"[demo] dashboard {dash['url'] or '(none)'}: Actors page lists {len(dash['actors'])} ray_eplb actors, e.g. "
+          f"{dash['actors'].get('ray_eplb_controller', '(controller not listed)')}; Prometheus has "
+          f"{len(dash['metrics'])} ray_eplb metrics: {', '.join(m.removeprefix('ray_eplb_') for m in dash['metrics'])}")
+    for err in dash["errors"][:3]:
+        print(f"[demo] dashboard check: {err}")
     return summary
 

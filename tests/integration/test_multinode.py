@@ -38,6 +38,11 @@ def test_demo_runs_end_to_end_with_token_auth_on():
     assert set(summary) == {"balancedness_before", "balancedness_after", "balancedness_run", "planning", "max_moves",
                             "rebalance_period_s", "rebalances", "experts_moved", "bytes_moved", "transfer_batches",
                             "aborted", "swap_s_mean", "tokens", "mismatched_tokens", "max_stall_ms",
-                            "wrong_weight_slots", "ok"}
+                            "wrong_weight_slots", "dashboard", "ok"}
     assert summary["tokens"] == 6 * 2 * 64 and summary["mismatched_tokens"] == 0 and summary["ok"]
     assert summary["rebalances"] >= 1 and summary["experts_moved"] > 0 and summary["bytes_moved"] > 0
+    # What a person finds on the dashboard: the named actors (Actors page) and the metrics (Prometheus).
+    dash = summary["dashboard"]
+    assert dash["url"] and dash["actors"] == ["ray_eplb_controller"] + [f"ray_eplb_worker_{r}" for r in range(4)]
+    assert {"ray_eplb_epoch", "ray_eplb_rebalances_total", "ray_eplb_experts_moved_total",
+            "ray_eplb_balancedness", "ray_eplb_phase_seconds"} <= set(dash["metrics"])
