@@ -26,7 +26,11 @@ _DESCRIPTIONS = {
 
 
 class RayMetrics:
-    """``ray.util.metrics`` gauges and counters, created on first use (Prometheus names get ``ray_``)."""
+    """``ray.util.metrics`` gauges and counters, created on first use (Prometheus names get ``ray_``).
+
+    Ray (2.60 measured) drops a gauge from the Prometheus endpoint a few seconds after its last
+    ``set``, so :meth:`refresh` sets every gauge's last value again; the controller calls it each round.
+    """
 
     def __init__(self) -> None:
         from ray.util import metrics
@@ -34,11 +38,17 @@ class RayMetrics:
         self._m = metrics
         self._gauges: dict[str, Any] = {}
         self._counters: dict[str, Any] = {}
+        self._last: dict[tuple[str, tuple], tuple[float, dict | None]] = {}  # (name, tags) -> value, tags
 
     def gauge(self, name: str, value: float, tags: dict | None = None) -> None:
         if name not in self._gauges:
             self._gauges[name] = self._m.Gauge(name, description=_DESCRIPTIONS.get(name, name), tag_keys=tuple(tags or ()))
         self._gauges[name].set(float(value), tags=tags)
+        self._last[(name, tuple(sorted((tags or {}).items())))] = (float(value), tags)
+
+    def refresh(self) -> None:
+        for (name, _), (value, tags) in self._last.items():
+            self._gauges[name].set(value, tags=tags)
 
     def count(self, name: str, value: float = 1.0) -> None:
         if name not in self._counters:

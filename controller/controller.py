@@ -52,7 +52,7 @@ class EplbController:
         config: the controller configuration.
         placement: the placement the workers start with (default: ``Placement.identity``); on
             restart the controller re-reads the truth from the workers (see :meth:`recover`).
-        metrics: a sink with ``gauge`` / ``count`` (the Ray actor passes ``ray.util.metrics``).
+        metrics: a sink with ``gauge`` / ``count`` / ``refresh`` (the Ray actor passes ``ray.util.metrics``).
     """
 
     def __init__(
@@ -182,6 +182,7 @@ class EplbController:
         async with lock:
             rec: dict[str, Any] = {"round": self._rounds, "time": time.time(), "forced": force}
             self._rounds += 1
+            self.metrics.refresh()  # keep the last gauge values on the Prometheus endpoint
             try:
                 if not self._recovered:
                     await self.recover()

@@ -275,14 +275,15 @@ def _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start) -> di
               f"rebalances {st['rebalances']}  moved {st['experts_moved']} ({st['bytes_moved'] / 2**20:.1f} MiB)  "
               f"mismatched {bad_tokens}")
     replay_s = time.monotonic() - t_replay
+    from ray_eplb.controller.dashboard import inspect
+
+    # Before the loop stops: its rounds keep the gauges on the endpoint.
+    dash = inspect(("ray_eplb_epoch", "ray_eplb_balancedness", "ray_eplb_rebalances_total"))
     ray.get(ctl.stop.remote())
     st = ray.get(ctl.status.remote())
     hist = ray.get(ctl.history.remote())
     states = ray.get([h.state.remote() for h in group.handles])
     identity_bad = sum(len(v) for v in ray.get([h.verify.remote() for h in group.handles]))
-    from ray_eplb.controller.dashboard import inspect
-
-    dash = inspect(("ray_eplb_epoch", "ray_eplb_rebalances_total") if st["rebalances"] else ("ray_eplb_phase_seconds",))
     after, which = [r for r in rows if r["epoch"] > 0], "the {n} windows served after the first rebalance"
     if not after:
         after, which = [r for r in rows if r["epoch_end"] > 0], "the {n} window(s) in which the first rebalance took effect"

@@ -93,3 +93,6 @@ class NullMetrics:
 
     def count(self, name: str, value: float = 1.0) -> None:
         pass
+
+    def refresh(self) -> None:
+        pass
