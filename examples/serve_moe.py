@@ -119,8 +119,9 @@ class MoEServer:
             raise ValueError(f"the controller balances {topo.num_layers} layers x {topo.num_experts} experts, "
                              f"the model has {spec.num_layers} x {spec.num_experts}")
         self.workers = [ray.get_actor(WORKER_NAME.format(rank=r), namespace=namespace) for r in range(topo.num_gpus)]
-        # A Router is not thread-safe and Serve runs sync methods on a thread pool: one Router per
-        # request in flight, each a map subscriber of its own, reused from this pool.
+        # Serve runs sync methods on a thread pool. One Router could serve them all (it is
+        # thread-safe), but each response reports the epoch its router routed by, which only a
+        # Router of its own tells exactly: one per request in flight, reused from this pool.
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
         self._routers: list = []
         self.served = 0
