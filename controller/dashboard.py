@@ -1,9 +1,18 @@
 """What a person finds on the Ray dashboard: our named actors (Actors page, through the state API the
 dashboard serves) and our metrics (each node's Prometheus endpoint, which the dashboard's Metrics
-page and Grafana read). The demo prints it and puts it in its JSON summary."""
+page and Grafana read). The demo prints it and puts it in its JSON summary. With ``--screenshot``
+the demo also opens the Actors page in headless Chromium (DevTools protocol over aiohttp, logged in
+with the cluster's token) and reads the rows a person sees."""
 from __future__ import annotations
 
+import asyncio
+import base64
+import os
 import re
+import shutil
+import socket
+import subprocess
+import tempfile
 import time
 import urllib.request
 
@@ -47,3 +56,106 @@ def inspect(wait_metrics: tuple[str, ...] = ("ray_eplb_epoch",), timeout_s: floa
         if all(w in names for w in wait_metrics) or time.monotonic() >= deadline:
             return out
         time.sleep(1.0)
+
+
+def _token() -> str | None:
+    """This cluster's authentication token as Ray loaded it (``None``: token auth is off)."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+
+        loader = AuthenticationTokenLoader.instance()
+        if loader.has_token():
+            header = next(iter(loader.get_token_for_http_header().values()))
+            return header.split(" ", 1)[1] if header.lower().startswith("bearer ") else header
+    except Exception:  # noqa: BLE001 - private API moved: fall back to the default token file
+        pass
+    from pathlib import Path
+
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    return path.read_text().strip() if path.exists() else None
+
+
+def browser_check(url: str, screenshot: str | None = None, settle_s: float = 8.0, timeout_s: float = 60.0) -> dict:
+    """Open the dashboard's Actors page in headless Chromium (with the cluster's token as the
+    dashboard's own login would set it) and read what a person sees there.
+
+    Returns ``{"actors": {name: the row's text}, "png": path or None}``; raises ``RuntimeError``
+    when Chromium is not installed or the page does not load."""
+    return asyncio.run(asyncio.wait_for(_browse(url, screenshot, settle_s), timeout_s))
+
+
+async def _browse(url: str, screenshot: str | None, settle_s: float) -> dict:
+    import aiohttp  # comes with ray[default] (the dashboard's own server)
+
+    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if exe is None:
+        raise RuntimeError("no chromium / google-chrome on PATH: the browser check needs one")
+    base = url if url.startswith("http") else f"http://{url}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.Popen(
+            [exe, "--headless", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}",
+             f"--user-data-dir={profile}", "--window-size=1600,1000", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            async with aiohttp.ClientSession() as http:
+                for _ in range(100):  # the DevTools endpoint comes up within a few seconds
+                    try:
+                        async with http.get(f"http://127.0.0.1:{port}/json") as r:
+                            tabs = await r.json()
+                        break
+                    except aiohttp.ClientError:
+                        await asyncio.sleep(0.2)
+                else:
+                    raise RuntimeError("chromium's DevTools endpoint did not come up")
+                page = next(t for t in tabs if t["type"] == "page")["webSocketDebuggerUrl"]
+                async with http.ws_connect(page, max_msg_size=0) as ws:
+                    return await _read_actors_page(ws, base, screenshot, settle_s)
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+async def _read_actors_page(ws, base: str, screenshot: str | None, settle_s: float) -> dict:
+    calls = iter(range(1, 1 << 30))
+
+    async def call(method: str, **params) -> dict:
+        n = next(calls)
+        await ws.send_json({"id": n, "method": method, "params": params})
+        while True:
+            msg = await ws.receive_json()
+            if msg.get("id") == n:
+                if "error" in msg:
+                    raise RuntimeError(f"chromium {method}: {msg['error']}")
+                return msg.get("result", {})
+
+    token = _token()
+    if token:  # what the dashboard's token dialog stores after POST /api/authenticate
+        await call("Network.enable")
+        await call("Network.setCookie", name="ray-authentication-token", value=token, url=base)
+    await call("Page.enable")
+    await call("Page.navigate", url=f"{base}/#/actors")
+    deadline = time.monotonic() + settle_s
+    text = ""
+    while time.monotonic() < deadline:  # the page fills its table from the state API
+        await asyncio.sleep(1.0)
+        text = (await call("Runtime.evaluate", expression="document.body.innerText", returnByValue=True))["result"]["value"]
+        if "ray_eplb_controller" in text:
+            await asyncio.sleep(1.0)  # let the rest of the rows render
+            text = (await call("Runtime.evaluate", expression="document.body.innerText", returnByValue=True))["result"]["value"]
+            break
+    rows = {}
+    for line in text.splitlines():
+        m = re.search(r"\b(ray_eplb_(?:controller|worker_\d+))\b", line)
+        if m:
+            rows[m.group(1)] = " ".join(line.split())
+    png = None
+    if screenshot:
+        shot = await call("Page.captureScreenshot", format="png")
+        with open(screenshot, "wb") as f:
+            f.write(base64.b64decode(shot["data"]))
+        png = screenshot
+    return {"actors": rows, "png": png, "auth": bool(token),
+            "login_dialog": "Authentication Token Required" in text}

@@ -14,6 +14,7 @@ the trace twice, from-scratch planning against incremental planning that rebalan
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import os
@@ -67,6 +68,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="end with one line of JSON")
+    ap.add_argument("--screenshot", default=None, metavar="PNG",
+                    help="also open the dashboard's Actors page in headless Chromium, check our actors are "
+                         "listed, and save a screenshot here (needs chromium on PATH)")
     a = ap.parse_args(argv)
     for name in ("workers", "nodes", "batches_per_window", "batch_tokens", "hidden", "ffn"):
         if getattr(a, name) <= 0:
@@ -133,17 +137,32 @@ def start_cluster(a: argparse.Namespace):
         dict(num_cpus=2, num_gpus=node_gpus[i], resources={RANK_RESOURCE: per_node}, object_store_memory=400 * 1024**2)
         for i in range(a.nodes)
     ]
+    dash = dict(include_dashboard=True, dashboard_port=_free_port(8265))  # another Ray's dashboard may hold 8265
     if a.nodes == 1:
-        ray.init(address="local", include_dashboard=True, log_to_driver=False, **node_args[0])
+        ray.init(address="local", log_to_driver=False, **dash, **node_args[0])
         return None, frac
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args=dict(include_dashboard=True, **node_args[0]))
+    cluster = Cluster(initialize_head=True, head_node_args=dict(**dash, **node_args[0]))
     for args in node_args[1:]:
         cluster.add_node(**args)
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
     return cluster, frac
+
+
+def _free_port(preferred: int) -> int:
+    """``preferred`` if nothing listens there on this machine, else a free port the OS picks."""
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    return preferred
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,6 +298,13 @@ def _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start) -> di
 
     # Before the loop stops: its rounds keep the gauges on the endpoint.
     dash = inspect(("ray_eplb_epoch", "ray_eplb_balancedness", "ray_eplb_rebalances_total"))
+    if a.screenshot:
+        from ray_eplb.controller.dashboard import browser_check
+
+        try:
+            dash["browser"] = browser_check(dash["url"] or "127.0.0.1:8265", a.screenshot)
+        except (RuntimeError, OSError, asyncio.TimeoutError) as exc:
+            dash["errors"].append(f"browser: {exc!r}")
     ray.get(ctl.stop.remote())
     st = ray.get(ctl.status.remote())
     hist = ray.get(ctl.history.remote())
@@ -308,7 +334,8 @@ def _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start) -> di
         "mismatched_tokens": bad_tokens,
         "max_stall_ms": round(max([1e3 * router.max_stall_s] + [s["max_lock_wait_ms"] for s in states]), 3),
         "wrong_weight_slots": identity_bad,
-        "dashboard": {"url": dash["url"], "actors": sorted(dash["actors"]), "metrics": dash["metrics"]},
+        "dashboard": {"url": dash["url"], "actors": sorted(dash["actors"]), "metrics": dash["metrics"],
+                      **({"browser": sorted(dash["browser"]["actors"])} if "browser" in dash else {})},
         "ok": bad_tokens == 0 and identity_bad == 0,
     }
     aborted = sum(h.get("action") == "aborted" for h in hist)
@@ -325,6 +352,9 @@ def _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start) -> di
     print(f"[demo] dashboard {dash['url'] or '(none)'}: Actors page lists {len(dash['actors'])} ray_eplb actors, e.g. "
           f"{dash['actors'].get('ray_eplb_controller', '(controller not listed)')}; Prometheus has "
           f"{len(dash['metrics'])} ray_eplb metrics: {', '.join(m.removeprefix('ray_eplb_') for m in dash['metrics'])}")
+    if "browser" in dash:
+        print(f"[demo] headless Chromium on the Actors page ({'logged in with the token' if dash['browser']['auth'] else 'no auth'}): "
+              f"{len(dash['browser']['actors'])} ray_eplb rows; screenshot {dash['browser']['png']}")
     for err in dash["errors"][:3]:
         print(f"[demo] dashboard check: {err}")
     return summary

@@ -1,6 +1,7 @@
 """Node placement on a real multi-raylet cluster, and the demo end to end (fresh processes)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,11 +29,15 @@ def test_ranks_of_a_node_share_a_ray_node_and_moves_prefer_it():
 
 
 @pytest.mark.timeout(200)
-def test_demo_runs_end_to_end_with_token_auth_on():
+def test_demo_runs_end_to_end_with_token_auth_on(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # the product path: auth on
     cmd = [sys.executable, "-m", "ray_eplb.controller.cli", "demo", "--workers", "4", "--nodes", "2",
            "--windows", "6", "--layers", "4", "--batches-per-window", "2", "--batch-tokens", "64",
            "--interval", "0.3", "--rebalance-period", "0.6", "--json"]
+    # With a Chromium here, also look at the Actors page the way a person does (CI has none).
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser:
+        cmd += ["--screenshot", str(tmp_path / "actors.png")]
     out = run(cmd, 190, env)
     summary = json.loads(out.strip().splitlines()[-1])
     assert set(summary) == {"balancedness_before", "balancedness_after", "balancedness_run", "planning", "max_moves",
@@ -46,3 +51,5 @@ def test_demo_runs_end_to_end_with_token_auth_on():
     assert dash["url"] and dash["actors"] == ["ray_eplb_controller"] + [f"ray_eplb_worker_{r}" for r in range(4)]
     assert {"ray_eplb_epoch", "ray_eplb_rebalances_total", "ray_eplb_experts_moved_total",
             "ray_eplb_balancedness", "ray_eplb_phase_seconds"} <= set(dash["metrics"])
+    if browser:
+        assert dash["browser"] == dash["actors"] and (tmp_path / "actors.png").stat().st_size > 10_000
