@@ -15,8 +15,8 @@ One :meth:`EplbController.step` is one control round:
    on the workers, **commit** on all or **abort** on all, **publish** the new map to routers, and
    later **release** the retired epoch.
 
-Workers are handle-likes: ``worker.method.remote(*args)`` returns an awaitable (a Ray ``ObjectRef``,
-or a coroutine in unit tests). Nothing here blocks the event loop on a worker.
+Workers are handle-likes (see :mod:`~ray_eplb.controller.fanout`); nothing here blocks the event
+loop on a worker.
 """
 from __future__ import annotations
 
@@ -24,23 +24,20 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import Any, Awaitable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ray_eplb.controller.config import ControllerConfig
+from ray_eplb.controller.fanout import fanout, wait_for
 from ray_eplb.controller.loop import Loop
-from ray_eplb.controller.planning import budget_slots, solve
+from ray_eplb.controller.planning import budget_slots, decide, solve
 from ray_eplb.controller.swap import push
 from ray_eplb.controller.telemetry import LoadTracker, NullMetrics
 from ray_eplb.solver import balancedness
 from ray_eplb.topology import Placement, Topology
 
 log = logging.getLogger("ray_eplb.controller")
-
-
-async def _await(x: Awaitable) -> Any:
-    return await x
 
 
 class EplbController:
@@ -96,29 +93,12 @@ class EplbController:
         return self._lock, self._published
 
     async def _fanout(self, method: str, args: Sequence[tuple] | dict[int, tuple], timeout_s: float) -> tuple[dict, dict]:
-        """Call ``method(*args[rank])`` on every worker (``args`` a sequence, index = rank) or on the
-        ranks ``args`` names (a dict); ``({rank: result}, {rank: error})`` by the deadline."""
-        calls = args.items() if isinstance(args, dict) else enumerate(args)
-        tasks = {asyncio.ensure_future(_await(getattr(self.workers[r], method).remote(*a))): r for r, a in calls}
-        if not tasks:
-            return {}, {}
-        done, pending = await asyncio.wait(tasks, timeout=timeout_s)
-        results, failures = {}, {}
-        for t in pending:
-            t.cancel()
-            failures[tasks[t]] = f"no answer within {timeout_s:g} s"
-        for t in done:
-            exc = t.exception()
-            if exc is None:
-                results[tasks[t]] = t.result()
-            else:
-                failures[tasks[t]] = f"{type(exc).__name__}: {exc}"
-        return results, failures
+        return await fanout(self.workers, method, args, timeout_s)
 
     def _fire(self, method: str, *args: Any) -> None:
         """Send ``method(*args)`` to every worker without waiting (release)."""
         for w in self.workers:
-            fut = asyncio.ensure_future(_await(getattr(w, method).remote(*args)))
+            fut = asyncio.ensure_future(wait_for(getattr(w, method).remote(*args)))
             self._background.add(fut)
             fut.add_done_callback(self._background.discard)
 
@@ -196,24 +176,13 @@ class EplbController:
             rec["balancedness_now"] = bal_now
             if bal_now is not None:
                 self.metrics.gauge("eplb_balancedness", bal_now)
-            reason = self._decide(force, window, bal_now)
+            reason = decide(self.config, force, self.forecast is not None, float(window.sum()), bal_now,
+                            time.monotonic() - self._last_rebalance)
             self._timed("decide", t0)
             if reason is not None:
                 rec.update(await self._rebalance(reason, force, fresh))
             self._maybe_release()
             return rec
-
-    def _decide(self, force: bool, window: torch.Tensor, bal_now: float | None) -> str | None:
-        if force:
-            return "forced"
-        if self.forecast is None or float(window.sum()) < max(self.config.min_tokens, 1):
-            return None
-        trig = self.config.trigger
-        if trig in ("drift", "both") and bal_now is not None and bal_now < self.config.drift_threshold:
-            return "drift"
-        if trig in ("periodic", "both") and time.monotonic() - self._last_rebalance >= self.config.rebalance_period_s:
-            return "periodic"
-        return None
 
     async def _rebalance(self, reason: str, force: bool, fresh: bool = False) -> dict:
         forecast = self.forecast  # [L, E]

@@ -19,6 +19,23 @@ from ray_eplb.controller.transfer import align
 from ray_eplb.topology import Placement, Topology, plan
 
 
+def decide(config: ControllerConfig, force: bool, have_forecast: bool, window_tokens: float,
+           balancedness_now: float | None, since_rebalance_s: float) -> str | None:
+    """Why to rebalance now (``"forced"``, ``"drift"``, ``"periodic"``), or ``None`` not to: the
+    trigger needs a forecast and at least ``min_tokens`` in the window; drift fires below
+    ``drift_threshold``, periodic after ``rebalance_period_s``."""
+    if force:
+        return "forced"
+    if not have_forecast or window_tokens < max(config.min_tokens, 1):
+        return None
+    trig = config.trigger
+    if trig in ("drift", "both") and balancedness_now is not None and balancedness_now < config.drift_threshold:
+        return "drift"
+    if trig in ("periodic", "both") and since_rebalance_s >= config.rebalance_period_s:
+        return "periodic"
+    return None
+
+
 def solve(topology: Topology, forecast: torch.Tensor, current: Placement, config: ControllerConfig,
           *, fresh: bool = False, epoch: int = 0) -> Placement:
     """The placement to move to, planned on ``forecast [L, E]`` (float64) from ``current``.

@@ -335,3 +335,20 @@ def test_the_forecast_spec_drives_what_the_controller_plans_on():
     with pytest.raises(ValueError, match="max_moves=7.5"):
         asyncio.run(ctl.reconfigure(max_moves=7.5))
     assert ctl.config.max_moves is None
+
+
+def test_decide_fires_each_trigger_only_when_its_condition_holds():
+    from ray_eplb.controller.planning import decide
+
+    both = ControllerConfig(trigger="both", drift_threshold=0.9, rebalance_period_s=10.0, min_tokens=100)
+    assert decide(both, True, False, 0.0, None, 0.0) == "forced"  # forced needs nothing
+    assert decide(both, False, False, 1e6, 0.5, 99.0) is None  # no forecast yet
+    assert decide(both, False, True, 99.0, 0.5, 99.0) is None  # too few tokens in the window
+    assert decide(both, False, True, 1e3, 0.89, 1.0) == "drift"
+    assert decide(both, False, True, 1e3, 0.91, 1.0) is None
+    assert decide(both, False, True, 1e3, 0.91, 10.0) == "periodic"
+    drift = both.model_copy(update={"trigger": "drift"})
+    periodic = both.model_copy(update={"trigger": "periodic"})
+    assert decide(drift, False, True, 1e3, 0.91, 1e6) is None
+    assert decide(periodic, False, True, 1e3, 0.1, 1.0) is None
+    assert decide(periodic, False, True, 1e3, None, 10.0) == "periodic"
