@@ -29,7 +29,8 @@ import time
 import numpy as np
 import torch
 
-from ray_eplb.controller.bench_solver import Case, case_windows, run_cli, select_cases, unavoidable_duplicates
+from ray_eplb.controller.bench_cases import Case, case_windows, select_cases
+from ray_eplb.controller.bench_solver import run_cli, unavoidable_duplicates
 from ray_eplb.controller.forecast import DEFAULT_SPEC, Forecaster, forecast_series
 from ray_eplb.controller.workload import load_trace
 from ray_eplb.solver import balancedness, duplicate_pairs, rebalance_experts
