@@ -54,6 +54,7 @@ class Staging:
         self.pool: list[torch.Tensor] = []  # free packed [3, I, H] buffers
         self.pool_cap = 0  # buffers the pool keeps: as many as were pre-touched
         self._replies: list[_Reply] = []  # borrowed replies, some maybe released already
+        self._replies_lock = threading.Lock()  # staging borrows while state() reads the total
         self._thread: ThreadPoolExecutor | None = None
         self.fetched_bytes = 0
         self.borrowed_total = 0  # of fetched_bytes, those kept in the object store (not copied)
@@ -68,6 +69,10 @@ class Staging:
     def borrowed_bytes(self) -> int:
         """Object-store bytes this worker's tables keep pinned now (whole replies: a reply stays
         pinned while any of its tensors is referenced)."""
+        with self._replies_lock:
+            return self._pinned()
+
+    def _pinned(self) -> int:
         self._replies = [r for r in self._replies if r.alive]
         return sum(r.nbytes for r in self._replies)
 
@@ -80,14 +85,15 @@ class Staging:
         if not (zero_copy and reply and self.device.type == "cpu"
                 and all(w.device.type == "cpu" and w.is_contiguous() for w in reply)):
             return False
-        if capped and self.borrowed_bytes + nbytes > self.borrow_bytes:
-            return False
-        rec = _Reply(nbytes, len(reply))
-        for i, w in enumerate(reply):
-            w._eplb_borrowed = True  # recycle() must never reuse (write into) object-store memory
-            weakref.finalize(w, rec.alive.discard, i)
-        self._replies.append(rec)
-        self.borrowed_total += nbytes
+        with self._replies_lock:  # (a finalizer only discards from a set: it never takes this lock)
+            if capped and self._pinned() + nbytes > self.borrow_bytes:
+                return False
+            rec = _Reply(nbytes, len(reply))
+            for i, w in enumerate(reply):
+                w._eplb_borrowed = True  # recycle() must never reuse (write into) object-store memory
+                weakref.finalize(w, rec.alive.discard, i)
+            self._replies.append(rec)
+            self.borrowed_total += nbytes
         return True
 
     def own(self, w: torch.Tensor, copy: bool = False) -> torch.Tensor:
