@@ -27,10 +27,10 @@ ZERO_COPY_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
 
 class RayFetcher:
     """Peer transfers through Ray's object store: one ``export`` call per source rank, all in flight
-    together. The source's reply carries the weights as they are (Ray writes them into the store;
-    measured ~3x faster here than a ``ray.put`` inside the actor); with zero-copy torch tensors the
-    receiver maps those bytes and, on a cpu worker, serves from them as they are (``zero_copy``:
-    each reply is an immutable object nobody else writes; see :meth:`Staging.borrow`)."""
+    together. The source returns the weights as :func:`pack_reply` pieces (Ray writes them into the
+    store as the reply; measured ~3x faster here than a ``ray.put`` inside the actor); the receiver
+    maps them zero-copy (:func:`unpack_reply`) and, on a cpu worker, serves from them as they are
+    (``zero_copy``: each reply is an immutable object nobody else writes; see :meth:`Staging.borrow`)."""
 
     zero_copy = True
 
