@@ -112,7 +112,7 @@ def rebalance_experts(
     elif old_phy2log is not None and policy == "hierarchical":
         if max_moves is not None:
             raise ValueError("max_moves needs policy 'global' or 'auto': hierarchical plans move whole groups")
-        fresh, _ = _solve(w, num_replicas, num_groups, num_nodes, num_gpus, method)
+        fresh = _fresh(w, num_replicas, num_groups, num_nodes, num_gpus, policy, method, hier_ok)
         phy2log = align(old, fresh, num_nodes, num_gpus)
         worse = peak_load(phy2log, w, num_gpus) >= (1 - min_gain) * peak_load(old, w, num_gpus)
         phy2log[worse] = old[worse]
