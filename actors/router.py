@@ -7,7 +7,7 @@ are split evenly among its replicas, the split the solver assumes), sends every 
 gate weights. It subscribes to the controller's published maps by long poll (``wait_map``), checked
 without blocking before every dispatch; a worker that no longer holds the epoch answers
 :class:`StaleEpochError`, and the router then fetches the newest map and re-routes those tokens
-(so does a worker that died and is being restarted).
+(a worker that died is waited for, up to ``timeout_s``, while Ray restarts it on the map in force).
 
 Thread-safe: serving threads (e.g. a Ray Serve replica's thread pool) may share one Router; its
 map, subscription, round-robin offset and counters change under one lock, and the workers' calls
@@ -148,7 +148,8 @@ class Router:
         out = torch.zeros_like(x)  # [N, H]
         todo = torch.ones(n * k, dtype=torch.bool)  # assignments not yet served
         t_first_stale = None
-        for attempt in range(4):
+        refreshes, down, deadline = 0, 0, time.monotonic() + self.timeout_s
+        while True:
             idx = todo.nonzero().squeeze(1)  # [M]
             with self._lock:
                 p, offset = self.placement, self._offset
@@ -161,12 +162,16 @@ class Router:
                 m = idx[ranks == r]  # assignments for rank r
                 ref = self.workers[r].forward.remote(p.epoch, layer, local[ranks == r], x[tok[m]])
                 calls.append((r, m, ref))
+            stale = unavailable = False
             for r, m, ref in calls:
                 try:
-                    y = self._ray.get(ref, timeout=self.timeout_s)  # [|m|, H]
-                except (StaleEpochError, self._ray.exceptions.RayActorError):
-                    # A stale map, or a worker that died: Ray restarts it on the map in force and
-                    # holds our next call until it is back; re-route these tokens.
+                    y = self._ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))  # [|m|, H]
+                except StaleEpochError:  # the map moved on: fetch it and re-route these tokens
+                    stale = True
+                    t_first_stale = t_first_stale or time.perf_counter()
+                    continue
+                except self._ray.exceptions.RayActorError:  # the worker died: Ray restarts it
+                    unavailable = True
                     t_first_stale = t_first_stale or time.perf_counter()
                     continue
                 out.index_add_(0, tok[m], y * w[m, None])
@@ -177,9 +182,15 @@ class Router:
                 break
             with self._lock:
                 self.retries += 1
-            self.refresh(block=True)
-        else:
-            raise RuntimeError(f"{self}: layer {layer} could not be served after 4 map refreshes")
+            if stale and refreshes == 4:
+                raise RuntimeError(f"{self}: layer {layer} could not be served after 4 map refreshes")
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"{self}: layer {layer}: a worker stayed unavailable for {self.timeout_s:g} s")
+            if unavailable:  # a restarted worker comes back on the map in force: wait, then re-route
+                time.sleep(min(1.0, 0.05 * 2**down))
+                down += 1
+            refreshes += stale
+            self.refresh(block=stale)
         if t_first_stale is not None:
             with self._lock:
                 self.max_stall_s = max(self.max_stall_s, time.perf_counter() - t_first_stale)

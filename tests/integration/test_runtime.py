@@ -27,6 +27,19 @@ def drive(rt, batches=4, seed=0):
     return bad
 
 
+def until_back(worker, timeout_s=60.0):
+    """The state of a worker Ray is restarting, once it answers (calls fail fast meanwhile)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(worker.state.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            assert time.monotonic() < deadline, "the worker did not come back"
+            time.sleep(0.5)
+
+
 def states(rt):
     import ray
 
@@ -226,9 +239,10 @@ def test_a_killed_worker_restarts_on_the_placement_in_force_and_serves_correctly
     victim = runtime.workers[1]
     before = ray.get(victim.state.remote())
     ray.kill(victim, no_restart=False)
-    # The router's calls to rank 1 wait for the restart (or re-route); every output is still right.
+    # The router waits for rank 1 to come back (calls to a restarting actor fail at once); every
+    # output is still right.
     assert drive(runtime, seed=110) == 0
-    after = ray.get(victim.state.remote(), timeout=60)
+    after = until_back(victim)
     assert after["incarnation"] != before["incarnation"] and after["restored"]
     assert after["epoch"] == epoch and torch.equal(after["experts"], phy2log[:, 3:6])
     assert ray.get(victim.verify.remote()) == []  # every slot holds its expert's weights
@@ -246,3 +260,36 @@ def test_a_killed_worker_restarts_on_the_placement_in_force_and_serves_correctly
     assert rec["action"] in ("committed", "no_change"), rec
     assert ray.get([w.verify.remote() for w in runtime.workers]) == [[]] * runtime.topology.num_gpus
     assert drive(runtime, seed=130) == 0
+
+
+def test_a_worker_killed_mid_swap_aborts_the_round_and_restarts_on_the_old_epoch(runtime):
+    import ray
+
+    from ray_eplb.controller.bench_runtime import swap_target
+
+    ctl = runtime.controller
+    drive(runtime, seed=140)
+    st = ray.get(ctl.status.remote())
+    epoch, phy2log = st["epoch"], st["phy2log"]
+    slow, victim = runtime.workers[0], runtime.workers[2]
+    before = ray.get(victim.state.remote())["incarnation"]
+    ray.get(slow.inject_delay.remote("prepare", 1.5))  # keeps the round open (deadline 2 s)
+    try:
+        pending = ctl.apply_placement.remote(swap_target(phy2log, 3, 0.5, seed=7))
+        time.sleep(0.5)
+        ray.kill(victim, no_restart=False)  # mid-swap
+        rec = ray.get(pending, timeout=60)
+    finally:
+        ray.get(slow.inject_delay.remote("prepare", 0.0))
+    assert rec["action"] == "aborted", rec
+    # The restarted worker asked for the map in force only once the round was over: the old one.
+    after = until_back(victim)
+    assert after["incarnation"] != before and after["restored"] and after["epoch"] == epoch
+    assert {s["epoch"] for s in states(runtime)} == {epoch}
+    assert torch.equal(torch.cat([s["experts"] for s in states(runtime)], 1), phy2log)
+    assert ray.get([w.verify.remote() for w in runtime.workers]) == [[]] * runtime.topology.num_gpus
+    assert drive(runtime, seed=150) == 0
+    again = ray.get(ctl.apply_placement.remote(swap_target(phy2log, 3, 0.5, seed=7)))
+    assert again["action"] == "committed", again  # and the next round goes through
+    assert ray.get([w.verify.remote() for w in runtime.workers]) == [[]] * runtime.topology.num_gpus
+    assert drive(runtime, seed=160) == 0
