@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ray_eplb.controller import workload
-from ray_eplb.controller.workload import load_trace, load_workload, sample_windows, synthetic_trace
+from ray_eplb.controller.workload import default_traces_dir, load_trace, load_workload, sample_windows, synthetic_trace
 
-SHARED = Path("/work/shared/traces")
+SHARED = default_traces_dir() or Path("../shared/traces")  # where the CI clone finds them too
 # From ../shared/traces/README.md: (windows, layers, experts); None = any number of windows.
 KNOWN = {
     "dsv2lite_puffin": (20, 26, 64),
