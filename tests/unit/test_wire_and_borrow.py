@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from ray_eplb.actors import ExpertWorker, SyntheticWeightSource
+from ray_eplb.actors import ExpertWorker
 from ray_eplb.actors.protocol import PIECE_BYTES, pack_reply, unpack_reply
 from ray_eplb.actors.staging import Staging
-from ray_eplb.controller.transfer import split_by_rank, transfer_plan
-from ray_eplb.topology import Placement, Topology
+from ray_eplb.topology import Placement
+from test_actors_worker import SRC, TOPO, swap  # the same 2 x 2 x 3-slot group and its two-phase swap
 
 
 @pytest.mark.parametrize("shape,dtype", [((3, 600, 256), torch.float32), ((3, 24, 16), torch.bfloat16), ((2, 3), torch.float16)])
@@ -63,8 +63,6 @@ def test_borrow_keeps_replies_under_the_cap_and_never_pools_them():
         Staging(torch.device("cpu"), threading.Lock(), borrow_bytes=-1)
 
 
-TOPO = Topology(num_nodes=2, gpus_per_node=2, slots_per_gpu=3, num_experts=8, num_layers=2)
-SRC = SyntheticWeightSource(hidden_size=16, ffn_size=24, seed=3)
 
 
 class WireFetcher:
@@ -93,16 +91,6 @@ def make_workers(borrow_bytes=None):
         workers[r] = ExpertWorker(r, TOPO, p.rank_experts(r), SRC, fetcher=fetch, device="cpu",
                                   stage_borrow_bytes=borrow_bytes)
     return workers
-
-
-def swap(workers, old, new, epoch):
-    new = new.with_epoch(epoch)
-    per_rank = split_by_rank(transfer_plan(old, new), TOPO.num_gpus)
-    for r, w in workers.items():
-        assert w.prepare(epoch, per_rank[r], new.rank_experts(r))["status"] == "prepared"
-    for w in workers.values():
-        assert w.commit(epoch)["status"] == "committed"
-    return new
 
 
 def rotated(placement, shift):
