@@ -69,6 +69,13 @@ class RayExpertWorker(ExpertWorker):
                 experts, epoch, self.restored = current.rank_experts(rank).clone(), current.epoch, True
         super().__init__(rank, topology, experts, source, fetcher=RayFetcher(namespace), epoch=epoch, **kwargs)
         self.node_id = ray.get_runtime_context().get_node_id()
+        if kwargs.get("stage_borrow_bytes") is None:
+            # The ranks of a node share its object store: together they pin at most half of it.
+            store = next((n["Resources"].get("object_store_memory", 0) for n in ray.nodes()
+                          if n["NodeID"] == self.node_id), 0)
+            if store:
+                share = int(0.5 * store / topology.gpus_per_node)
+                self.staging.borrow_bytes = min(self.staging.borrow_bytes, share)
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", ray_node={self.node_id[:8]})"

@@ -64,8 +64,9 @@ class ExpertWorker(EpochSwap):
             (old slots keep serving) and leaves serving its bandwidth and CPU.
         stage_borrow_bytes: on a cpu worker, weights a peer sent through Ray's object store are
             kept there (zero-copy, read-only) up to this many pinned bytes, copied beyond it
-            (``None``: as many bytes as this worker's own slots hold; ``0``: always copy). A copy
-            halves the transfer bandwidth (see :mod:`ray_eplb.actors.staging`).
+            (``None``: as many bytes as this worker's own slots hold, and in a Ray actor at most
+            its share of half its node's object store; ``0``: always copy). A copy halves the
+            transfer bandwidth (see :mod:`ray_eplb.actors.staging`).
     """
 
     def __init__(
@@ -231,6 +232,7 @@ class ExpertWorker(EpochSwap):
                 "fetch_s": self.staging.fetch_s,
                 "free_buffers": len(self.staging.pool),
                 "borrowed_bytes": self.staging.borrowed_bytes,
+                "borrow_cap": self.staging.borrow_bytes,
                 "borrowed_total": self.staging.borrowed_total,
                 "expert_bytes": w0.numel() * w0.element_size(),
             }
