@@ -41,19 +41,21 @@ def inspect(wait_metrics: tuple[str, ...] = ("ray_eplb_epoch",), timeout_s: floa
     deadline = time.monotonic() + timeout_s
     while True:
         names: set[str] = set()
+        errors = []  # of this scrape only: a retry replaces them
         for node in ray.nodes():
             port = node.get("MetricsExportPort")
             if not node.get("Alive") or not port:
                 continue
+            url = f"http://{node['NodeManagerAddress']}:{port}/metrics"
             try:
-                url = f"http://{node['NodeManagerAddress']}:{port}/metrics"
                 text = urllib.request.urlopen(url, timeout=5).read().decode()
             except OSError as exc:
-                out["errors"].append(f"metrics {url}: {exc!r}")
+                errors.append(f"metrics {url}: {exc!r}")
                 continue
             names.update(m.group(1) for line in text.splitlines() if (m := METRIC.match(line)))
         out["metrics"] = sorted(names)
         if all(w in names for w in wait_metrics) or time.monotonic() >= deadline:
+            out["errors"] += errors
             return out
         time.sleep(1.0)
 
