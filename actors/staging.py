@@ -173,6 +173,7 @@ class Staging:
         soon as ``aborted()`` says the epoch was aborted meanwhile."""
         per_chunk = max(1, self.chunk_bytes // max(1, expert_bytes))
         deadline = time.monotonic() + timeout_s
+        zero_copy = getattr(fetcher, "zero_copy", False)  # its replies may be borrowed (see borrow)
         for start in range(0, len(remote), per_chunk):
             chunk = remote[start : start + per_chunk]
             t0 = time.perf_counter()
@@ -181,7 +182,6 @@ class Staging:
                 requests[t.src_rank].append(t)
             got = fetcher({r: [(t.layer, t.expert) for t in ts] for r, ts in requests.items()},
                           max(0.1, deadline - time.monotonic()))
-            zero_copy = getattr(fetcher, "zero_copy", False)
             for r, ts in requests.items():
                 keep = self.borrow(got[r], zero_copy)
                 for t, w in zip(ts, got[r], strict=True):

@@ -60,6 +60,18 @@ def inspect(wait_metrics: tuple[str, ...] = ("ray_eplb_epoch",), timeout_s: floa
         time.sleep(1.0)
 
 
+def free_port(preferred: int = 0) -> int:
+    """``preferred`` if nothing listens there on this machine, else a free port the OS picks."""
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    return preferred
+
+
 def _token() -> str | None:
     """This cluster's authentication token as Ray loaded it (``None``: token auth is off)."""
     try:
@@ -93,9 +105,7 @@ async def _browse(url: str, screenshot: str | None, settle_s: float) -> dict:
     if exe is None:
         raise RuntimeError("no chromium / google-chrome on PATH: the browser check needs one")
     base = url if url.startswith("http") else f"http://{url}"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # for Chromium's DevTools endpoint
     with tempfile.TemporaryDirectory() as profile:
         proc = subprocess.Popen(
             [exe, "--headless", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}",
@@ -139,14 +149,18 @@ async def _read_actors_page(ws, base: str, screenshot: str | None, settle_s: flo
         await call("Network.setCookie", name="ray-authentication-token", value=token, url=base)
     await call("Page.enable")
     await call("Page.navigate", url=f"{base}/#/actors")
+    async def page_text() -> str:
+        got = await call("Runtime.evaluate", expression="document.body.innerText", returnByValue=True)
+        return got["result"]["value"]
+
     deadline = time.monotonic() + settle_s
     text = ""
     while time.monotonic() < deadline:  # the page fills its table from the state API
         await asyncio.sleep(1.0)
-        text = (await call("Runtime.evaluate", expression="document.body.innerText", returnByValue=True))["result"]["value"]
+        text = await page_text()
         if "ray_eplb_controller" in text:
             await asyncio.sleep(1.0)  # let the rest of the rows render
-            text = (await call("Runtime.evaluate", expression="document.body.innerText", returnByValue=True))["result"]["value"]
+            text = await page_text()
             break
     rows = {}
     for line in text.splitlines():

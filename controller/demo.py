@@ -116,6 +116,7 @@ def start_cluster(a: argparse.Namespace):
     import ray
 
     from ray_eplb.actors.ray_worker import RANK_RESOURCE, enable_zero_copy
+    from ray_eplb.controller.dashboard import free_port
 
     enable_zero_copy()
     # Metrics reach the Prometheus endpoint every 2 s instead of Ray's default 10 s, so the
@@ -137,7 +138,7 @@ def start_cluster(a: argparse.Namespace):
         dict(num_cpus=2, num_gpus=node_gpus[i], resources={RANK_RESOURCE: per_node}, object_store_memory=400 * 1024**2)
         for i in range(a.nodes)
     ]
-    dash = dict(include_dashboard=True, dashboard_port=_free_port(8265))  # another Ray's dashboard may hold 8265
+    dash = dict(include_dashboard=True, dashboard_port=free_port(8265))  # another Ray's dashboard may hold 8265
     if a.nodes == 1:
         ray.init(address="local", log_to_driver=False, **dash, **node_args[0])
         return None, frac
@@ -149,20 +150,6 @@ def start_cluster(a: argparse.Namespace):
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
     return cluster, frac
-
-
-def _free_port(preferred: int) -> int:
-    """``preferred`` if nothing listens there on this machine, else a free port the OS picks."""
-    import socket
-
-    for port in (preferred, 0):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return s.getsockname()[1]
-            except OSError:
-                continue
-    return preferred
 
 
 def main(argv: list[str] | None = None) -> int:
