@@ -14,14 +14,16 @@ from typing import Any
 import ray
 import torch
 
+from ray_eplb.actors.names import CONTROLLER_NAME, NAMESPACE, RANK_RESOURCE, WORKER_NAME
 from ray_eplb.actors.protocol import pack_reply, unpack_reply
 from ray_eplb.actors.weights import WeightSource
 from ray_eplb.actors.worker import ExpertWorker
 from ray_eplb.topology import Placement, Topology
 
-NAMESPACE = "ray_eplb"
-WORKER_NAME = "ray_eplb_worker_{rank}"
-RANK_RESOURCE = "eplb_rank"
+__all__ = [  # the names are re-exported for callers that start workers from here
+    "CONTROLLER_NAME", "NAMESPACE", "RANK_RESOURCE", "WORKER_NAME", "RayExpertWorker", "RayFetcher", "WorkerGroup",
+    "enable_zero_copy", "launch_workers", "quiet_zero_copy_warnings", "rank_resource",
+]
 ZERO_COPY_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
 
 
@@ -38,13 +40,13 @@ class RayFetcher:
         self.namespace = namespace
         self._handles: dict[int, Any] = {}
 
-    def _handle(self, rank: int) -> Any:
+    def handle(self, rank: int) -> Any:
         if rank not in self._handles:
             self._handles[rank] = ray.get_actor(WORKER_NAME.format(rank=rank), namespace=self.namespace)
         return self._handles[rank]
 
     def __call__(self, requests: dict[int, list[tuple[int, int]]], timeout_s: float) -> dict[int, list[torch.Tensor]]:
-        refs = {r: self._handle(r).export.remote(items) for r, items in requests.items()}
+        refs = {r: self.handle(r).export.remote(items) for r, items in requests.items()}
         values = ray.get(list(refs.values()), timeout=timeout_s)
         return {r: unpack_reply(v) for r, v in zip(refs, values)}
 
@@ -59,7 +61,7 @@ class RayExpertWorker(ExpertWorker):
 
     def __init__(self, rank: int, topology: Any, experts: torch.Tensor, source: WeightSource, *,
                  namespace: str = NAMESPACE, epoch: int = 0, restore_timeout_s: float = 60.0, **kwargs: Any):
-        _quiet_zero_copy_warnings()
+        quiet_zero_copy_warnings()
         self.restored = False
         if ray.get_runtime_context().was_current_actor_reconstructed:
             # Ray restarted us: our weights and epoch died with the old process. Come back on the
@@ -94,39 +96,6 @@ class RayExpertWorker(ExpertWorker):
     def export(self, *args: Any, **kwargs: Any) -> dict:  # type: ignore[override]
         """:meth:`ExpertWorker.export` in the wire format (:func:`pack_reply`)."""
         return pack_reply(super().export(*args, **kwargs))
-
-    # Benchmark helpers: a plain object-store read of the same bytes, for the bandwidth baseline.
-    def make_blob(self, nbytes: int) -> int:
-        self._blob = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
-        return int(self._blob.numel() * 4)
-
-    def blob(self, as_numpy: bool = False) -> Any:
-        return self._blob.numpy() if as_numpy else self._blob
-
-    def time_fetch(self, src_rank: int, items: list[tuple[int, int]], mode: str) -> float:
-        """Seconds to pull bytes from ``src_rank``: ``experts`` the way ``prepare`` does (one export
-        reply, zero-copy receive, kept as it is: :meth:`Staging.borrow`, its cap aside),
-        ``experts_copy`` the same copied into staging buffers (what a worker past its borrow cap
-        does), ``get`` a plain ``ray.get`` of the source's blob, ``get_copy`` that plus one copy
-        into fresh memory, ``get_numpy`` a plain ``ray.get`` of the blob as a numpy array."""
-        import time
-        t0 = time.perf_counter()
-        if mode in ("experts", "experts_copy"):
-            reply = self.fetcher({src_rank: items}, 60.0)[src_rank]
-            if mode == "experts_copy" or not self.staging.borrow(reply, self.fetcher.zero_copy, capped=False):
-                reply = [self.staging.own(w, copy=True) for w in reply]
-            elapsed = time.perf_counter() - t0
-            if mode == "experts_copy":
-                with self._lock:  # a benchmark: give the staging buffers back
-                    self.staging.pool.extend(reply)
-            return elapsed
-        elif mode in ("get", "get_copy", "get_numpy"):
-            blob = ray.get(self.fetcher._handle(src_rank).blob.remote(mode == "get_numpy"))
-            if mode == "get_copy":
-                torch.empty_like(blob).copy_(blob)
-        else:
-            raise ValueError(f"mode={mode!r} must be experts, experts_copy, get, get_copy or get_numpy")
-        return time.perf_counter() - t0
 
 
 @dataclass
@@ -169,6 +138,7 @@ def launch_workers(
     stage_duty: float = 0.25,
     ready_timeout_s: float = 180.0,
     max_restarts: int = -1,
+    worker_cls: type | None = None,
 ) -> WorkerGroup:
     """Start one named worker actor per rank of ``topology`` holding ``placement``'s slots.
 
@@ -178,6 +148,8 @@ def launch_workers(
     placement in force, its slots loaded from ``source`` (see :class:`RayExpertWorker`), and the
     controller aborts a round it could not join. ``gpu_fraction`` < 1 lets several ranks share a GPU
     (a demo of 8 ranks on one GPU). ``stage_nice``, ``stage_duty``: see :class:`ExpertWorker`.
+    ``worker_cls``: a subclass of :class:`RayExpertWorker` to run instead (the runtime benchmark adds
+    its measuring calls that way); default :class:`RayExpertWorker`.
     """
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -198,7 +170,10 @@ def launch_workers(
     # device behind them (tests, fake GPUs) fall back to cpu. An explicit device="cuda" insists.
     worker_device = ("cuda" if device == "cuda" else "auto") if res == "GPU" else "cpu"
     # The swap group needs a thread per peer that may fetch from us at once, plus our own prepare.
-    actor_cls = ray.remote(concurrency_groups={"swap": topology.num_gpus + 1})(RayExpertWorker)
+    worker_cls = RayExpertWorker if worker_cls is None else worker_cls
+    if not (isinstance(worker_cls, type) and issubclass(worker_cls, RayExpertWorker)):
+        raise ValueError(f"worker_cls={worker_cls!r} must be a subclass of RayExpertWorker")
+    actor_cls = ray.remote(concurrency_groups={"swap": topology.num_gpus + 1})(worker_cls)
     handles = []
     for rank in range(topology.num_gpus):
         node, local = divmod(rank, topology.gpus_per_node)
@@ -234,8 +209,6 @@ def _map_in_force(namespace: str, timeout_s: float) -> Any:
     import logging
     import time
 
-    from ray_eplb.controller.actor import CONTROLLER_NAME
-
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -251,7 +224,7 @@ def _map_in_force(namespace: str, timeout_s: float) -> Any:
         time.sleep(0.5)
 
 
-def _quiet_zero_copy_warnings() -> None:
+def quiet_zero_copy_warnings() -> None:
     """Our tensors cross the object store read-only by design (weights are never written in place,
     counters are sent as copies), so Ray's and torch's generic warnings about it are noise."""
     import warnings
@@ -263,4 +236,4 @@ def _quiet_zero_copy_warnings() -> None:
 def enable_zero_copy() -> None:
     """Set the zero-copy torch tensor flag for this process (call before ``ray.init``)."""
     os.environ.update({k: v for k, v in ZERO_COPY_ENV.items() if k not in os.environ})
-    _quiet_zero_copy_warnings()
+    quiet_zero_copy_warnings()

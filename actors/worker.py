@@ -117,7 +117,7 @@ class ExpertWorker(EpochSwap):
     def __repr__(self) -> str:
         t = self.topology
         return (
-            f"ExpertWorker(rank={self.rank}, node={t.node_of_rank(self.rank)}, slots={t.slots_per_gpu}, "
+            f"{type(self).__name__}(rank={self.rank}, node={t.node_of_rank(self.rank)}, slots={t.slots_per_gpu}, "
             f"layers={t.num_layers}, hidden={self.source.hidden_size}, ffn={self.source.ffn_size}, "
             f"device={self.device.type})"
         )

@@ -1,5 +1,5 @@
 """Telemetry state of the controller: cumulative per-slot counts in, logical load and forecast out;
-and the metrics sink used outside Ray."""
+no metrics here (see :mod:`ray_eplb.controller.metrics`)."""
 from __future__ import annotations
 
 from collections import deque
@@ -83,16 +83,3 @@ class LoadTracker:
         if not self._window:
             return torch.zeros(self.topology.num_layers, self.topology.num_experts, dtype=torch.float64)
         return torch.stack(list(self._window)).sum(0)
-
-
-class NullMetrics:
-    """Metrics sink that drops everything (the plain class outside Ray)."""
-
-    def gauge(self, name: str, value: float, tags: dict | None = None) -> None:
-        pass
-
-    def count(self, name: str, value: float = 1.0) -> None:
-        pass
-
-    def refresh(self) -> None:
-        pass

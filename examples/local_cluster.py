@@ -10,10 +10,10 @@ import ray
 import torch
 
 from ray_eplb.actors import SyntheticWeightSource
-from ray_eplb.actors.moe import DenseMoE, mismatched
+from ray_eplb.controller.bench.reference import DenseMoE, mismatched
 from ray_eplb.actors.ray_worker import RANK_RESOURCE, enable_zero_copy, launch_workers
 from ray_eplb.actors.router import Router
-from ray_eplb.controller.actor import start_controller
+from ray_eplb.controller.ray_controller import start_controller
 from ray_eplb.controller.config import ControllerConfig
 from ray_eplb.topology import Placement, discover_topology
 

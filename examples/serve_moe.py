@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from ray import serve
 
-from ray_eplb.actors.moe import TraceGate, rms_norm
+from ray_eplb.controller.bench.reference import TraceGate, rms_norm
 
 
 @dataclass(frozen=True)
@@ -108,10 +108,10 @@ class MoEServer:
     def __init__(self, spec: ModelSpec, namespace: str = "ray_eplb"):
         import ray
 
-        from ray_eplb.actors.ray_worker import WORKER_NAME, _quiet_zero_copy_warnings
-        from ray_eplb.controller.actor import CONTROLLER_NAME
+        from ray_eplb.actors import quiet_zero_copy_warnings
+        from ray_eplb.actors.names import CONTROLLER_NAME, WORKER_NAME
 
-        _quiet_zero_copy_warnings()
+        quiet_zero_copy_warnings()
         self.stack = GatedStack(spec)
         self.controller = ray.get_actor(CONTROLLER_NAME, namespace=namespace)
         topo = ray.get(self.controller.wait_map.remote(-1, None, 30.0)).topology  # the current map says the shape
@@ -189,16 +189,16 @@ def main() -> None:
     ap.add_argument("--skewed-s", type=float, default=20.0, help="at most this long of skewed traffic")
     ap.add_argument("--batch", type=int, default=64, help="tokens per request")
     ap.add_argument("--in-flight", type=int, default=4, help="requests in flight at once")
-    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--replicas", type=int, default=2, help="Serve replicas of the model deployment (default 2)")
     ap.add_argument("--http-port", type=int, default=None, help="also start Serve's HTTP proxy here and send one request")
     a = ap.parse_args()
 
     import ray
 
     from ray_eplb.actors import SyntheticWeightSource
-    from ray_eplb.actors.moe import DenseMoE, mismatched
+    from ray_eplb.controller.bench.reference import DenseMoE, mismatched
     from ray_eplb.actors.ray_worker import NAMESPACE, RANK_RESOURCE, enable_zero_copy, launch_workers
-    from ray_eplb.controller.actor import start_controller
+    from ray_eplb.controller.ray_controller import start_controller
     from ray_eplb.controller.config import ControllerConfig
     from ray_eplb.topology import discover_topology, plan
 

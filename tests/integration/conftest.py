@@ -23,10 +23,10 @@ class Runtime:
 @pytest.fixture(scope="session")
 def runtime(ray_session):
     from ray_eplb.actors import SyntheticWeightSource
-    from ray_eplb.actors.moe import DenseMoE
+    from ray_eplb.controller.bench.reference import DenseMoE
     from ray_eplb.actors.ray_worker import launch_workers
     from ray_eplb.actors.router import Router
-    from ray_eplb.controller.actor import start_controller
+    from ray_eplb.controller.ray_controller import start_controller
     from ray_eplb.controller.config import ControllerConfig
     from ray_eplb.topology import Placement
 

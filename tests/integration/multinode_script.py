@@ -9,7 +9,7 @@ from ray.cluster_utils import Cluster
 
 from ray_eplb.actors import SyntheticWeightSource
 from ray_eplb.actors.ray_worker import RANK_RESOURCE, enable_zero_copy, launch_workers
-from ray_eplb.controller.actor import start_controller
+from ray_eplb.controller.ray_controller import start_controller
 from ray_eplb.controller.config import ControllerConfig
 from ray_eplb.topology import Placement, discover_topology
 

@@ -31,7 +31,7 @@ def test_ranks_of_a_node_share_a_ray_node_and_moves_prefer_it():
 @pytest.mark.timeout(200)
 def test_demo_runs_end_to_end_with_token_auth_on(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # the product path: auth on
-    cmd = [sys.executable, "-m", "ray_eplb.controller.cli", "demo", "--workers", "4", "--nodes", "2",
+    cmd = [sys.executable, "-m", "ray_eplb.controller.cli.main", "demo", "--workers", "4", "--nodes", "2",
            "--windows", "6", "--layers", "4", "--batches-per-window", "2", "--batch-tokens", "64",
            "--interval", "0.3", "--rebalance-period", "0.6", "--json"]
     # With a Chromium here, also look at the Actors page the way a person does (CI has none).

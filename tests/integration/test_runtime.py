@@ -17,7 +17,7 @@ def skewed_batch(n=64, hot=(0, 1), top_k=2, seed=0):
 
 
 def drive(rt, batches=4, seed=0):
-    from ray_eplb.actors.moe import mismatched
+    from ray_eplb.controller.bench.reference import mismatched
 
     bad = 0
     for b in range(batches):
@@ -101,7 +101,7 @@ def test_tokens_routed_during_swaps_all_match_the_dense_reference(runtime):
     import ray
 
     from ray_eplb.actors.router import Router
-    from ray_eplb.controller.bench_runtime import DispatchLoad, swap_target
+    from ray_eplb.controller.bench.runtime import DispatchLoad, swap_target
 
     # A second subscriber, shared by two dispatching threads (a Serve replica's thread pool does that).
     router = Router(runtime.workers, controller=runtime.controller)
@@ -166,7 +166,7 @@ def test_stale_epochs_are_ignored_and_a_stale_router_reroutes(runtime):
     ray.get([h.release.remote(old.epoch) for h in runtime.workers])
     with pytest.raises(StaleEpochError):
         ray.get(w.forward.remote(old.epoch, 0, torch.tensor([0]), torch.randn(1, 16)))
-    from ray_eplb.actors.moe import mismatched
+    from ray_eplb.controller.bench.reference import mismatched
 
     # A router that does not subscribe keeps the old map until a worker answers StaleEpochError.
     stale = Router(runtime.workers, placement=old, controller=runtime.controller, subscribe=False)
@@ -268,7 +268,7 @@ def test_a_killed_worker_restarts_on_the_placement_in_force_and_serves_correctly
 def test_a_worker_killed_mid_swap_aborts_the_round_and_restarts_on_the_old_epoch(runtime):
     import ray
 
-    from ray_eplb.controller.bench_runtime import swap_target
+    from ray_eplb.controller.bench.runtime import swap_target
 
     ctl = runtime.controller
     drive(runtime, seed=140)

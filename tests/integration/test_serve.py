@@ -62,7 +62,7 @@ def served(runtime):
 
 def check(ex, spec, dense, out, x):
     """The served output and routing equal the dense reference's on the same input."""
-    from ray_eplb.actors.moe import mismatched
+    from ray_eplb.controller.bench.reference import mismatched
 
     ref, ref_experts = ex.GatedStack(spec).forward(x, dense)
     assert torch.equal(out["experts"], ref_experts)  # [L, N, K]: the replica's gate is the reference's

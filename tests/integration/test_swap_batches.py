@@ -9,7 +9,7 @@ pytestmark = pytest.mark.timeout(120)
 def test_a_budgeted_rebalance_moves_exactly_the_planned_slots_in_batches(runtime):
     import ray
 
-    from ray_eplb.actors.moe import mismatched
+    from ray_eplb.controller.bench.reference import mismatched
     from ray_eplb.topology import Placement
 
     ctl, topo = runtime.controller, runtime.topology

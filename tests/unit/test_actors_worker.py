@@ -14,7 +14,7 @@ from ray_eplb.actors import (
     swiglu,
     write_checkpoint,
 )
-from ray_eplb.actors.moe import DenseMoE, TraceGate, mismatched
+from ray_eplb.controller.bench.reference import DenseMoE, TraceGate, mismatched
 from ray_eplb.controller.transfer import split_by_rank, transfer_plan
 from ray_eplb.topology import Placement, Topology
 

@@ -1,4 +1,4 @@
-"""The migration benchmark (controller/bench_migration.py): bookkeeping on hand cases, smoke runs."""
+"""The migration benchmark (ray_eplb.controller.bench.migration): bookkeeping on hand cases, smoke runs."""
 from __future__ import annotations
 
 import json
@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from ray_eplb.controller import bench_migration, bench_solver
-from ray_eplb.controller.bench_migration import (
+from ray_eplb.controller.bench import migration as bench_migration, solver as bench_solver
+from ray_eplb.controller.bench.migration import (
     BUDGETS, EXPERT_BYTES, PUBLISHED_NEXT, chain_key, evaluate_targets, gpu_transfers, run_chain, sweep_summary,
 )
-from ray_eplb.controller.bench_solver import Case
-from ray_eplb.controller.workload import default_traces_dir
+from ray_eplb.controller.bench.solver import Case
+from ray_eplb.controller.bench.workload import default_traces_dir
 
 CHAIN_KEYS = {"next_window_balancedness", "per_window_next", "moved_frac", "moved_frac_max", "transfers_per_rebalance",
               "median_solve_ms", "rebalances", "duplicate_pairs", "avoidable_duplicate_pairs"}

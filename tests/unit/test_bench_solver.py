@@ -1,4 +1,4 @@
-"""The solver benchmark (controller/bench_solver.py): bookkeeping on hand cases, and smoke runs."""
+"""The solver benchmark (ray_eplb.controller.bench.solver): bookkeeping on hand cases, and smoke runs."""
 from __future__ import annotations
 
 import json
@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from ray_eplb.controller import bench_solver
-from ray_eplb.controller.bench_solver import Case, _parse_variant, evaluate_targets, run_solver, unavoidable_duplicates
-from ray_eplb.controller.workload import default_traces_dir
+from ray_eplb.controller.bench import solver as bench_solver
+from ray_eplb.controller.bench.solver import Case, _parse_variant, evaluate_targets, run_solver, unavoidable_duplicates
+from ray_eplb.controller.bench.workload import default_traces_dir
 
 RESULT_KEYS = {
     "next_window_balancedness", "in_window_balancedness", "median_solve_ms", "timed_solves", "repeats_per_window",

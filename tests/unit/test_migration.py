@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ray_eplb.controller.workload import synthetic_trace
+from ray_eplb.controller.bench.workload import synthetic_trace
 from ray_eplb.solver import balancedness, rebalance_experts
 from ray_eplb.solver.maps import logical_maps_np
 from ray_eplb.solver.migration import (

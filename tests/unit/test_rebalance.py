@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ray_eplb.controller.workload import default_traces_dir
+from ray_eplb.controller.bench.workload import default_traces_dir
 from ray_eplb.solver import balancedness, duplicate_pairs, rebalance_experts, replica_counts
 
 TRACES = default_traces_dir() or Path("../shared/traces")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ray_eplb.controller import workload
-from ray_eplb.controller.workload import default_traces_dir, load_trace, load_workload, sample_windows, synthetic_trace
+from ray_eplb.controller.bench import workload
+from ray_eplb.controller.bench.workload import default_traces_dir, load_trace, load_workload, sample_windows, synthetic_trace
 
 SHARED = default_traces_dir() or Path("../shared/traces")  # where the CI clone finds them too
 # From ../shared/traces/README.md: (windows, layers, experts); None = any number of windows.

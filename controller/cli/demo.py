@@ -9,7 +9,7 @@ dense single-process reference. Token authentication stays on (Ray's default).
 The controller plans incrementally from the current placement by default (``--planning``,
 ``--max-moves``, ``--budget-scope``, ``--min-layer-gain``, ``--forecast``); ``--compare`` replays
 the trace twice, from-scratch planning against incremental planning that rebalances more often
-(:mod:`ray_eplb.controller.demo_compare`).
+(:mod:`ray_eplb.controller.cli.compare`).
 """
 from __future__ import annotations
 
@@ -33,15 +33,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--trace", default=None, help="trace name in ../shared/traces or path to a .npz (default dsv2lite_puffin)")
     ap.add_argument("--windows", type=int, default=0, help="trace windows to replay (default: all; static tables: 12)")
     ap.add_argument("--layers", type=int, default=0, help="MoE layers to use from the trace (default: all)")
-    ap.add_argument("--batches-per-window", type=int, default=2)
-    ap.add_argument("--batch-tokens", type=int, default=256)
+    ap.add_argument("--batches-per-window", type=int, default=2, help="dispatch batches per trace window (default 2)")
+    ap.add_argument("--batch-tokens", type=int, default=256, help="tokens per dispatch batch (default 256)")
     ap.add_argument("--top-k", type=int, default=0, help="experts per token (default: known for the trace, else 6)")
     ap.add_argument("--hidden", type=int, default=64, help="expert hidden size")
     ap.add_argument("--ffn", type=int, default=128, help="expert FFN width")
     ap.add_argument("--slots-per-gpu", type=int, default=0, help="default ceil(experts / workers) + 1")
     ap.add_argument("--interval", type=float, default=1.0, help="controller loop period, seconds")
     ap.add_argument("--rebalance-period", type=float, default=6.0, help="periodic trigger, seconds")
-    ap.add_argument("--trigger", choices=("periodic", "drift", "both"), default="both")
+    ap.add_argument("--trigger", choices=("periodic", "drift", "both"), default="both",
+                    help="what starts a rebalance: the period, load drift, or either (default both)")
     ap.add_argument("--min-gain", type=float, default=0.01,
                     help="skip a rebalance whose predicted balancedness gain is below this (default 0.01)")
     ap.add_argument("--planning", choices=("incremental", "fresh"), default="incremental",
@@ -49,7 +50,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                          "fresh: solve from scratch every rebalance")
     ap.add_argument("--max-moves", type=_budget, default=None,
                     help="move budget per rebalance: slots (int) or a fraction of the slots (e.g. 0.1); default none")
-    ap.add_argument("--budget-scope", choices=("layer", "total"), default="layer")
+    ap.add_argument("--budget-scope", choices=("layer", "total"), default="layer",
+                    help="--max-moves applies per layer or to the whole model (default layer)")
     ap.add_argument("--min-layer-gain", type=float, default=0.0, help="hysteresis: a layer moves only if its peak falls by more")
     ap.add_argument("--prepare-timeout", type=float, default=120.0,
                     help="seconds a swap may take to stage all its batches before it is aborted (default 120)")
@@ -59,14 +61,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--compare", action="store_true",
                     help="run the trace twice: from-scratch planning, then incremental planning rebalancing "
                          "--compare-ratio times as often with --max-moves (default 0.1); print both")
-    ap.add_argument("--compare-ratio", type=float, default=4.0)
+    ap.add_argument("--compare-ratio", type=float, default=4.0,
+                    help="with --compare: how many times as often the incremental run rebalances (default 4)")
     ap.add_argument("--window-seconds", type=float, default=-1.0,
                     help="replay each window over at least this long (default: the controller interval, so "
                          "the controller sees every window)")
-    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where experts compute: cuda when the cluster has GPUs (auto, the default), or forced")
     ap.add_argument("--checkpoint", default=None, help="write (if absent) and serve weights from this .safetensors file")
     ap.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="random seed of the gate and the token stream (default 0)")
     ap.add_argument("--json", action="store_true", help="end with one line of JSON")
     ap.add_argument("--screenshot", default=None, metavar="PNG",
                     help="also open the dashboard's Actors page in headless Chromium, check our actors are "
@@ -116,7 +120,7 @@ def start_cluster(a: argparse.Namespace):
     import ray
 
     from ray_eplb.actors.ray_worker import RANK_RESOURCE, enable_zero_copy
-    from ray_eplb.controller.dashboard import free_port
+    from ray_eplb.controller.cli.dashboard import free_port
 
     enable_zero_copy()
     # Metrics reach the Prometheus endpoint every 2 s instead of Ray's default 10 s, so the
@@ -155,12 +159,12 @@ def start_cluster(a: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     a = parse(list(sys.argv[1:] if argv is None else argv))
     t_start = time.monotonic()
-    from ray_eplb.controller.workload import load_workload
+    from ray_eplb.controller.bench.workload import load_workload
 
     trace = load_workload(a.trace)
     load = trace.load  # [T, L, E]
     if trace.static:
-        from ray_eplb.controller.workload import sample_windows
+        from ray_eplb.controller.bench.workload import sample_windows
 
         load = sample_windows(load[0], a.windows or 12, 200_000, seed=a.seed)
     if a.windows:
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster, gpu_fraction = start_cluster(a)
     try:
         if a.compare:
-            from ray_eplb.controller.demo_compare import compare
+            from ray_eplb.controller.cli.compare import compare
 
             return compare(a, lambda args: run(args, load, top_k, gpu_fraction, t_start))
         summary = run(a, load, top_k, gpu_fraction, t_start)
@@ -197,7 +201,7 @@ def run(a: argparse.Namespace, load: torch.Tensor, top_k: int, gpu_fraction: flo
     from ray_eplb.actors import SafetensorsWeightSource, SyntheticWeightSource, write_checkpoint
     from ray_eplb.actors.ray_worker import RANK_RESOURCE, launch_workers, rank_resource
     from ray_eplb.actors.router import Router
-    from ray_eplb.controller.actor import start_controller
+    from ray_eplb.controller.ray_controller import start_controller
     from ray_eplb.topology import Placement, discover_topology
 
     num_windows, num_layers, num_experts = load.shape
@@ -238,7 +242,7 @@ def _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start) -> di
     """Replay every window of ``load [T, L, E]`` through the router; check, measure, summarise."""
     import ray
 
-    from ray_eplb.actors.moe import DenseMoE, TraceGate, mismatched, rms_norm
+    from ray_eplb.controller.bench.reference import DenseMoE, TraceGate, mismatched, rms_norm
     from ray_eplb.solver import balancedness
 
     num_windows, num_layers, num_experts = load.shape
@@ -281,12 +285,12 @@ def _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start) -> di
               f"rebalances {st['rebalances']}  moved {st['experts_moved']} ({st['bytes_moved'] / 2**20:.1f} MiB)  "
               f"mismatched {bad_tokens}")
     replay_s = time.monotonic() - t_replay
-    from ray_eplb.controller.dashboard import inspect
+    from ray_eplb.controller.cli.dashboard import inspect
 
     # Before the loop stops: its rounds keep the gauges on the endpoint.
     dash = inspect(("ray_eplb_epoch", "ray_eplb_balancedness", "ray_eplb_rebalances_total"))
     if a.screenshot:
-        from ray_eplb.controller.dashboard import browser_check
+        from ray_eplb.controller.cli.dashboard import browser_check
 
         try:
             dash["browser"] = browser_check(dash["url"] or "127.0.0.1:8265", a.screenshot)

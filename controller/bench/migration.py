@@ -17,7 +17,7 @@ mean of the last W windows) under the from-scratch solver and under the 25% budg
 best per case and overall (mean over the cases with a time axis). On static tables the windows are
 i.i.d. samples of one distribution, so a forecast there only averages sampling noise.
 
-    python -m ray_eplb.controller.bench_migration [--cases dsv2lite] [--forecast ema:0.5] [--json out.json]
+    python -m ray_eplb.controller.bench.migration [--cases dsv2lite] [--forecast ema:0.5] [--json out.json]
 """
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ import time
 import numpy as np
 import torch
 
-from ray_eplb.controller.bench_cases import Case, case_windows, select_cases
-from ray_eplb.controller.bench_solver import run_cli, unavoidable_duplicates
+from ray_eplb.controller.bench.cases import Case, case_windows, select_cases
+from ray_eplb.controller.bench.solver import run_cli, unavoidable_duplicates
 from ray_eplb.controller.forecast import DEFAULT_SPEC, Forecaster, forecast_series
-from ray_eplb.controller.workload import load_trace
+from ray_eplb.controller.bench.workload import load_trace
 from ray_eplb.solver import balancedness, duplicate_pairs, rebalance_experts
 from ray_eplb.solver.migration import align
 
@@ -288,7 +288,7 @@ def add_arguments(ap: argparse.ArgumentParser, standalone: bool = False) -> None
         ap.add_argument("--json", help="write all results to this path")
         ap.add_argument("--quiet", action="store_true", help="no per-case progress lines")
     else:
-        ap.add_argument("--migration", action="store_true", help="also run the migration benchmark (bench_migration.py)")
+        ap.add_argument("--migration", action="store_true", help="also run the migration benchmark (ray-eplb bench --migration alone)")
     ap.add_argument("--forecast", default=DEFAULT_SPEC,
                     help=f"forecast spec: last | ema:A | window:W (default {DEFAULT_SPEC})")
     ap.add_argument("--expert-mb", type=float, help="MB per expert for GB/rebal (default 17.3: DeepSeek-V2-Lite, bf16)")
@@ -299,7 +299,7 @@ def add_arguments(ap: argparse.ArgumentParser, standalone: bool = False) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ray_eplb.controller.bench_migration",
+    ap = argparse.ArgumentParser(prog="python -m ray_eplb.controller.bench.migration",
                                  description=__doc__.split("\n\n")[0])
     add_arguments(ap, standalone=True)
     args = ap.parse_args(argv)

@@ -9,7 +9,7 @@ settings), optional variants (``--variants method=dhondt policy=global``), and t
 (:mod:`ray_eplb.solver.baseline`). Static tables (T == 1) become 12 windows of 200,000 routed tokens
 per layer. Without a traces folder the cases run on the built-in synthetic workload, and say so.
 
-    python -m ray_eplb.controller.bench_solver [--cases dsv2lite qwen3] [--windows 4] [--repeats 3] [--json out.json]
+    python -m ray_eplb.controller.bench.solver [--cases dsv2lite qwen3] [--windows 4] [--repeats 3] [--json out.json]
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from ray_eplb.controller.bench_cases import Case, case_windows, select_cases
+from ray_eplb.controller.bench.cases import Case, case_windows, select_cases
 from ray_eplb.solver import balancedness, duplicate_pairs
 from ray_eplb.solver.baseline import greedy_rebalance_experts
 
@@ -322,10 +322,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _migration():  # imported late: bench_migration imports this module
-    from ray_eplb.controller import bench_migration  # noqa: PLC0415
+def _migration():  # imported late: the migration benchmark imports this module
+    from ray_eplb.controller.bench import migration  # noqa: PLC0415
 
-    return bench_migration
+    return migration
 
 
 def run_cli(prog: str, json_path: str | None, run: Callable[[], dict], show: Callable[[dict], None]) -> int:

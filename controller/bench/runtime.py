@@ -23,18 +23,18 @@ import torch
 
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="ray-eplb bench-runtime", description=__doc__.splitlines()[0])
-    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=8, help="worker actors (ranks) to start (default 8)")
     ap.add_argument("--nodes", type=int, default=2, help="topology nodes (the ranks share one raylet here)")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--ffn", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4, help="MoE layers (default 4)")
+    ap.add_argument("--experts", type=int, default=64, help="logical experts per layer (default 64)")
+    ap.add_argument("--hidden", type=int, default=256, help="expert hidden size (default 256)")
+    ap.add_argument("--ffn", type=int, default=512, help="expert FFN width (default 512)")
     ap.add_argument("--rounds", type=int, default=30, help="telemetry rounds to time")
     ap.add_argument("--stall", type=float, default=10.0, help="seconds the stalled worker sleeps")
     ap.add_argument("--deadline", type=float, default=0.5, help="collect deadline, seconds")
-    ap.add_argument("--swaps", type=int, default=3)
-    ap.add_argument("--batch-tokens", type=int, default=256)
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--swaps", type=int, default=3, help="25%% swaps to run under live dispatch (default 3)")
+    ap.add_argument("--batch-tokens", type=int, default=256, help="tokens per dispatch of the live load (default 256)")
+    ap.add_argument("--json", action="store_true", help="end with one line of JSON")
     a = ap.parse_args(argv)
     if a.workers % a.nodes:
         raise SystemExit(f"ray-eplb bench-runtime: --workers={a.workers} is not divisible by --nodes={a.nodes}")
@@ -81,7 +81,7 @@ class DispatchLoad:
         self.error: BaseException | None = None
 
     def _run(self) -> None:
-        from ray_eplb.actors.moe import mismatched
+        from ray_eplb.controller.bench.reference import mismatched
 
         num_layers, num_experts, hidden, batch, top_k = self.shape
         gen = torch.Generator().manual_seed(self.seed)
@@ -143,10 +143,11 @@ def run(a: argparse.Namespace) -> dict:
     import ray
 
     from ray_eplb.actors import SyntheticWeightSource
-    from ray_eplb.actors.moe import DenseMoE
+    from ray_eplb.controller.bench.reference import DenseMoE
     from ray_eplb.actors.ray_worker import launch_workers
+    from ray_eplb.controller.bench.probe import ProbeWorker
     from ray_eplb.actors.router import Router
-    from ray_eplb.controller.actor import start_controller
+    from ray_eplb.controller.ray_controller import start_controller
     from ray_eplb.controller.config import ControllerConfig
     from ray_eplb.topology import Placement, Topology
 
@@ -157,7 +158,7 @@ def run(a: argparse.Namespace) -> dict:
     print(f"[bench] {topo.num_gpus} workers ({topo.num_nodes} x {topo.gpus_per_node}), {topo.num_layers} layers x "
           f"{topo.num_slots} slots, expert {a.hidden}x{a.ffn} ({mb_per_expert:.2f} MB)")
     t0 = time.monotonic()
-    group = launch_workers(topo, Placement.identity(topo), source, device="cpu")
+    group = launch_workers(topo, Placement.identity(topo), source, device="cpu", worker_cls=ProbeWorker)
     cfg = ControllerConfig(interval_s=max(1.0, 2 * a.deadline), collect_timeout_s=a.deadline, prepare_timeout_s=120,
                            commit_timeout_s=30, release_timeout_s=30)
     ctl = start_controller(topo, cfg, start_loop=False)

@@ -1,6 +1,6 @@
 """The benchmark cases (a trace and a cluster shape each) and their load windows, shared by
-``ray-eplb bench`` (:mod:`~ray_eplb.controller.bench_solver`) and ``bench --migration``
-(:mod:`~ray_eplb.controller.bench_migration`). Static tables (T == 1) become 12 windows of 200,000
+``ray-eplb bench`` (:mod:`~ray_eplb.controller.bench.solver`) and ``bench --migration``
+(:mod:`~ray_eplb.controller.bench.migration`). Static tables (T == 1) become 12 windows of 200,000
 routed tokens per layer; without a traces folder the synthetic shapes run instead, and say so."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ray_eplb.controller.workload import default_traces_dir, load_trace, sample_windows, synthetic_trace
+from ray_eplb.controller.bench.workload import default_traces_dir, load_trace, sample_windows, synthetic_trace
 
 STATIC_WINDOWS = 12
 STATIC_TOKENS = 200_000

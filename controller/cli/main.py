@@ -1,0 +1,51 @@
+"""The ``ray-eplb`` command. Each subcommand lives in its own module, imported only when it runs,
+so ``ray-eplb bench`` never imports Ray."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("ray_eplb.controller.cli.demo", "end-to-end demo on an embedded local Ray cluster"),
+    "bench": ("ray_eplb.controller.bench.solver", "solver benchmark on real traces (synthetic fallback)"),
+    "bench-runtime": ("ray_eplb.controller.bench.runtime", "runtime benchmark: telemetry, swap, transfer"),
+}
+
+
+def version() -> str:
+    """The installed package's version (``unknown`` when run from a source tree not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("ray-eplb")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return ("usage: ray-eplb [--version] [--help] COMMAND [options]\n\n"
+            "Ray-native expert-parallel load balancer for Mixture-of-Experts serving.\n\ncommands:\n"
+            + "\n".join(lines) + "\n\nRun 'ray-eplb COMMAND --help' for a command's options.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--version":
+        print(f"ray-eplb {version()}")
+        return 0
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(usage())
+        print(f"\nray-eplb: unknown command {argv[0]!r}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The Ray side of the controller: one factory that turns :class:`EplbController` into the named,
+restartable, zero-CPU async actor ``ray_eplb_controller`` (namespace ``ray_eplb``)."""
+from __future__ import annotations
+
+from typing import Any
+
+from ray_eplb.actors.names import CONTROLLER_NAME, NAMESPACE, WORKER_NAME
+from ray_eplb.controller.balancer import EplbController
+from ray_eplb.controller.config import ControllerConfig
+from ray_eplb.controller.metrics import RayMetrics
+from ray_eplb.topology import Placement, Topology
+
+
+class RayEplbController(EplbController):
+    """:class:`EplbController` with Ray metrics; its repr names it on the dashboard's Actors page.
+    Workers are looked up by name (``ray_eplb_worker_<rank>``), so the creation task carries no actor
+    handles (Ray keeps those in the object store, which would make a restart fragile).
+    ``seed``: ``(phy2log as nested lists, epoch)`` or ``None``."""
+
+    def __init__(self, topology: Topology, namespace: str, config: ControllerConfig, seed: Any = None):
+        import ray
+
+        from ray_eplb.actors.ray_worker import quiet_zero_copy_warnings
+
+        quiet_zero_copy_warnings()
+        placement = None
+        if seed is not None:
+            import torch
+
+            placement = Placement.from_phy2log(topology, torch.tensor(seed[0], dtype=torch.int64), seed[1])
+        workers = [ray.get_actor(WORKER_NAME.format(rank=r), namespace=namespace) for r in range(topology.num_gpus)]
+        super().__init__(topology, workers, config, placement, metrics=RayMetrics())
+
+    def __repr__(self) -> str:
+        t = self.topology
+        return (
+            f"{type(self).__name__}(ranks={t.num_gpus}, nodes={t.num_nodes}, slots={t.num_slots}, experts={t.num_experts}, "
+            f"layers={t.num_layers}, trigger={self.config.trigger}, interval={self.config.interval_s}s)"
+        )
+
+
+def start_controller(
+    topology: Topology,
+    config: ControllerConfig | None = None,
+    placement: Placement | None = None,
+    *,
+    start_loop: bool = True,
+    namespace: str = NAMESPACE,
+) -> Any:
+    """Create the controller actor over the named workers of ``namespace`` (see
+    :func:`~ray_eplb.actors.ray_worker.launch_workers`) and, with ``start_loop``, start its control
+    loop. Returns the handle.
+
+    Ray restarts the actor forever; it then re-reads the placement from the workers (``recover``),
+    so ``placement`` only seeds the very first start (passed as a plain list, small enough to stay
+    inline in the actor's creation task, which a restart needs)."""
+    import ray
+
+    seed = None if placement is None else (placement.phy2log.tolist(), placement.epoch)
+    handle = (
+        ray.remote(RayEplbController)
+        .options(name=CONTROLLER_NAME, namespace=namespace, num_cpus=0, max_restarts=-1, max_concurrency=1000)
+        .remote(topology, namespace, config or ControllerConfig(), seed)
+    )
+    if not ray.get(handle.recover.remote()):
+        raise RuntimeError("the controller could not read a consistent placement from the workers")
+    if start_loop:
+        ray.get(handle.start.remote())
+    return handle
