@@ -20,6 +20,7 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/ray-eplb bench
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 clean:

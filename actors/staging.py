@@ -1,7 +1,7 @@
 """Where a worker stages a swap: borrowed object-store replies, pooled weight buffers,
 low-priority staging threads, paced fetches.
 
-Four measured facts shape it (2-core VM, see ``ray-eplb bench-runtime``):
+Four measured facts shape it (Ray 2.60 on a 2-core CPU machine, see ``ray-eplb bench-runtime``):
 
 - Copying a received expert into memory of the worker's own halves the transfer bandwidth: a plain
   ``ray.get`` of zero-copy tensors only maps the object store. So a CPU worker *borrows* what a peer

@@ -204,7 +204,7 @@ class ExpertWorker(EpochSwap):
             epochs = sorted(self._counts)
             counts = torch.stack([self._counts[e] for e in epochs])  # [n_epochs, L, S] int64
         # Raw bytes, not a tensor: a telemetry reply is small, and Ray's tensor path costs ~2x a
-        # no-op call in a fan-out to 8 workers where plain bytes cost ~1.2x (measured here).
+        # no-op call in a fan-out to 8 workers where plain bytes cost ~1.2x (ray-eplb bench-runtime, Ray 2.60).
         return {"rank": self.rank, "epoch": self.epoch, "epochs": epochs, "incarnation": self.incarnation,
                 "shape": tuple(counts.shape), "counts": counts.numpy().tobytes()}
 

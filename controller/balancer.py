@@ -31,9 +31,9 @@ import torch
 from ray_eplb.controller.config import ControllerConfig
 from ray_eplb.controller.fanout import fanout, wait_for
 from ray_eplb.controller.loop import Loop
+from ray_eplb.controller.metrics import NullMetrics
 from ray_eplb.controller.planning import budget_slots, decide, solve
 from ray_eplb.controller.swap import push
-from ray_eplb.controller.metrics import NullMetrics
 from ray_eplb.controller.telemetry import LoadTracker
 from ray_eplb.solver import balancedness
 from ray_eplb.topology import Placement, Topology

@@ -9,12 +9,9 @@ import time
 import ray
 import torch
 
-from ray_eplb.actors import SyntheticWeightSource
-from ray_eplb.controller.bench.reference import DenseMoE, mismatched
-from ray_eplb.actors.ray_worker import RANK_RESOURCE, enable_zero_copy, launch_workers
-from ray_eplb.actors.router import Router
-from ray_eplb.controller.ray_controller import start_controller
-from ray_eplb.controller.config import ControllerConfig
+from ray_eplb.actors import RANK_RESOURCE, Router, SyntheticWeightSource, enable_zero_copy, launch_workers
+from ray_eplb.controller import ControllerConfig, start_controller
+from ray_eplb.controller.bench.reference import DenseMoE, mismatched  # the dense reference, to check outputs
 from ray_eplb.topology import Placement, discover_topology
 
 
@@ -34,7 +31,7 @@ def main() -> None:
 
     gen = torch.Generator().manual_seed(0)
     bad = 0
-    for step in range(40):
+    for _ in range(40):
         x = torch.randn(128, 32, generator=gen)  # [N, H]
         hot = torch.tensor([0, 1, 2])  # experts 0-2 are popular
         ids = torch.where(torch.rand(128, 2, generator=gen) < 0.6, hot[torch.randint(0, 3, (128, 2), generator=gen)],

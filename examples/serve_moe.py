@@ -196,10 +196,10 @@ def main() -> None:
     import ray
 
     from ray_eplb.actors import SyntheticWeightSource
-    from ray_eplb.controller.bench.reference import DenseMoE, mismatched
     from ray_eplb.actors.ray_worker import NAMESPACE, RANK_RESOURCE, enable_zero_copy, launch_workers
-    from ray_eplb.controller.ray_controller import start_controller
+    from ray_eplb.controller.bench.reference import DenseMoE, mismatched
     from ray_eplb.controller.config import ControllerConfig
+    from ray_eplb.controller.ray_controller import start_controller
     from ray_eplb.topology import discover_topology, plan
 
     t0 = time.monotonic()

@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ray_eplb.solver.maps import logical_maps_np
 from ray_eplb.solver.counts import METHODS, check_weight, counts_np
+from ray_eplb.solver.maps import logical_maps_np
 from ray_eplb.solver.migration import align, budget_per_layer, check_old, migrate, peak_load
 from ray_eplb.solver.packing import pack_rounds, place_replicas
 

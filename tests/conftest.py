@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for the whole session: 2 CPUs, 4 rank slots (``eplb_rank``), no
+    """One local Ray instance for the whole test run: 2 CPUs, 4 rank slots (``eplb_rank``), no
     dashboard, small object store. Token authentication is off here only: tests, not the product."""
     import ray
 

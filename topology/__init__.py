@@ -2,8 +2,8 @@
 
 No Ray import here except inside :func:`discover_topology` (imported lazily).
 """
-from ray_eplb.topology.shape import Topology
 from ray_eplb.topology.placement import Placement, plan
+from ray_eplb.topology.shape import Topology
 
 __all__ = ["Topology", "Placement", "plan"]
 

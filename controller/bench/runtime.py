@@ -143,12 +143,12 @@ def run(a: argparse.Namespace) -> dict:
     import ray
 
     from ray_eplb.actors import SyntheticWeightSource
-    from ray_eplb.controller.bench.reference import DenseMoE
     from ray_eplb.actors.ray_worker import launch_workers
-    from ray_eplb.controller.bench.probe import ProbeWorker
     from ray_eplb.actors.router import Router
-    from ray_eplb.controller.ray_controller import start_controller
+    from ray_eplb.controller.bench.probe import ProbeWorker
+    from ray_eplb.controller.bench.reference import DenseMoE
     from ray_eplb.controller.config import ControllerConfig
+    from ray_eplb.controller.ray_controller import start_controller
     from ray_eplb.topology import Placement, Topology
 
     topo = Topology(num_nodes=a.nodes, gpus_per_node=a.workers // a.nodes, num_layers=a.layers,

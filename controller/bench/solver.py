@@ -1,4 +1,4 @@
-"""``ray-eplb bench``: the solver benchmark on real MoE traces (issue 2, "8. Benchmark").
+"""``ray-eplb bench``: the solver benchmark on real MoE traces.
 
 For each case (a trace and a cluster shape) and each solver, every window ``i`` of the trace is
 planned on ``i`` and scored on ``i + 1`` (next-window balancedness: what a deployed plan meets) and
@@ -8,6 +8,19 @@ of them were unavoidable. Solvers side by side: ours (``ray_eplb.solver.rebalanc
 settings), optional variants (``--variants method=dhondt policy=global``), and the greedy baseline
 (:mod:`ray_eplb.solver.baseline`). Static tables (T == 1) become 12 windows of 200,000 routed tokens
 per layer. Without a traces folder the cases run on the built-in synthetic workload, and say so.
+
+The checks printed at the end compare against named references:
+
+- *best published solver, in-window*: the best in-window balancedness among the published EPLB
+  solvers (DeepSeek's greedy and the evolved solvers of the EPLB case study of "Barbarians at the
+  Gate: How AI is Upending Systems Research", arXiv 2510.06189, and its public leaderboard), each
+  run on these trace cases and windows with this scoring; the figures are in
+  :data:`ray_eplb.controller.bench.cases.CASES`.
+- *reference greedy (DeepSeek's algorithm)*: our implementation of DeepSeek's published EPLB
+  algorithm (:mod:`ray_eplb.solver.baseline`), run in the same process on the same windows.
+- *speed*: on :data:`SPEED_CASE`, the shape of that study's EPLB case (DeepSeek-V2-Lite, 288 slots
+  in 8 groups on 4 nodes x 8 GPUs), a median solve of at most :data:`SPEED_MAX_MS` (the fastest
+  published solver took 1.5-2.2 ms single-threaded on the 2-core machine the project is measured on).
 
     python -m ray_eplb.controller.bench.solver [--cases dsv2lite qwen3] [--windows 4] [--repeats 3] [--json out.json]
 """
@@ -28,9 +41,9 @@ from ray_eplb.controller.bench.cases import Case, case_windows, select_cases
 from ray_eplb.solver import balancedness, duplicate_pairs
 from ray_eplb.solver.baseline import greedy_rebalance_experts
 
-ADRS_CASE = "dsv2lite_puffin 288,8,4,32"
-ADRS_MAX_MS = 1.0
-NEXT_WINDOW_SLACK = 0.01  # no case more than 1% below the greedy
+SPEED_CASE = "dsv2lite_puffin 288,8,4,32"
+SPEED_MAX_MS = 1.0
+NEXT_WINDOW_SLACK = 0.01  # no case more than 1% below the reference greedy
 
 
 @dataclass
@@ -110,7 +123,7 @@ def run_solvers(solvers: dict[str, Solver], case: Case, windows: torch.Tensor, r
             errors[name] = f"{type(exc).__name__}: {exc}"
 
     for name, solve in solvers.items():
-        attempt(name, lambda: solve(windows[0], *shape))  # warm-up
+        attempt(name, lambda solve=solve: solve(windows[0], *shape))  # warm-up
     for w in windows:
         for name, solve in solvers.items():
             if name in errors:
@@ -154,7 +167,7 @@ def _parse_variant(spec: str) -> dict[str, str]:
 def build_solvers(variants: list[str]) -> tuple[dict[str, Solver], str | None]:
     """``{column: solver}`` with ``ours``, the variants and ``greedy``; plus a notice if ours is missing."""
     try:
-        from ray_eplb.solver import rebalance_experts  # noqa: PLC0415 (may not exist yet)
+        from ray_eplb.solver import rebalance_experts
     except ImportError:
         rebalance_experts = None
     notice = None
@@ -179,28 +192,29 @@ def _mean(rows: list[dict], solver: str, key: str) -> float | None:
 
 
 def evaluate_targets(rows: list[dict], solver: str = "ours") -> list[dict]:
-    """The issue's targets against the measured values of ``solver``: ``[{target, measured, passed}]``."""
+    """Checks of ``solver`` against the named references (see the module docstring):
+    ``[{target, measured, passed}]``."""
     out = []
     ok = [r for r in rows if "error" not in r["results"].get(solver, {"error": 1})]
     for r in ok:
         res = r["results"][solver]
         if r["target_in_window"] is not None:
-            out.append(dict(target=f"{r['case']}: in-window >= {r['target_in_window']}",
+            out.append(dict(target=f"{r['case']}: in-window >= best published solver {r['target_in_window']}",
                             measured=f"{res['in_window_balancedness']:.4f}",
                             passed=res["in_window_balancedness"] >= r["target_in_window"]))
-        if r["case"] == ADRS_CASE:
-            out.append(dict(target=f"{ADRS_CASE}: median solve <= {ADRS_MAX_MS} ms",
-                            measured=f"{res['median_solve_ms']:.3f} ms", passed=res["median_solve_ms"] <= ADRS_MAX_MS))
+        if r["case"] == SPEED_CASE:
+            out.append(dict(target=f"{SPEED_CASE}: median solve <= {SPEED_MAX_MS} ms",
+                            measured=f"{res['median_solve_ms']:.3f} ms", passed=res["median_solve_ms"] <= SPEED_MAX_MS))
     both = [r for r in ok if "error" not in r["results"].get("greedy", {"error": 1})]
     if both:
         ours_mean = statistics.fmean(r["results"][solver]["next_window_balancedness"] for r in both)
         greedy_mean = statistics.fmean(r["results"]["greedy"]["next_window_balancedness"] for r in both)
-        out.append(dict(target="mean next-window >= greedy's", measured=f"{ours_mean:.4f} vs {greedy_mean:.4f}",
+        out.append(dict(target="mean next-window >= reference greedy (DeepSeek's algorithm)", measured=f"{ours_mean:.4f} vs {greedy_mean:.4f}",
                         passed=ours_mean >= greedy_mean))
         worst = min(both, key=lambda r: r["results"][solver]["next_window_balancedness"]
                     - r["results"]["greedy"]["next_window_balancedness"])
         gap = worst["results"][solver]["next_window_balancedness"] - worst["results"]["greedy"]["next_window_balancedness"]
-        out.append(dict(target="no case next-window > 1% below greedy", measured=f"worst {gap:+.4f} ({worst['case']})",
+        out.append(dict(target="no case next-window > 1% below reference greedy", measured=f"worst {gap:+.4f} ({worst['case']})",
                         passed=gap >= -NEXT_WINDOW_SLACK))
     avoidable = sum(r["results"][solver]["duplicate_pairs"] - r["results"][solver]["unavoidable_duplicate_pairs"] for r in ok)
     out.append(dict(target="zero avoidable duplicate pairs", measured=str(avoidable), passed=avoidable == 0))
@@ -208,8 +222,8 @@ def evaluate_targets(rows: list[dict], solver: str = "ours") -> list[dict]:
 
 
 def print_report(report: dict) -> None:
-    from rich.console import Console  # noqa: PLC0415 (output only)
-    from rich.table import Table  # noqa: PLC0415
+    from rich.console import Console
+    from rich.table import Table
 
     console = Console(width=max(150, Console().width))
     rows, solvers = report["cases"], report["solvers"]
@@ -246,9 +260,9 @@ def print_report(report: dict) -> None:
                   "'greedy' is our Python implementation of DeepSeek's published algorithm (solver/baseline.py); "
                   "mean row: mean over cases (median ms: mean of the per-case medians; speed: geometric mean of ratios). "
                   "The greedy here loops over Python lists; DeepSeek's reference code (tensor element indexing) "
-                  "is reported at 450-540 ms on the ADRS shape, so ratios to it would be far larger.")
+                  "is reported at 450-540 ms on the dsv2lite 288-slot shape, so ratios to it would be far larger.")
     if report["targets"]:
-        tt = Table(title=f"Issue 2 targets ({report['targets_solver']})")
+        tt = Table(title=f"Checks against the references ({report['targets_solver']}; see ray-eplb bench --help)")
         for col in ("target", "measured", "pass"):
             tt.add_column(col)
         for t in report["targets"]:
@@ -323,7 +337,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _migration():  # imported late: the migration benchmark imports this module
-    from ray_eplb.controller.bench import migration  # noqa: PLC0415
+    from ray_eplb.controller.bench import migration
 
     return migration
 
@@ -352,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> dict:
         report = run_benchmark(args)
-        if args.migration:  # issue 4's tables on the same cases, also in --json
+        if args.migration:  # the migration tables on the same cases, also in --json
             report["migration"] = _migration().run_benchmark(args)
         return report
 

@@ -10,7 +10,7 @@ period alone sets how often they may rebalance):
 * ``incremental``: ``--compare-ratio`` times as often, changing at most ``--max-moves`` slots
   (default 10% of each layer's slots) from the current placement.
 
-Issue 4's target: incremental rebalances at least 4x as often for no more bytes moved, and ends
+The check: incremental rebalances at least 4x as often for no more bytes moved, and ends
 with a higher mean balancedness over the run (measured per window on the tokens each rank served),
 with 0 mismatched tokens in both.
 """
@@ -38,7 +38,7 @@ def modes(a: argparse.Namespace) -> list[argparse.Namespace]:
 
 
 def verdict(fresh: dict, inc: dict) -> dict:
-    """Issue 4's runtime target on two run summaries."""
+    """The runtime check of incremental against fresh planning on two run summaries."""
     ratio = inc["rebalances"] / max(fresh["rebalances"], 1)
     bytes_ratio = inc["bytes_moved"] / max(fresh["bytes_moved"], 1)
     return {

@@ -1,5 +1,5 @@
 """The runtime under test: 4 workers (2 nodes x 2 ranks, one raylet), the controller (loop not
-started: tests drive rounds), a router, and the dense reference. Started once per session."""
+started: tests drive rounds), a router, and the dense reference. Started once per test run."""
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,11 +23,11 @@ class Runtime:
 @pytest.fixture(scope="session")
 def runtime(ray_session):
     from ray_eplb.actors import SyntheticWeightSource
-    from ray_eplb.controller.bench.reference import DenseMoE
     from ray_eplb.actors.ray_worker import launch_workers
     from ray_eplb.actors.router import Router
-    from ray_eplb.controller.ray_controller import start_controller
+    from ray_eplb.controller.bench.reference import DenseMoE
     from ray_eplb.controller.config import ControllerConfig
+    from ray_eplb.controller.ray_controller import start_controller
     from ray_eplb.topology import Placement
 
     source = SyntheticWeightSource(hidden_size=16, ffn_size=32, seed=5)

@@ -9,8 +9,8 @@ from ray.cluster_utils import Cluster
 
 from ray_eplb.actors import SyntheticWeightSource
 from ray_eplb.actors.ray_worker import RANK_RESOURCE, enable_zero_copy, launch_workers
-from ray_eplb.controller.ray_controller import start_controller
 from ray_eplb.controller.config import ControllerConfig
+from ray_eplb.controller.ray_controller import start_controller
 from ray_eplb.topology import Placement, discover_topology
 
 os.environ["RAY_AUTH_MODE"] = "disabled"  # a test

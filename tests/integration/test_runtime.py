@@ -91,7 +91,7 @@ def test_forced_rebalance_moves_weights_and_every_slot_holds_its_expert(runtime)
     after = states(runtime)
     assert sum(s["borrowed_total"] for s in after) > 0 and sum(s["borrowed_bytes"] for s in after) > 0
     table = runtime.topology.num_layers * runtime.topology.slots_per_gpu * after[0]["expert_bytes"]
-    share = 0.5 * 512 * 2**20 / runtime.topology.gpus_per_node  # the session's object store: 512 MiB
+    share = 0.5 * 512 * 2**20 / runtime.topology.gpus_per_node  # the test cluster's object store: 512 MiB
     assert all(0 < s["borrowed_bytes"] <= s["borrow_cap"] == min(table, int(share)) for s in after if s["borrowed_bytes"])
     assert drive(runtime, seed=20) == 0
     assert runtime.router.placement.epoch == rec["epoch"]

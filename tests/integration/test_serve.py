@@ -1,8 +1,8 @@
-"""The Ray Serve example's deployment on the session's runtime: a real ``serve.run`` and deployment
+"""The Ray Serve example's deployment on the test run's runtime: a real ``serve.run`` and deployment
 handle, every response equal to the dense single-process reference before and after a forced
 rebalance, and the replica's router moving to the new epoch.
 
-The deployment attaches by name to the session's controller and workers (``conftest.runtime``:
+The deployment attaches by name to the test run's controller and workers (``conftest.runtime``:
 2 layers x 8 experts, hidden 16, FFN 32, weight seed 5), as it would to any running ray-eplb. Serve
 runs without its HTTP proxy (no port to collide with) and is shut down at the end, so the tests
 after this one find the cluster as before; the controller's configuration and placement are put
@@ -88,7 +88,7 @@ def test_served_moe_matches_the_dense_reference_across_a_forced_rebalance(runtim
     gen = torch.Generator().manual_seed(3)
     hot = torch.tensor([5, 40])
     load = torch.zeros(topo.num_layers, topo.num_experts, dtype=torch.int64)  # [L, E] from the responses
-    for i in range(6):  # token ids, 85% of them two hot tokens; three requests in flight at a time
+    for _ in range(6):  # token ids, 85% of them two hot tokens; three requests in flight at a time
         batch = [ex.traffic(spec, 48, hot, gen) for _ in range(3)]
         for ids, resp in [(ids, handle.tokens.remote(ids)) for ids in batch]:
             out = resp.result(timeout_s=60)

@@ -1,5 +1,5 @@
 """A budgeted rebalance on the real runtime: exactly the planned slots move, in several batches, and
-every other slot keeps its weights (issue 4)."""
+every other slot keeps its weights."""
 import pytest
 import torch
 

@@ -7,8 +7,8 @@ import torch
 from pydantic import ValidationError
 
 from ray_eplb.actors import ExpertWorker, SyntheticWeightSource, local_fetcher
-from ray_eplb.controller.config import ControllerConfig
 from ray_eplb.controller.balancer import EplbController
+from ray_eplb.controller.config import ControllerConfig
 from ray_eplb.controller.transfer import plan_summary, transfer_plan
 from ray_eplb.topology import Placement, Topology
 

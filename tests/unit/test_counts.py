@@ -1,12 +1,12 @@
-"""Replica counts (solver/counts.py): seed equivalence, min-max optimality, invariants, errors.
+"""Replica counts (solver/counts.py): equivalence with the design's rule, min-max optimality, invariants, errors.
 
-The reference below is written from the seed's description (shared/seed/hybrid_tail_waterfill.txt),
+The reference below is written from the hybrid-tail waterfill's description in our design notes,
 one row at a time in plain Python/numpy, deliberately unlike the vectorised implementation:
 40-step bisection of the water level, bulk fill in chunks of up to n seats by largest w/c, then
 the last T seats one at a time, D'Hondt pick argmax w/(c+1) versus Sainte-Lague pick
 argmax w/(2c+1), keeping the lower predicted new peak, then the lower runner-up, then the heavier
-expert. It also reports whether it ever had to make an arbitrary choice (a tie the seed leaves to
-torch's unspecified ordering), so counts are compared exactly wherever the seed's answer is
+expert. It also reports whether it ever had to make an arbitrary choice (a tie the design leaves to
+torch's unspecified ordering), so counts are compared exactly wherever the design's answer is
 unique, and peaks everywhere.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ray_eplb.solver.counts import counts_np
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference (per row, from the seed's description)
+# Reference (per row, from the design's description)
 # ----------------------------------------------------------------------------------------------
 def _first_max(values: list[float]) -> tuple[int, bool]:
     """Index of the largest value (lowest index on ties) and whether the max was tied."""
@@ -34,8 +34,8 @@ def _first_max(values: list[float]) -> tuple[int, bool]:
     return hits[0], len(hits) > 1
 
 
-def seed_row(w: list[float], num_phy: int) -> tuple[list[int], bool]:
-    """The seed's counts for one row, and ``ambiguous``: True if a tie made any choice arbitrary."""
+def design_row(w: list[float], num_phy: int) -> tuple[list[int], bool]:
+    """The design's counts for one row, and ``ambiguous``: True if a tie made any choice arbitrary."""
     n = len(w)
     if num_phy == n:
         return [1] * n, False
@@ -86,14 +86,14 @@ def seed_row(w: list[float], num_phy: int) -> tuple[list[int], bool]:
             others = second if cand == cur_max_idx else cur_max
             keys[cand] = (max(others, new_avg), others, -w[cand])
         if d_idx != s_idx and keys[d_idx] == keys[s_idx]:
-            ambiguous = True  # the seed iterates a set here: its winner is arbitrary
+            ambiguous = True  # the design iterates a set here: its winner is arbitrary
         c[min(keys, key=keys.get)] += 1
     return c, ambiguous
 
 
-def seed_counts(w: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarray]:
-    """``[X, n]`` counts and ``[X]`` ambiguous flags from :func:`seed_row`."""
-    rows = [seed_row([float(x) for x in row], num_phy) for row in w]
+def design_counts(w: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[X, n]`` counts and ``[X]`` ambiguous flags from :func:`design_row`."""
+    rows = [design_row([float(x) for x in row], num_phy) for row in w]
     return np.array([r[0] for r in rows], dtype=np.int64).reshape(w.shape), np.array([r[1] for r in rows])
 
 
@@ -148,8 +148,8 @@ def test_same_counts_as_seed_on_continuous_rows(n, num_phy):
     rng = np.random.default_rng(n * 1000 + num_phy)
     w = random_rows(rng, 6, n)
     got = check_counts(replica_counts(torch.from_numpy(w), num_phy), w.shape, num_phy)
-    ref, ambiguous = seed_counts(w, num_phy)
-    assert not ambiguous.any()  # continuous weights: the seed's answer is unique
+    ref, ambiguous = design_counts(w, num_phy)
+    assert not ambiguous.any()  # continuous weights: the design's answer is unique
     np.testing.assert_array_equal(got, ref)
     np.testing.assert_array_equal(peaks(w, got), peaks(w, ref))
 
@@ -162,13 +162,13 @@ def test_same_peak_as_seed_on_integer_rows_and_same_counts_where_unique(n, num_p
     w[0] = 0.0  # an all-zero row
     w[1, : n // 2] = 0.0  # a row with zeros
     got = check_counts(replica_counts(torch.from_numpy(w), num_phy), w.shape, num_phy)
-    ref, ambiguous = seed_counts(w, num_phy)
+    ref, ambiguous = design_counts(w, num_phy)
     np.testing.assert_array_equal(peaks(w, got), peaks(w, ref))
     np.testing.assert_array_equal(got[~ambiguous], ref[~ambiguous])
 
 
 def test_hybrid_tail_is_exercised_and_matches_seed_counts():
-    # Rows where the seed leaves seats to its tail and decides them unambiguously: the tail rule
+    # Rows where the design leaves seats to its tail and decides them unambiguously: the tail rule
     # itself (D'Hondt vs Sainte-Lague by predicted peak, runner-up, heavier) is compared exactly.
     rng = np.random.default_rng(11)
     compared = tail_rows = 0
@@ -176,7 +176,7 @@ def test_hybrid_tail_is_exercised_and_matches_seed_counts():
         n = int(rng.integers(2, 12))
         num_phy = n + int(rng.integers(1, 3 * n + 1))
         w = rng.integers(1, 9, (20, n)).astype(np.float64)
-        ref, ambiguous = seed_counts(w, num_phy)
+        ref, ambiguous = design_counts(w, num_phy)
         got = counts_np(w, num_phy)
         level = np.maximum(np.ceil(w / peaks(w, ref)[:, None]), 1).sum(1)  # seats at the optimal peak
         np.testing.assert_array_equal(got[~ambiguous], ref[~ambiguous])
@@ -193,12 +193,12 @@ def test_tail_tie_break_goes_to_the_heavier_expert():
     w = torch.tensor([[2.0, 4.0], [4.0, 2.0]])
     assert replica_counts(w, 4).tolist() == [[1, 3], [3, 1]]
     assert replica_counts(w, 4, method="dhondt").tolist() == [[2, 2], [3, 1]]
-    assert seed_row([2.0, 4.0], 4) == ([1, 3], False)
+    assert design_row([2.0, 4.0], 4) == ([1, 3], False)
     # w = [3, 6, 6], 6 seats: level 3 with counts [1, 2, 2]; for the last seat both picks tie
-    # between experts 1 and 2 (w/(c+1) = [1.5, 2, 2]); the seed leaves that to torch (the reference
+    # between experts 1 and 2 (w/(c+1) = [1.5, 2, 2]); the design leaves that to torch (the reference
     # flags it), the implementation takes the first: [1, 3, 2].
     assert replica_counts(torch.tensor([[3.0, 6.0, 6.0]]), 6).tolist() == [[1, 3, 2]]
-    assert seed_row([3.0, 6.0, 6.0], 6)[1] is True
+    assert design_row([3.0, 6.0, 6.0], 6)[1] is True
 
 
 def test_one_hot_expert_with_almost_all_load():
@@ -207,7 +207,7 @@ def test_one_hot_expert_with_almost_all_load():
         w = rng.random((3, n)) * 1e-3 / n
         w[np.arange(3), rng.integers(0, n, 3)] = 0.999  # 99.9% of the load on one expert
         got = check_counts(replica_counts(torch.from_numpy(w), num_phy), w.shape, num_phy)
-        ref, ambiguous = seed_counts(w, num_phy)
+        ref, ambiguous = design_counts(w, num_phy)
         assert not ambiguous.any()
         np.testing.assert_array_equal(got, ref)
         hot = w.argmax(1)
@@ -220,19 +220,19 @@ def test_edge_cases_like_the_seed():
     assert replica_counts(torch.tensor([[3.0], [0.0]]), 7).tolist() == [[7], [7]]
     assert replica_counts(torch.zeros(2, 4), 11).tolist() == [[3, 3, 3, 2]] * 2
     assert replica_counts(torch.zeros(1, 4), 8).tolist() == [[2, 2, 2, 2]]
-    assert seed_row([0.0] * 4, 11)[0] == [3, 3, 3, 2]
+    assert design_row([0.0] * 4, 11)[0] == [3, 3, 3, 2]
     assert tuple(replica_counts(torch.zeros(0, 4), 8).shape) == (0, 4)
 
 
 def test_tiny_weights_are_never_worse_than_the_seed():
-    # The seed bisects with an absolute tolerance (hi starts at max(maxw, 1)): for loads far below 1
+    # The design bisects with an absolute tolerance (hi starts at max(maxw, 1)): for loads far below 1
     # its level stops short and its chunked bulk fill decides. The exact level is at least as good.
     rng = np.random.default_rng(5)
     w = rng.random((20, 16)) * 1e-14
     got = counts_np(w, 40)
-    ref, _ = seed_counts(w, 40)
+    ref, _ = design_counts(w, 40)
     assert (peaks(w, got) <= peaks(w, ref)).all()
-    assert (peaks(w, got) < peaks(w, ref)).any()  # the seed really is off here (a known divergence)
+    assert (peaks(w, got) < peaks(w, ref)).any()  # the design really is off here (a known divergence)
     np.testing.assert_array_equal(got, counts_np(w * 1e16, 40))  # the exact level is scale-free
 
 

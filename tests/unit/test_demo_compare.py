@@ -1,8 +1,8 @@
 """The demo's planning options and the --compare bookkeeping (no cluster)."""
 import pytest
 
-from ray_eplb.controller.cli.demo import controller_config, parse
 from ray_eplb.controller.cli.compare import compare, modes, verdict
+from ray_eplb.controller.cli.demo import controller_config, parse
 
 
 def test_demo_options_reach_the_controller_config():

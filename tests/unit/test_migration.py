@@ -3,7 +3,6 @@ constructed cases, budgets, hysteresis, validity. Error paths: test_migration_er
 from __future__ import annotations
 
 import itertools
-
 import math
 
 import numpy as np
@@ -16,7 +15,13 @@ from ray_eplb.controller.bench.workload import synthetic_trace
 from ray_eplb.solver import balancedness, rebalance_experts
 from ray_eplb.solver.maps import logical_maps_np
 from ray_eplb.solver.migration import (
-    _keep_slots, align, budget_per_layer, incremental, migrate, moved_slots, peak_load,
+    _keep_slots,
+    align,
+    budget_per_layer,
+    incremental,
+    migrate,
+    moved_slots,
+    peak_load,
 )
 
 SETTINGS = settings(deadline=None)  # max_examples from the active profile (default 100)

@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 
 from ray_eplb.solver import rebalance_experts
 from ray_eplb.solver.migration import (
-    _FreshCandidate, _hull_spend, _overlap, align, budget_per_layer, incremental, migrate, moved_slots, peak_load,
+    _FreshCandidate,
+    _hull_spend,
+    _overlap,
+    align,
+    budget_per_layer,
+    incremental,
+    migrate,
+    moved_slots,
+    peak_load,
 )
 
 SETTINGS = settings(deadline=None)

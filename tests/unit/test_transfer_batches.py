@@ -1,4 +1,4 @@
-"""Transfer plans and their batches (issue 4, item 3), and the worker staging them batch by batch."""
+"""Transfer plans and their batches and the worker staging them batch by batch."""
 from collections import Counter
 
 import pytest

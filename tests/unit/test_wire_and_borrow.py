@@ -6,12 +6,12 @@ import threading
 import numpy as np
 import pytest
 import torch
+from test_actors_worker import SRC, TOPO, swap  # the same 2 x 2 x 3-slot group and its two-phase swap
 
 from ray_eplb.actors import ExpertWorker
 from ray_eplb.actors.protocol import PIECE_BYTES, pack_reply, unpack_reply
 from ray_eplb.actors.staging import Staging
 from ray_eplb.topology import Placement
-from test_actors_worker import SRC, TOPO, swap  # the same 2 x 2 x 3-slot group and its two-phase swap
 
 
 @pytest.mark.parametrize("shape,dtype", [((3, 600, 256), torch.float32), ((3, 24, 16), torch.bfloat16), ((2, 3), torch.float16)])
