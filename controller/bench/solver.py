@@ -154,7 +154,7 @@ def run_solver(solve: Solver, case: Case, windows: torch.Tensor, repeats: int) -
     return SolverResult(**res)
 
 
-def _parse_variant(spec: str) -> dict[str, str]:
+def parse_variant(spec: str) -> dict[str, str]:
     kwargs = {}
     for part in filter(None, spec.split(",")):
         key, sep, value = part.partition("=")
@@ -180,7 +180,7 @@ def build_solvers(variants: list[str]) -> tuple[dict[str, Solver], str | None]:
     else:
         solvers["ours"] = rebalance_experts
         for spec in variants:
-            kwargs = _parse_variant(spec)
+            kwargs = parse_variant(spec)
             solvers[f"ours[{spec}]"] = lambda w, *shape, _kw=kwargs: rebalance_experts(w, *shape, **_kw)
     solvers["greedy"] = greedy_rebalance_experts
     return solvers, notice

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ray_eplb.controller.bench import solver as bench_solver
-from ray_eplb.controller.bench.solver import Case, _parse_variant, evaluate_targets, run_solver, unavoidable_duplicates
+from ray_eplb.controller.bench.solver import Case, evaluate_targets, parse_variant, run_solver, unavoidable_duplicates
 from ray_eplb.controller.bench.workload import default_traces_dir
 
 RESULT_KEYS = {
@@ -48,9 +48,9 @@ def test_run_solver_scores_next_and_in_window():
 
 
 def test_parse_variant():
-    assert _parse_variant("method=dhondt,policy=global") == {"method": "dhondt", "policy": "global"}
+    assert parse_variant("method=dhondt,policy=global") == {"method": "dhondt", "policy": "global"}
     with pytest.raises(ValueError, match="key=value"):
-        _parse_variant("method")
+        parse_variant("method")
 
 
 def _row(case, target, ours_in, ours_next, greedy_next, ms=0.5, dups=(0, 0)):
