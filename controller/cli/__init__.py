@@ -1,0 +1,1 @@
+"""ray_eplb.controller.cli: the ray-eplb command and its subcommands."""
