@@ -240,7 +240,7 @@ def read_phy2log(path: str | Path) -> tuple[torch.Tensor, Topology | None, int]:
         try:
             topology = Topology(**data["topology"])
         except (TypeError, ValueError) as exc:
-            raise _fail(path, f"key 'topology' is not a valid topology ({_pydantic_line(exc)})") from None
+            raise _fail(path, f"key 'topology' is not a valid topology ({error_line(exc)})") from None
         epoch = data.get("epoch", 0)
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise _fail(path, f"key 'epoch' is {epoch!r}, expected an int >= 0")
@@ -278,10 +278,17 @@ def _check_triple(path: Path, data: dict, phy2log: torch.Tensor) -> None:
         raise _fail(path, "key 'log2phy' does not invert phy2log")
 
 
-def _pydantic_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
+    """One line for an error: pydantic's field and message (not its multi-line report), else the first line."""
     errors = getattr(exc, "errors", None)
     if callable(errors):
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'topology'}: {e['msg']}" for e in errors())
+        parts = []
+        for e in errors():
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            parts.append(f"{'.'.join(map(str, e['loc']))}: {msg}" if e["loc"] else msg)
+        return "; ".join(parts)
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
     return _first_line(exc)
 
 
@@ -307,7 +314,7 @@ def read_placement(path: str | Path, topology: Topology | None = None) -> Placem
     try:
         return Placement.from_phy2log(topology, phy2log, epoch)
     except ValueError as exc:
-        raise _fail(path, _pydantic_line(exc)) from None
+        raise _fail(path, error_line(exc)) from None
 
 
 def write_placement(path: str | Path, placement: Placement, fmt: str = "ours") -> None:

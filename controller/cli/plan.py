@@ -22,6 +22,7 @@ from ray_eplb.solver.rebalance import POLICIES
 from ray_eplb.topology.placement import Placement
 from ray_eplb.topology.records import (
     PLACEMENT_FORMATS,
+    error_line,
     format_for,
     read_loads,
     read_phy2log,
@@ -88,18 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except (ValueError, OSError) as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
         return 2
-
-
-def _one_line(exc: BaseException) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):  # pydantic: the field and its message, not the multi-line report
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in errors())
-    if isinstance(exc, OSError) and exc.filename:
-        return f"{exc.filename}: {exc.strerror or exc}"
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _run(args: argparse.Namespace) -> int:
