@@ -9,6 +9,7 @@ COMMANDS = {
     "demo": ("ray_eplb.controller.cli.demo", "end-to-end demo on an embedded local Ray cluster"),
     "bench": ("ray_eplb.controller.bench.solver", "solver benchmark on real traces (synthetic fallback)"),
     "bench-runtime": ("ray_eplb.controller.bench.runtime", "runtime benchmark: telemetry, swap, transfer"),
+    "plan": ("ray_eplb.controller.cli.plan", "plan a placement offline from engine load records (SGLang, trace, JSON)"),
 }
 
 
