@@ -49,9 +49,11 @@ class EpochSwap:
         return [w.cpu() for w in out]
 
     def prepare(self, epoch: int, transfers: Sequence[Transfer], experts: torch.Tensor, timeout_s: float = 60.0,
-                seal: bool = True) -> dict:
+                seal: bool = True, digest: str | None = None) -> dict:
         """Stage (part of) the table of ``epoch``: ``experts [L, S]`` is this rank's new slot map and
-        ``transfers`` moves whose ``dst_rank`` is this rank (at most one per changed slot).
+        ``transfers`` moves whose ``dst_rank`` is this rank (at most one per changed slot);
+        ``digest`` names the whole new map (:meth:`Placement.digest`): dispatches of ``epoch`` are
+        served only if they carry it.
 
         ``seal=False`` stages one batch and answers ``"staged"``; the ``seal=True`` call stages its
         own rows, checks every changed slot has been staged by some call of this epoch and answers
@@ -61,10 +63,10 @@ class EpochSwap:
 
         Runs on the staging thread (see ``stage_nice``), paced by ``stage_duty``, so serving keeps the CPU."""
         self._fault("prepare")
-        return self.staging.run(self._prepare, epoch, transfers, experts, timeout_s, seal)
+        return self.staging.run(self._prepare, epoch, transfers, experts, timeout_s, seal, digest)
 
     def _prepare(self, epoch: int, transfers: Sequence[Transfer], experts: torch.Tensor, timeout_s: float,
-                 seal: bool) -> dict:
+                 seal: bool, digest: str | None) -> dict:
         experts = torch.as_tensor(experts, dtype=torch.int64).cpu()
         with self._stage_lock:
             with self._lock:
@@ -73,7 +75,7 @@ class EpochSwap:
                 verdict = self._check_new_epoch(epoch)
                 if verdict:
                     return verdict
-                part = self._begin(epoch, experts)
+                part = self._begin(epoch, experts, digest)
                 if part is None:
                     return self._stale(epoch)
             s = self.topology.slots_per_gpu
@@ -107,7 +109,7 @@ class EpochSwap:
                     self._recycle([replaced])
             return {"status": "prepared", **reply}
 
-    def _begin(self, epoch: int, experts: torch.Tensor) -> Partial | None:
+    def _begin(self, epoch: int, experts: torch.Tensor, digest: str | None) -> Partial | None:
         """Under the lock: the table under construction for ``epoch`` (started on the active table
         if this is the epoch's first batch), or ``None`` when a newer epoch is under construction."""
         part = self._partial
@@ -117,8 +119,8 @@ class EpochSwap:
             self._drop_partial(part)
             part = None
         if part is None:
-            part = self._partial = Partial.start(epoch, experts, self._tables[self.epoch])
-        elif not torch.equal(part.experts, experts):
+            part = self._partial = Partial.start(epoch, experts, self._tables[self.epoch], digest)
+        elif not torch.equal(part.experts, experts) or part.digest != digest:
             raise ValueError(f"worker {self.rank}: batches of epoch {epoch} disagree on the new slot map")
         return part
 

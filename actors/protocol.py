@@ -21,14 +21,17 @@ class Transfer(NamedTuple):
 
 
 class StaleEpochError(RuntimeError):
-    """A dispatch named an epoch this worker does not hold (never committed, or already released)."""
+    """A dispatch named a map this worker does not hold: an epoch never committed here or already
+    released, or an epoch whose map differs from the one the worker holds under that number (a
+    stale or forged map). The router then asks the controller for the map in force."""
 
-    def __init__(self, rank: int, epoch: int, held: Sequence[int]):
-        super().__init__(f"worker {rank}: epoch {epoch} is not served here (held: {sorted(held)})")
-        self.rank, self.epoch, self.held = rank, epoch, list(held)
+    def __init__(self, rank: int, epoch: int, held: Sequence[int], why: str = ""):
+        why = why or f"epoch {epoch} is not served here"
+        super().__init__(f"worker {rank}: {why} (held: {sorted(held)})")
+        self.rank, self.epoch, self.held, self.why = rank, epoch, list(held), why
 
     def __reduce__(self):
-        return (StaleEpochError, (self.rank, self.epoch, self.held))
+        return (StaleEpochError, (self.rank, self.epoch, self.held, self.why))
 
 
 class Fetcher(Protocol):

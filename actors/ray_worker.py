@@ -60,16 +60,16 @@ class RayExpertWorker(ExpertWorker):
     """
 
     def __init__(self, rank: int, topology: Any, experts: torch.Tensor, source: WeightSource, *,
-                 namespace: str = NAMESPACE, epoch: int = 0, restore_timeout_s: float = 60.0, **kwargs: Any):
+                 namespace: str = NAMESPACE, epoch: int = 0, digest: str | None = None, **kwargs: Any):
         quiet_zero_copy_warnings()
-        self.restored = False
+        self.restored = "launch"
         if ray.get_runtime_context().was_current_actor_reconstructed:
             # Ray restarted us: our weights and epoch died with the old process. Come back on the
-            # controller's placement in force (loaded from the weight source), not the launch one.
-            current = _map_in_force(namespace, restore_timeout_s)
-            if current is not None and current.topology == topology:
-                experts, epoch, self.restored = current.rank_experts(rank).clone(), current.epoch, True
-        super().__init__(rank, topology, experts, source, fetcher=RayFetcher(namespace), epoch=epoch, **kwargs)
+            # committed map (loaded from the weight source), read from the balancer's store: no
+            # waiting for the controller, which may be restarting too.
+            experts, epoch, digest, self.restored = _committed_map(namespace, topology, rank, experts, epoch, digest)
+        super().__init__(rank, topology, experts, source, fetcher=RayFetcher(namespace), epoch=epoch, digest=digest,
+                         **kwargs)
         self.node_id = ray.get_runtime_context().get_node_id()
         if kwargs.get("stage_borrow_bytes") is None:
             # The ranks of a node share its object store: together they pin at most half of it.
@@ -194,7 +194,8 @@ def launch_workers(
         handles.append(
             actor_cls.options(**opts).remote(
                 rank, topology, placement.rank_experts(rank).clone(), source,
-                device=worker_device, epoch=placement.epoch, namespace=namespace, stage_nice=stage_nice,
+                device=worker_device, epoch=placement.epoch, digest=placement.digest(), namespace=namespace,
+                stage_nice=stage_nice,
                 stage_duty=stage_duty,
             )
         )
@@ -202,26 +203,32 @@ def launch_workers(
     return WorkerGroup(topology, handles, pgs, ",".join(sorted(devices)))
 
 
-def _map_in_force(namespace: str, timeout_s: float) -> Any:
-    """The controller's placement in force (waits out a round under way), or ``None`` when there
-    is no controller or it cannot tell by ``timeout_s``: the worker then keeps its launch placement,
-    and dispatches or swaps of any other epoch are refused (never served with wrong weights)."""
-    import logging
-    import time
+def _committed_map(namespace: str, topology: Topology, rank: int, experts: torch.Tensor, epoch: int,
+                   digest: str | None) -> tuple[torch.Tensor, int, str | None, str]:
+    """What a restarted worker serves: ``(experts [L, S], epoch, digest, how)``.
 
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            ctl = ray.get_actor(CONTROLLER_NAME, namespace=namespace)
-            current = ray.get(ctl.current_map.remote(), timeout=max(0.1, deadline - time.monotonic()))
-            if current is not None:
-                return current
-        except (ValueError, ray.exceptions.RayError) as exc:  # no such actor / it is restarting
-            logging.getLogger(__name__).warning("restarted worker: no placement from the controller yet: %r", exc)
-        if time.monotonic() >= deadline:
-            logging.getLogger(__name__).error("restarted worker: no placement in force; keeping the launch one")
-            return None
-        time.sleep(0.5)
+    ``how`` is ``store`` (the committed map of the balancer's store), ``launch`` (no balancer has
+    stored a map: the launch placement, as launched) or ``nothing`` (the store could not be read
+    or holds another topology's map: the worker holds its launch slots under a digest no map has,
+    so it serves no dispatch until the controller's next round brings it onto the map in force)."""
+    import logging
+
+    from ray_eplb.actors.map_store import MapStore
+
+    log = logging.getLogger(__name__)
+    try:
+        record = MapStore(namespace).load()
+        if record is None:
+            return experts, epoch, digest, "launch"
+        if Topology.model_validate(record["topology"]) != topology:
+            raise ValueError("the stored map is for another topology")
+        current = Placement.from_phy2log(topology, torch.tensor(record["phy2log"], dtype=torch.int64), int(record["epoch"]))
+        if current.digest() != record["digest"]:
+            raise ValueError(f"the stored map's digest {record['digest']} does not match its slots")
+        return current.rank_experts(rank).clone(), current.epoch, current.digest(), "store"
+    except Exception as exc:  # noqa: BLE001 - any failure: serve nothing rather than a guess
+        log.error("restarted worker %d: no committed map (%r); serving nothing until the controller brings it in", rank, exc)
+        return experts, epoch, "none", "nothing"
 
 
 def quiet_zero_copy_warnings() -> None:

@@ -79,6 +79,7 @@ class Router:
                 raise ValueError("give a placement or a controller to subscribe to")
             placement = ray.get(controller.wait_map.remote(-1, self.id, timeout_s))
         self.placement: Placement = placement
+        self.map_id = placement.map_id()  # (epoch, digest) every dispatch carries
         t = placement.topology
         if len(self.workers) != t.num_gpus:
             raise ValueError(f"got {len(self.workers)} workers for {t.num_gpus} ranks")
@@ -91,11 +92,12 @@ class Router:
         self.map_updates = 0
 
     def __repr__(self) -> str:
-        return f"Router({self.id}, epoch={self.placement.epoch}, ranks={len(self.workers)})"
+        return f"Router({self.id}, epoch={self.placement.epoch}, map={self.map_id.digest}, ranks={len(self.workers)})"
 
     # ------------------------------------------------------------------ subscription
     def refresh(self, block: bool = False) -> bool:
-        """Adopt a newer published map if one has arrived (``block``: ask the controller now)."""
+        """Adopt a newer published map if one has arrived (``block``: ask the controller now, and
+        adopt its map in force whenever it differs from ours, newer or not: a worker refused ours)."""
         if self.controller is None or not (block or self.subscribe):
             return False
         with self._lock:
@@ -105,7 +107,10 @@ class Router:
         ray = self._ray
         if block:
             self._poll = None
-            newer = ray.get(self.controller.wait_map.remote(self.placement.epoch, self.id, 0.5), timeout=self.timeout_s)
+            try:
+                newer = ray.get(self.controller.wait_map.remote(-1, self.id, 0.5), timeout=self.timeout_s)
+            except ray.exceptions.RayError:  # the controller is restarting or slow: keep our map for now
+                newer = None
         else:
             if self._poll is None:
                 self._poll = self.controller.wait_map.remote(self.placement.epoch, self.id, self.poll_timeout_s)
@@ -117,9 +122,9 @@ class Router:
             except ray.exceptions.RayError:  # the controller died (Ray restarts it): poll again later
                 newer = None
             self._poll = None
-        adopted = newer is not None and newer.epoch > self.placement.epoch
+        adopted = newer is not None and (newer.epoch > self.placement.epoch or (block and newer.map_id() != self.map_id))
         if adopted:
-            self.placement = newer
+            self.placement, self.map_id = newer, newer.map_id()
             self.map_updates += 1
         if self._poll is None and self.subscribe:  # re-subscribe at once: this poll also acks the map we now hold
             self._poll = self.controller.wait_map.remote(self.placement.epoch, self.id, self.poll_timeout_s)
@@ -148,11 +153,11 @@ class Router:
         out = torch.zeros_like(x)  # [N, H]
         todo = torch.ones(n * k, dtype=torch.bool)  # assignments not yet served
         t_first_stale = None
-        refreshes, down, deadline = 0, 0, time.monotonic() + self.timeout_s
+        down, deadline = 0, time.monotonic() + self.timeout_s
         while True:
             idx = todo.nonzero().squeeze(1)  # [M]
             with self._lock:
-                p, offset = self.placement, self._offset
+                p, map_id, offset = self.placement, self.map_id, self._offset
                 self._offset += int(idx.numel())
             slots = route(p, layer, ids[idx].unsqueeze(1), offset)  # [M]
             ranks = slots // p.topology.slots_per_gpu
@@ -160,19 +165,25 @@ class Router:
             calls = []
             for r in ranks.unique().tolist():
                 m = idx[ranks == r]  # assignments for rank r
-                ref = self.workers[r].forward.remote(p.epoch, layer, local[ranks == r], x[tok[m]])
+                ref = self.workers[r].forward.remote(map_id, layer, local[ranks == r], x[tok[m]])
                 calls.append((r, m, ref))
-            stale = unavailable = False
+            stale = False
+            unavailable: dict[int, str] = {}  # rank -> why its tokens were not served
             for r, m, ref in calls:
                 try:
                     y = self._ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))  # [|m|, H]
-                except StaleEpochError:  # the map moved on: fetch it and re-route these tokens
+                except StaleEpochError as exc:  # the map moved on (or the worker is not on it yet)
                     stale = True
+                    unavailable[r] = f"refused map {map_id.epoch}: {exc.why}"
                     t_first_stale = t_first_stale or time.perf_counter()
                     continue
-                except self._ray.exceptions.RayActorError:  # the worker died: Ray restarts it
-                    unavailable = True
+                except self._ray.exceptions.RayActorError as exc:  # the worker died: Ray restarts it
+                    unavailable[r] = type(exc).__name__
                     t_first_stale = t_first_stale or time.perf_counter()
+                    continue
+                except self._ray.exceptions.GetTimeoutError:  # it did not answer by the deadline
+                    self._ray.cancel(ref)
+                    unavailable[r] = "no answer"
                     continue
                 out.index_add_(0, tok[m], y * w[m, None])
                 with self._lock:
@@ -182,22 +193,29 @@ class Router:
                 break
             with self._lock:
                 self.retries += 1
-            if stale and refreshes == 4:
-                raise RuntimeError(f"{self}: layer {layer} could not be served after 4 map refreshes")
             if time.monotonic() >= deadline:
-                raise RuntimeError(f"{self}: layer {layer}: a worker stayed unavailable for {self.timeout_s:g} s")
-            if unavailable:  # a restarted worker comes back on the map in force: wait, then re-route
+                ranks_down = ", ".join(f"{r} ({why})" for r, why in sorted(unavailable.items())) or "none"
+                raise RuntimeError(f"{self}: layer {layer}: not served within {self.timeout_s:g} s; "
+                                   f"ranks unavailable: {ranks_down}")
+            # A newer map re-routes at once. Otherwise wait, then re-route: a restarted worker comes
+            # back on the committed map, and one on another map is brought onto the map in force by
+            # the controller's next round.
+            if not (stale and self.refresh(block=True)):
                 time.sleep(min(1.0, 0.05 * 2**down))
                 down += 1
-            refreshes += stale
-            self.refresh(block=stale)
         if t_first_stale is not None:
             with self._lock:
                 self.max_stall_s = max(self.max_stall_s, time.perf_counter() - t_first_stale)
         return out
 
     def close(self) -> None:
+        """Stop the subscription and tell the controller to stop waiting for this router's acks."""
         with self._lock:
             if self._poll is not None:
                 self._ray.cancel(self._poll)
                 self._poll = None
+        if self.controller is not None:
+            try:
+                self.controller.forget_router.remote(self.id)  # fire and forget: the lease expires anyway
+            except Exception:  # noqa: BLE001 - the controller may be gone; its lease on us lapses
+                pass

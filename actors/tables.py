@@ -19,6 +19,7 @@ class Table:
     epoch: int
     experts: torch.Tensor  # [L, S] int64, logical expert of each local slot
     weights: list[list[torch.Tensor]]  # [L][S] -> packed [3, I, H]
+    digest: str | None = None  # digest of the whole map of this epoch (None: not known, plain use)
     in_flight: int = 0  # dispatches computing with this table now
     releasable: bool = False  # no router routes with this epoch any more
 
@@ -32,13 +33,14 @@ class Partial:
     base: Table  # the active table when the epoch's first batch arrived
     weights: list[list[torch.Tensor]]  # [L][S] -> packed [3, I, H]; base's tensors until staged
     done: set[tuple[int, int]] = field(default_factory=set)  # (layer, local slot) staged so far
+    digest: str | None = None  # digest of the new map (see Table.digest)
 
     @classmethod
-    def start(cls, epoch: int, experts: torch.Tensor, base: Table) -> "Partial":
-        return cls(epoch, experts.clone(), base, [list(row) for row in base.weights])
+    def start(cls, epoch: int, experts: torch.Tensor, base: Table, digest: str | None = None) -> "Partial":
+        return cls(epoch, experts.clone(), base, [list(row) for row in base.weights], digest=digest)
 
     def as_table(self) -> Table:
-        return Table(self.epoch, self.experts, self.weights)
+        return Table(self.epoch, self.experts, self.weights, self.digest)
 
     def missing(self, rows: Sequence[Transfer], rank: int, slots_per_gpu: int) -> list[tuple[int, int]]:
         """``(layer, local slot)`` of changed slots that neither an earlier batch nor ``rows`` stage."""

@@ -8,9 +8,11 @@ of slots that did not change, so a swap costs memory only for the slots it moves
 The swap protocol (``prepare`` / ``commit`` / ``abort`` / ``release``) lives in
 :mod:`ray_eplb.actors.epoch_swap`.
 
-A dispatch (``forward``) names the epoch of the map it was routed by and is computed with that
-epoch's table; an epoch the worker does not hold raises :class:`StaleEpochError` (the router then
-refreshes its map and re-routes), so a token never meets the wrong expert.
+A dispatch (``forward``) names the map it was routed by, as ``(epoch, digest)``
+(:class:`~ray_eplb.topology.MapId`), and is computed with that epoch's table only if the table's map
+has that digest; any other map (an epoch the worker does not hold, or a stale or forged map under a
+held epoch number) raises :class:`StaleEpochError` (the router then refreshes its map and
+re-routes), so a token never meets the wrong expert.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from ray_eplb.actors.protocol import Fetcher, StaleEpochError, Transfer, decode_
 from ray_eplb.actors.staging import Staging
 from ray_eplb.actors.tables import Partial, Table
 from ray_eplb.actors.weights import WeightSource, swiglu
-from ray_eplb.topology import Topology
+from ray_eplb.topology import MapId, Topology
 
 __all__ = ["ExpertWorker", "Fetcher", "StaleEpochError", "Transfer", "decode_counts", "local_fetcher"]
 
@@ -84,6 +86,7 @@ class ExpertWorker(EpochSwap):
         stage_duty: float = 0.25,
         stage_chunk_bytes: int = 2 * 2**20,
         stage_borrow_bytes: int | None = None,
+        digest: str | None = None,
     ):
         if not 0 <= rank < topology.num_gpus:
             raise ValueError(f"rank={rank} is outside the topology's {topology.num_gpus} ranks")
@@ -102,7 +105,7 @@ class ExpertWorker(EpochSwap):
         self.stats = _Stats()
         self.staging = Staging(self.device, self._lock, stage_nice, stage_duty, stage_chunk_bytes, f"eplb-{rank}")
         weights = [[self.staging.own(source.expert(layer, int(e))) for e in row] for layer, row in enumerate(experts)]
-        self._tables: dict[int, Table] = {epoch: Table(epoch, experts, weights)}
+        self._tables: dict[int, Table] = {epoch: Table(epoch, experts, weights, digest)}
         self.epoch = epoch
         self._staged: Table | None = None
         self._partial: Partial | None = None
@@ -145,11 +148,14 @@ class ExpertWorker(EpochSwap):
         return self.rank
 
     # ------------------------------------------------------------------ serving
-    def forward(self, epoch: int, layer: int, slots: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, map_id: MapId | tuple | int, layer: int, slots: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Compute the expert outputs of one dispatch.
 
         Args:
-            epoch: epoch of the map the router used.
+            map_id: ``(epoch, digest)`` of the map the router used (:meth:`Placement.map_id`). A
+                table built without a digest (single-process use, no controller) is served by
+                epoch alone, and a plain epoch number is accepted for it; a table with a digest
+                (every worker :func:`launch_workers` starts) serves only its exact map.
             layer: MoE layer.
             slots: ``[N]`` int64 local slot (``0 <= j < S``) of each token.
             x: ``[N, H]`` token activations.
@@ -168,10 +174,12 @@ class ExpertWorker(EpochSwap):
         t0 = time.perf_counter()
         with self._lock:
             wait = time.perf_counter() - t0
+            epoch, digest = (int(map_id[0]), map_id[1]) if isinstance(map_id, tuple) else (int(map_id), None)
             table = self._tables.get(epoch)
-            if table is None:
+            if table is None or (table.digest is not None and table.digest != digest):
                 self.stats.stale_dispatches += 1
-                raise StaleEpochError(self.rank, epoch, self._tables)
+                why = "" if table is None else f"epoch {epoch} here is map {table.digest}, not {digest}"
+                raise StaleEpochError(self.rank, epoch, self._tables, why)
             table.in_flight += 1
             self.stats.max_lock_wait_s = max(self.stats.max_lock_wait_s, wait)
         try:
@@ -198,15 +206,19 @@ class ExpertWorker(EpochSwap):
 
     def collect(self) -> dict:
         """Telemetry: cumulative token counts of the last few epochs: ``epochs`` (list) and
-        ``counts``, int64 ``[len(epochs), L, S]`` as raw bytes (decode with :func:`decode_counts`)."""
+        ``counts``, int64 ``[len(epochs), L, S]`` as raw bytes (decode with :func:`decode_counts`),
+        with ``dtype`` and ``shape`` to check them by; ``epoch`` and ``digest``: the map this worker
+        serves now (the controller brings a worker on another map back to its own)."""
         self._fault("collect")
         with self._lock:
             epochs = sorted(self._counts)
             counts = torch.stack([self._counts[e] for e in epochs])  # [n_epochs, L, S] int64
+            epoch, digest = self.epoch, self._tables[self.epoch].digest
         # Raw bytes, not a tensor: a telemetry reply is small, and Ray's tensor path costs ~2x a
         # no-op call in a fan-out to 8 workers where plain bytes cost ~1.2x (ray-eplb bench-runtime, Ray 2.60).
-        return {"rank": self.rank, "epoch": self.epoch, "epochs": epochs, "incarnation": self.incarnation,
-                "shape": tuple(counts.shape), "counts": counts.numpy().tobytes()}
+        return {"rank": self.rank, "epoch": epoch, "digest": digest, "epochs": epochs,
+                "incarnation": self.incarnation, "dtype": "int64", "shape": tuple(counts.shape),
+                "counts": counts.numpy().tobytes()}
 
     # ------------------------------------------------------------------ inspection
     def state(self) -> dict:
@@ -217,6 +229,7 @@ class ExpertWorker(EpochSwap):
                 "rank": self.rank,
                 "incarnation": self.incarnation,
                 "epoch": self.epoch,
+                "digest": self._tables[self.epoch].digest,
                 "experts": self._tables[self.epoch].experts.clone(),
                 "staged": None if self._staged is None else self._staged.epoch,
                 "staging": None if self._partial is None else self._partial.epoch,

@@ -15,8 +15,9 @@ One :meth:`EplbController.step` is one control round:
    on the workers, **commit** on all or **abort** on all, **publish** the new map to routers, and
    later **release** the retired epoch.
 
-Workers are handle-likes (see :mod:`~ray_eplb.controller.fanout`); nothing here blocks the event
-loop on a worker.
+Every epoch goes through the balancer's store, and a worker found on another map than the one in
+force is brought back onto it first (:mod:`~ray_eplb.controller.recovery`). Workers are
+handle-likes (see :mod:`~ray_eplb.controller.fanout`); nothing here blocks the event loop on a worker.
 """
 from __future__ import annotations
 
@@ -28,11 +29,13 @@ from typing import Any, Sequence
 
 import torch
 
+from ray_eplb.actors.map_store import MemoryStore
 from ray_eplb.controller.config import ControllerConfig
 from ray_eplb.controller.fanout import fanout, wait_for
 from ray_eplb.controller.loop import Loop
 from ray_eplb.controller.metrics import NullMetrics
 from ray_eplb.controller.planning import budget_slots, decide, solve
+from ray_eplb.controller.recovery import Recovery
 from ray_eplb.controller.swap import push
 from ray_eplb.controller.telemetry import LoadTracker
 from ray_eplb.solver import balancedness
@@ -41,7 +44,7 @@ from ray_eplb.topology import Placement, Topology
 log = logging.getLogger("ray_eplb.controller")
 
 
-class EplbController:
+class EplbController(Recovery):
     """Telemetry, forecast, decision, solve and the two-phase push for one expert-parallel group.
 
     Args:
@@ -49,8 +52,11 @@ class EplbController:
         workers: one handle per rank (index = rank).
         config: the controller configuration.
         placement: the placement the workers start with (default: ``Placement.identity``); on
-            restart the controller re-reads the truth from the workers (see :meth:`recover`).
+            a restart the controller takes the committed map from ``store`` instead (see :meth:`recover`).
         metrics: a sink with ``gauge`` / ``count`` / ``refresh`` (the Ray actor passes ``ray.util.metrics``).
+        store: where epochs are made durable (:class:`~ray_eplb.actors.map_store.MapStore` in Ray;
+            default an in-memory one).
+        restart: this is a restart of a running balancer (take the store's map), not a fresh start.
     """
 
     def __init__(
@@ -60,6 +66,8 @@ class EplbController:
         config: ControllerConfig | None = None,
         placement: Placement | None = None,
         metrics: Any = None,
+        store: Any = None,
+        restart: bool = False,
     ):
         if len(workers) != topology.num_gpus:
             raise ValueError(f"got {len(workers)} workers for a topology of {topology.num_gpus} ranks")
@@ -67,6 +75,13 @@ class EplbController:
         self.config = config or ControllerConfig()
         self.placement = placement or Placement.identity(topology)
         self.metrics = metrics or NullMetrics()
+        self.store = store if store is not None else MemoryStore()
+        self._fresh_start = not restart
+        self._loop_intent = "idle"  # running | stopped | idle: persisted, so a restart resumes it
+        self._recovery = "not started"
+        self._worker_maps: dict[int, tuple[int, str | None]] = {}  # rank -> (epoch, digest) last reported
+        self._rejected: dict[int, str] = {}
+        self._reports: dict[int, dict] = {}
         self._placements: dict[int, Placement] = {self.placement.epoch: self.placement}
         self._next_epoch = self.placement.epoch + 1
         self.load = LoadTracker(topology, self.config.window, self.config.forecast)
@@ -107,27 +122,6 @@ class EplbController:
         self._phase_s[phase] = dt = time.monotonic() - t0
         self.metrics.gauge("eplb_phase_seconds", dt, {"phase": phase})
 
-    # ------------------------------------------------------------------ recovery
-    async def recover(self) -> bool:
-        """Rebuild the current placement from the workers' own state (after a controller restart)."""
-        results, failures = await self._fanout("state", [()] * len(self.workers), self.config.collect_timeout_s)
-        if failures:
-            return False
-        epochs = {res["epoch"] for res in results.values()}
-        if len(epochs) > 1:  # a commit was cut short: roll the ranks that committed back
-            await self._fanout("abort", [(max(epochs),)] * len(self.workers), self.config.abort_timeout_s)
-            return False
-        epoch = epochs.pop()
-        self._expert_bytes = int(results[0].get("expert_bytes", 0))
-        phy2log = torch.cat([results[r]["experts"] for r in range(len(self.workers))], dim=1)  # [L, R]
-        self.placement = Placement.from_phy2log(self.topology, phy2log, epoch)
-        self._placements[epoch] = self.placement
-        top = max(max(res["epoch"], res["max_aborted"], res["staged"] or -1, res.get("staging") or -1)
-                  for res in results.values())
-        self._next_epoch = max(self._next_epoch, top + 1)
-        self._recovered = True
-        return True
-
     # ------------------------------------------------------------------ telemetry
     async def telemetry(self) -> torch.Tensor:
         """Collect, aggregate and forecast; returns this round's logical load ``[L, E]`` float64."""
@@ -137,6 +131,13 @@ class EplbController:
         self._timed("collect", t0)
         t0 = time.monotonic()
         delta = self.load.aggregate(results, self._placements)  # [L, E]
+        self._rejected = dict(self.load.rejected)
+        for rank, why in self._rejected.items():
+            self._errors.append(f"telemetry of rank {rank} left out: {why}")
+            self.metrics.count("eplb_telemetry_rejected_total", 1.0, {"rank": str(rank)})
+            log.warning("telemetry of rank %d left out: %s", rank, why)
+        self._reports = {r: res for r, res in results.items() if r not in self._rejected}
+        self._worker_maps = {r: (int(res["epoch"]), res.get("digest")) for r, res in self._reports.items()}
         self._timed("aggregate", t0)
         t0 = time.monotonic()
         self.load.update(delta)
@@ -169,8 +170,18 @@ class EplbController:
                     await self.recover()
                 await self.telemetry()
                 rec["missing"] = list(self._missing)
+                if self._rejected:
+                    rec["rejected"] = dict(self._rejected)
             except Exception as exc:  # noqa: BLE001 - a failed round is reported, the loop goes on
                 return self._fail(rec, "telemetry", exc)
+            off = self._off_map(self._reports)
+            if off:  # first bring every rank onto the map in force
+                try:
+                    rec.update(await self._heal(off))
+                except Exception as exc:  # noqa: BLE001 - reported; the next round tries again
+                    return self._fail(rec, "heal", exc)
+                self._maybe_release()
+                return self._record(rec)
             t0 = time.monotonic()
             window = self.window_load()
             bal_now = self._balancedness(self.placement, window)
@@ -218,14 +229,18 @@ class EplbController:
         ``transfers`` (by kind), ``swap_s``, and ``budget_used`` (moved / ``info["budget_slots"]``)."""
         if new.topology != self.topology:
             raise ValueError("placement is for another topology")
-        epoch = self._next_epoch
+        changed = bool(self.placement.changed_slots(new).any())
+        # A fresh number, durable before any worker sees it, used up even if the round aborts.
+        epoch = self._allocate_epoch() if changed else self._next_epoch
         new = new.with_epoch(epoch)
         rec: dict[str, Any] = {**(info or {}), "epoch": epoch, "from_epoch": self.placement.epoch, "time": time.time()}
         t_swap = time.monotonic()
-        if bool(self.placement.changed_slots(new).any()):
-            self._next_epoch += 1  # used up even if the round aborts: workers refuse a retried aborted epoch
+        if changed and not self._expert_bytes:
+            states, _ = await self._fanout("state", [()] * len(self.workers), self.config.collect_timeout_s)
+            self._expert_bytes = max([int(st.get("expert_bytes", 0)) for st in states.values()] + [0])
         per_rank = max(1, self.config.transfer_batch_bytes // max(1, self._expert_bytes))
-        out = await push(self._fanout, self.placement, new, epoch, self.config, per_rank)
+        out = await push(self._fanout, self.placement, new, epoch, self.config, per_rank,
+                         before_commit=lambda: self._save(pending=new))
         rec.update(out)
         if rec.get("budget_slots"):
             rec["budget_used"] = rec["moved"] / rec["budget_slots"]
@@ -238,6 +253,7 @@ class EplbController:
         t0 = time.monotonic()
         old = self.placement
         await self._publish(new)
+        self._save()  # committed
         self._retired[old.epoch] = time.monotonic()
         self._timed("publish", t0)
         swap_s = time.monotonic() - t_swap
@@ -252,12 +268,17 @@ class EplbController:
         self.metrics.gauge("eplb_swap_seconds", swap_s)
         self.metrics.gauge("eplb_epoch", epoch)
         rec.update(action="committed", swap_s=swap_s)
+        log.info("epoch %d committed (%s): %d slots, %d bytes moved in %.2f s", epoch, rec.get("reason", "explicit"),
+                 out["moved"], out["bytes_moved"], swap_s)
         self._last_swap = {k: rec[k] for k in ("epoch", "moved", "bytes_moved", "batches", "swap_s")}
         return self._record(rec)
 
     async def _abort(self, rec: dict, epoch: int, phase: str, failures: dict) -> dict:
         _, abort_failures = await self._fanout("abort", [(epoch,)] * len(self.workers), self.config.abort_timeout_s)
+        if phase == "commit":
+            self._save()  # the pending map is void: the committed one stays
         self._aborts += 1
+        log.warning("epoch %d aborted in %s: %s", epoch, phase, failures)
         self.metrics.count("eplb_aborts_total")
         rec.update(action="aborted", phase=phase, failures={int(k): v for k, v in failures.items()})
         if abort_failures:
@@ -314,11 +335,19 @@ class EplbController:
 
     def _maybe_release(self) -> None:
         now = time.monotonic()
-        live = [e for e, seen in self._routers.values() if now - seen < self.config.router_ttl_s]
+        for rid in [rid for rid, (_, seen) in self._routers.items() if now - seen >= self.config.router_ttl_s]:
+            del self._routers[rid]  # its lease lapsed: a router that polls again is registered again
+        live = [e for e, _ in self._routers.values()]
         for epoch, retired_at in sorted(self._retired.items()):
             if all(e > epoch for e in live) or now - retired_at >= self.config.release_timeout_s:
                 del self._retired[epoch]
                 self._fire("release", epoch)
+
+    async def forget_router(self, router_id: str) -> bool:
+        """A router closed: stop waiting for its acks (True if it was registered)."""
+        found = self._routers.pop(router_id, None) is not None
+        self._maybe_release()
+        return found
 
     # ------------------------------------------------------------------ the API
     async def rebalance_now(self, fresh: bool = False) -> dict:
@@ -349,6 +378,12 @@ class EplbController:
         window = self.window_load()
         return {
             "epoch": self.placement.epoch,
+            "digest": self.placement.digest(),
+            "recovery": self._recovery,
+            "worker_maps": {r: list(m) for r, m in sorted(self._worker_maps.items())},
+            "off_map": sorted(r for r, m in self._worker_maps.items() if tuple(m) != tuple(self.placement.map_id())),
+            "telemetry_rejected": dict(self._rejected),
+            "next_epoch": self._next_epoch,
             "started": self.started,
             "phy2log": self.placement.phy2log.clone(),
             "balancedness_now": self._balancedness(self.placement, window),
@@ -391,9 +426,28 @@ class EplbController:
 
     # ------------------------------------------------------------------ the loop
     async def start(self) -> str:
-        """Start the control loop (``step()`` every ``interval_s``) as a background task (idempotent)."""
+        """Start the control loop (``step()`` every ``interval_s``) as a background task (idempotent).
+        The intent is stored: a controller Ray restarts runs its loop again (:meth:`resume`)."""
+        if not self._recovered:
+            await self.recover()
+        self._loop_intent = "running"
+        self._save()
         return await self._loop.start()
 
     async def stop(self) -> str:
-        """Stop the loop after the current step (the actor stays up for status/history)."""
+        """Stop the loop after the current step (the actor stays up for status/history); stored,
+        so a restarted controller stays stopped."""
+        if not self._recovered:
+            await self.recover()
+        self._loop_intent = "stopped"
+        self._save()
         return await self._loop.stop()
+
+    async def resume(self) -> str:
+        """After a restart: recover from the store and run the loop again if it was running."""
+        if not self._recovered:
+            await self.recover()
+        if self._loop_intent == "running":
+            log.info("restarted controller: resuming the control loop")
+            return await self._loop.start()
+        return self._loop.state

@@ -27,8 +27,6 @@ class Loop:
         self._wake: asyncio.Event | None = None
 
     async def run(self) -> None:
-        self.state = "running"
-        self._wake = asyncio.Event()
         while self.state == "running":
             t0 = time.monotonic()
             try:
@@ -43,6 +41,10 @@ class Loop:
     async def start(self) -> str:
         """Start the loop as a background task (idempotent)."""
         if self._task is None or self._task.done():
+            # Running from here on, not from the task's first step: a stop() that comes before the
+            # task has run must still find it running and stop it.
+            self.state = "running"
+            self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self.run())
             self._task.add_done_callback(self._done)
         return self.state

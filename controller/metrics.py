@@ -17,6 +17,8 @@ DESCRIPTIONS = {
     "eplb_bytes_moved_total": "expert weight bytes the workers fetched from peers or loaded, over committed swaps",
     "eplb_swap_batches": "transfer batches of the last committed swap (no rank sends or receives more than a cap per batch)",
     "eplb_aborts_total": "rebalances aborted (a worker failed or missed a deadline)",
+    "eplb_heals_total": "times ranks found on another map than the one in force were brought back onto it",
+    "eplb_telemetry_rejected_total": "telemetry replies left out of a round because they failed validation, by rank",
 }
 
 
@@ -45,11 +47,11 @@ class RayMetrics:
         for (name, _), (value, tags) in self._last.items():
             self._gauges[name].set(value, tags=tags)
 
-    def count(self, name: str, value: float = 1.0) -> None:
+    def count(self, name: str, value: float = 1.0, tags: dict | None = None) -> None:
         if name not in self._counters:
-            self._counters[name] = self._m.Counter(name, description=DESCRIPTIONS.get(name, name))
+            self._counters[name] = self._m.Counter(name, description=DESCRIPTIONS.get(name, name), tag_keys=tuple(tags or ()))
         if value > 0:
-            self._counters[name].inc(float(value))
+            self._counters[name].inc(float(value), tags=tags)
 
 
 class NullMetrics:
@@ -58,7 +60,7 @@ class NullMetrics:
     def gauge(self, name: str, value: float, tags: dict | None = None) -> None:
         pass
 
-    def count(self, name: str, value: float = 1.0) -> None:
+    def count(self, name: str, value: float = 1.0, tags: dict | None = None) -> None:
         pass
 
     def refresh(self) -> None:

@@ -1,5 +1,6 @@
 """The Ray side of the controller: one factory that turns :class:`EplbController` into the named,
-restartable, zero-CPU async actor ``ray_eplb_controller`` (namespace ``ray_eplb``)."""
+restartable, zero-CPU async actor ``ray_eplb_controller`` (namespace ``ray_eplb``), whose epochs
+go through the balancer's store in Ray's GCS (:class:`~ray_eplb.actors.map_store.MapStore`)."""
 from __future__ import annotations
 
 from typing import Any
@@ -15,11 +16,17 @@ class RayEplbController(EplbController):
     """:class:`EplbController` with Ray metrics; its repr names it on the dashboard's Actors page.
     Workers are looked up by name (``ray_eplb_worker_<rank>``), so the creation task carries no actor
     handles (Ray keeps those in the object store, which would make a restart fragile).
-    ``seed``: ``(phy2log as nested lists, epoch)`` or ``None``."""
+    ``seed``: ``(phy2log as nested lists, epoch)`` or ``None``: the placement of a fresh start. After
+    a restart by Ray it takes the committed map from the store instead, and runs its control loop
+    again if it was running (:meth:`resume`, called by itself once it is up)."""
 
     def __init__(self, topology: Topology, namespace: str, config: ControllerConfig, seed: Any = None):
+        import threading
+        import time
+
         import ray
 
+        from ray_eplb.actors.map_store import MapStore
         from ray_eplb.actors.ray_worker import quiet_zero_copy_warnings
 
         quiet_zero_copy_warnings()
@@ -29,7 +36,17 @@ class RayEplbController(EplbController):
 
             placement = Placement.from_phy2log(topology, torch.tensor(seed[0], dtype=torch.int64), seed[1])
         workers = [ray.get_actor(WORKER_NAME.format(rank=r), namespace=namespace) for r in range(topology.num_gpus)]
-        super().__init__(topology, workers, config, placement, metrics=RayMetrics())
+        restart = ray.get_runtime_context().was_current_actor_reconstructed
+        super().__init__(topology, workers, config, placement, metrics=RayMetrics(), store=MapStore(namespace),
+                         restart=restart)
+        if restart:  # nobody else will call us: resume once the actor is up (a call from __init__ is lost)
+            me = ray.get_runtime_context().current_actor
+
+            def resume_later() -> None:
+                time.sleep(0.2)
+                me.resume.remote()
+
+            threading.Thread(target=resume_later, name="eplb-resume", daemon=True).start()
 
     def __repr__(self) -> str:
         t = self.topology
@@ -51,9 +68,9 @@ def start_controller(
     :func:`~ray_eplb.actors.ray_worker.launch_workers`) and, with ``start_loop``, start its control
     loop. Returns the handle.
 
-    Ray restarts the actor forever; it then re-reads the placement from the workers (``recover``),
-    so ``placement`` only seeds the very first start (passed as a plain list, small enough to stay
-    inline in the actor's creation task, which a restart needs)."""
+    Ray restarts the actor forever; it then takes the committed map from the balancer's store and
+    resumes its loop, so ``placement`` only seeds the very first start (passed as a plain list, small
+    enough to stay inline in the actor's creation task, which a restart needs)."""
     import ray
 
     seed = None if placement is None else (placement.phy2log.tolist(), placement.epoch)
@@ -63,7 +80,7 @@ def start_controller(
         .remote(topology, namespace, config or ControllerConfig(), seed)
     )
     if not ray.get(handle.recover.remote()):
-        raise RuntimeError("the controller could not read a consistent placement from the workers")
+        raise RuntimeError(f"the controller could not record its placement: {ray.get(handle.status.remote())['recovery']}")
     if start_loop:
         ray.get(handle.start.remote())
     return handle

@@ -22,9 +22,10 @@ Fanout = Callable[[str, dict, float], Awaitable[tuple[dict, dict]]]
 
 
 async def push(fanout: Fanout, old: Placement, new: Placement, epoch: int, config: ControllerConfig,
-               per_rank: int = 1) -> dict:
+               per_rank: int = 1, before_commit: Callable[[], None] | None = None) -> dict:
     """Move the workers from ``old`` to ``new`` (already numbered ``epoch``), in batches where no
-    rank sends or receives more than ``per_rank`` experts.
+    rank sends or receives more than ``per_rank`` experts; ``before_commit()`` runs once every
+    rank has prepared (the controller records the map as pending in its store there).
 
     Returns a record: ``transfers`` (plan summary), ``moved`` (slots), ``batches``, ``batch_sizes``,
     ``bytes_moved`` (weight bytes the workers fetched or loaded), ``prepare_s``, and ``action``:
@@ -43,6 +44,7 @@ async def push(fanout: Fanout, old: Placement, new: Placement, epoch: int, confi
     t0 = time.monotonic()
     deadline = t0 + config.prepare_timeout_s
     experts = [new.rank_experts(r).clone() for r in range(topo.num_gpus)]  # [L, S] each
+    digest = new.digest()
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         per_rank = split_by_rank(batch, topo.num_gpus)
@@ -53,7 +55,8 @@ async def push(fanout: Fanout, old: Placement, new: Placement, epoch: int, confi
             return {**rec, "action": "failed", "phase": "prepare", "prepare_s": time.monotonic() - t0,
                     "failures": {-1: f"prepare deadline ({config.prepare_timeout_s:g} s) passed before batch {i}"}}
         try:
-            results, failures = await fanout("prepare", {r: (epoch, per_rank[r], experts[r], left, last) for r in ranks}, left)
+            args = {r: (epoch, per_rank[r], experts[r], left, last, digest) for r in ranks}
+            results, failures = await fanout("prepare", args, left)
         except Exception as exc:  # noqa: BLE001 - reported, the caller aborts
             results, failures = {}, {-1: repr(exc)}
         ok = ("prepared",) if last else ("staged", "prepared")
@@ -63,6 +66,8 @@ async def push(fanout: Fanout, old: Placement, new: Placement, epoch: int, confi
             return {**rec, "action": "failed", "phase": "prepare", "failures": failures,
                     "failed_batch": i, "prepare_s": time.monotonic() - t0}
     rec["prepare_s"] = time.monotonic() - t0
+    if before_commit is not None:
+        before_commit()
     results, failures = await fanout("commit", {r: (epoch,) for r in range(topo.num_gpus)}, config.commit_timeout_s)
     failures.update({r: str(res) for r, res in results.items() if res.get("status") != "committed"})
     if failures:

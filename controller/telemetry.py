@@ -2,7 +2,9 @@
 no metrics here (see :mod:`ray_eplb.controller.metrics`)."""
 from __future__ import annotations
 
+import math
 from collections import deque
+from typing import Any
 
 import torch
 
@@ -33,32 +35,77 @@ class LoadTracker:
         self._window: deque[torch.Tensor] = deque(maxlen=window)  # rounds of [L, E]
         self.tokens = 0.0
         self.unmapped = 0.0
+        self.rejected: dict[int, str] = {}  # rank -> why its reply was left out of the last round
 
     def aggregate(self, results: dict[int, dict], placements: dict[int, Placement]) -> torch.Tensor:
         """New tokens since the last round, as logical load ``[L, E]`` float64.
 
         ``results[rank]``: a worker's ``collect`` reply, counts ``[len(epochs), L, S]`` cumulative per
         epoch; ``placements``: epoch -> placement (counts of an unknown epoch are only tallied).
+        Each reply is checked first (:meth:`check`); a bad one is left out of this round, whole,
+        and named in :attr:`rejected` (``{rank: why}``, this round's); the others count as usual.
         """
         t = self.topology
         delta = torch.zeros(t.num_layers, t.num_experts, dtype=torch.float64)  # [L, E]
+        self.rejected = {}
         for rank, res in results.items():
-            reported = set()
-            life = res.get("incarnation")  # a restarted worker counts from zero again
-            for epoch, counts in zip(res["epochs"], decode_counts(res)):
-                reported.add(epoch)
-                prev_life, prev = self._seen.get((rank, epoch), (None, None))
-                d = counts if prev is None or prev_life != life else counts - prev  # [L, S]
+            try:
+                life, per_epoch = self.check(rank, res)
+            except ValueError as exc:
+                self.rejected[rank] = str(exc)
+                continue
+            for epoch, counts, d in per_epoch:
                 self._seen[(rank, epoch)] = (life, counts)
                 p = placements.get(epoch)
                 if p is None:
                     self.unmapped += float(d.sum())
                     continue
                 delta.scatter_add_(1, p.rank_experts(rank), d.to(torch.float64))
+            reported = {epoch for epoch, _, _ in per_epoch}
             for key in [k for k in self._seen if k[0] == rank and k[1] not in reported]:
                 del self._seen[key]
         self.tokens += float(delta.sum())
         return delta
+
+    def check(self, rank: int, res: Any) -> tuple[str | None, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+        """Validate one ``collect`` reply; ``(incarnation, [(epoch, counts [L, S], new since last [L, S])])``.
+
+        Raises ``ValueError`` naming what is wrong: not a reply of ``rank``, a dtype other than
+        int64, a shape other than ``[len(epochs), L, S]``, a byte count that does not fit it,
+        negative or implausibly large counts (over 2**53, where float64 stops counting exactly), or
+        a counter that went backwards within one worker incarnation (a restarted worker counts
+        from zero again and is told apart by its ``incarnation``)."""
+        t = self.topology
+        if not isinstance(res, dict) or res.get("rank") != rank:
+            raise ValueError(f"rank {rank}: not a telemetry reply of this rank")
+        if res.get("dtype") != "int64":
+            raise ValueError(f"rank {rank}: counts dtype {res.get('dtype')!r}, expected 'int64'")
+        epochs = res.get("epochs")
+        if not isinstance(epochs, list) or not all(isinstance(e, int) and e >= 0 for e in epochs):
+            raise ValueError(f"rank {rank}: epochs {epochs!r} is not a list of epoch numbers")
+        want = (len(epochs), t.num_layers, t.slots_per_gpu)
+        if tuple(res.get("shape", ())) != want:
+            raise ValueError(f"rank {rank}: counts shape {res.get('shape')!r}, expected {want}")
+        raw = res.get("counts")
+        if not isinstance(raw, (bytes, bytearray, memoryview)) or len(raw) != 8 * math.prod(want):
+            raise ValueError(f"rank {rank}: counts carry {len(raw) if raw is not None else 0} bytes, "
+                             f"expected {8 * math.prod(want)} for int64 {want}")
+        counts = decode_counts(res)  # [n_epochs, L, S]
+        if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > 2**53):
+            raise ValueError(f"rank {rank}: counts out of range [0, 2**53] (min {int(counts.min())}, max {int(counts.max())})")
+        life = res.get("incarnation")
+        out = []
+        for epoch, c in zip(epochs, counts):
+            prev_life, prev = self._seen.get((rank, epoch), (None, None))
+            if prev is not None and prev_life == life:
+                if bool((c < prev).any()):
+                    layer, slot = (c < prev).nonzero()[0].tolist()
+                    raise ValueError(f"rank {rank}: epoch {epoch} counter of layer {layer} slot {slot} went backwards "
+                                     f"({int(prev[layer, slot])} -> {int(c[layer, slot])}) within one incarnation")
+                out.append((epoch, c, c - prev))
+            else:
+                out.append((epoch, c, c))
+        return life, out
 
     def reconfigure(self, window: int, forecast: str) -> None:
         """Keep the last ``window`` rounds; a different forecast spec starts a fresh forecaster."""

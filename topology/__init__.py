@@ -2,10 +2,10 @@
 
 No Ray import here except inside :func:`discover_topology` (imported lazily).
 """
-from ray_eplb.topology.placement import Placement, plan
+from ray_eplb.topology.placement import MapId, Placement, plan
 from ray_eplb.topology.shape import Topology
 
-__all__ = ["Topology", "Placement", "plan"]
+__all__ = ["MapId", "Topology", "Placement", "plan"]
 
 
 def __getattr__(name: str):

@@ -1,13 +1,23 @@
 """A versioned expert placement: the three maps of one epoch, checked against a Topology."""
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+from typing import Any, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ray_eplb.solver.maps import logical_maps
 from ray_eplb.topology.shape import Topology
+
+
+class MapId(NamedTuple):
+    """The identity of one placement: its ``epoch`` and the :meth:`Placement.digest` of its slot
+    map. An epoch number is never reused for another map; the digest makes a stale or forged map
+    that carries a served epoch number visible anyway."""
+
+    epoch: int
+    digest: str
 
 
 class Placement(BaseModel):
@@ -88,6 +98,20 @@ class Placement(BaseModel):
         if other.topology != self.topology:
             raise ValueError("placements are for different topologies")
         return self.phy2log != other.phy2log.to(self.phy2log.device)
+
+    def digest(self) -> str:
+        """Fingerprint of the slot map (16 hex digits of BLAKE2b over ``phy2log``'s shape and
+        values): two placements with the same digest hold the same expert in every slot. With the
+        epoch it names one map exactly; workers serve a dispatch only if both match their table."""
+        p = self.phy2log.detach().to("cpu", torch.int64).contiguous()
+        h = hashlib.blake2b(digest_size=8)
+        h.update(repr(tuple(p.shape)).encode())
+        h.update(p.numpy().tobytes())
+        return h.hexdigest()
+
+    def map_id(self) -> "MapId":
+        """``(epoch, digest)``: what a dispatch carries to name the map it was routed by."""
+        return MapId(self.epoch, self.digest())
 
     def with_epoch(self, epoch: int) -> "Placement":
         return self.model_copy(update={"epoch": epoch})

@@ -202,7 +202,7 @@ def test_controller_loop_runs_rounds_and_stops(runtime):
     assert ray.get(ctl.status.remote())["errors"] == errors_before
 
 
-def test_controller_restarts_and_recovers_the_placement_from_the_workers(runtime):
+def test_controller_restarts_and_recovers_the_committed_placement(runtime):
     import ray
 
     ctl = runtime.controller
@@ -223,7 +223,7 @@ def test_controller_restarts_and_recovers_the_placement_from_the_workers(runtime
         assert time.monotonic() < deadline, "the controller did not come back"
         time.sleep(0.5)
     assert st["rounds"] == 0  # a fresh instance...
-    assert st["epoch"] == epoch  # ...that read the placement back from the workers
+    assert st["epoch"] == epoch  # ...that read the committed map back from the store
     assert torch.equal(st["phy2log"], torch.cat([s["experts"] for s in states(runtime)], 1))
     assert drive(runtime, seed=90) == 0  # the router's subscription survives the restart
     assert ray.get(ctl.rebalance_now.remote())["action"] in ("committed", "no_change")
@@ -246,7 +246,7 @@ def test_a_killed_worker_restarts_on_the_placement_in_force_and_serves_correctly
     # output is still right.
     assert drive(runtime, seed=110) == 0
     after = until_back(victim)
-    assert after["incarnation"] != before["incarnation"] and after["restored"]
+    assert after["incarnation"] != before["incarnation"] and after["restored"] == "store"
     assert after["epoch"] == epoch and torch.equal(after["experts"], phy2log[:, 3:6])
     assert ray.get(victim.verify.remote()) == []  # every slot holds its expert's weights
     # Telemetry starts the new process's counters from zero: exact, never negative.
@@ -285,9 +285,9 @@ def test_a_worker_killed_mid_swap_aborts_the_round_and_restarts_on_the_old_epoch
     finally:
         ray.get(slow.inject_delay.remote("prepare", 0.0))
     assert rec["action"] == "aborted", rec
-    # The restarted worker asked for the map in force only once the round was over: the old one.
+    # The restarted worker loaded the committed map from the store: the old one (the round aborted).
     after = until_back(victim)
-    assert after["incarnation"] != before and after["restored"] and after["epoch"] == epoch
+    assert after["incarnation"] != before and after["restored"] == "store" and after["epoch"] == epoch
     assert {s["epoch"] for s in states(runtime)} == {epoch}
     assert torch.equal(torch.cat([s["experts"] for s in states(runtime)], 1), phy2log)
     assert ray.get([w.verify.remote() for w in runtime.workers]) == [[]] * runtime.topology.num_gpus

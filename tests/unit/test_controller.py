@@ -4,60 +4,13 @@ import time
 
 import pytest
 import torch
+from fakes import SRC, TOPO, make, serve
 from pydantic import ValidationError
 
-from ray_eplb.actors import ExpertWorker, SyntheticWeightSource, local_fetcher
 from ray_eplb.controller.balancer import EplbController
 from ray_eplb.controller.config import ControllerConfig
 from ray_eplb.controller.transfer import plan_summary, transfer_plan
-from ray_eplb.topology import Placement, Topology
-
-TOPO = Topology(num_nodes=2, gpus_per_node=2, slots_per_gpu=3, num_experts=8, num_layers=2)
-SRC = SyntheticWeightSource(hidden_size=8, ffn_size=8, seed=1)
-
-
-class _Method:
-    def __init__(self, handle, name):
-        self.handle, self.name = handle, name
-
-    def remote(self, *args):
-        self.handle.calls.append((self.name, args))
-
-        async def call():
-            delay = self.handle.delays.get(self.name, 0.0)
-            if delay:
-                await asyncio.sleep(delay)
-            return await asyncio.to_thread(getattr(self.handle.worker, self.name), *args)
-
-        return call()
-
-
-class FakeHandle:
-    """Looks like a Ray actor handle: ``h.method.remote(*args)`` is awaitable."""
-
-    def __init__(self, worker):
-        self.worker, self.delays, self.calls = worker, {}, []
-
-    def __getattr__(self, name):
-        return _Method(self, name)
-
-
-def make(config=None):
-    placement = Placement.identity(TOPO)
-    workers = {}
-    fetch = local_fetcher(lambda r: workers[r])
-    for r in range(TOPO.num_gpus):
-        workers[r] = ExpertWorker(r, TOPO, placement.rank_experts(r), SRC, fetcher=fetch, device="cpu")
-    handles = [FakeHandle(workers[r]) for r in range(TOPO.num_gpus)]
-    cfg = config or ControllerConfig(interval_s=0.5, collect_timeout_s=0.2, prepare_timeout_s=0.5, commit_timeout_s=0.5, release_timeout_s=0.5)
-    return EplbController(TOPO, handles, cfg), workers, handles
-
-
-def serve(workers, placement, layer, expert, n):
-    """Route ``n`` tokens of ``expert`` to its first slot under ``placement``."""
-    slot = int(placement.log2phy[layer, expert, 0])
-    rank, local = divmod(slot, TOPO.slots_per_gpu)
-    workers[rank].forward(placement.epoch, layer, torch.full((n,), local), torch.randn(n, 8))
+from ray_eplb.topology import Placement
 
 
 def test_config_validation_names_the_bad_value():
@@ -199,11 +152,11 @@ def test_loop_runs_and_stops():
     assert st["loop"] == "stopped" and st["rounds"] >= 2 and st["errors"] == []
 
 
-def test_recover_rebuilds_placement_from_workers():
+def test_a_restarted_controller_takes_the_committed_map_from_the_store():
     ctl, workers, handles = make()
     serve(workers, Placement.identity(TOPO), 0, 0, 60)
     rec = asyncio.run(ctl.rebalance_now())
-    fresh = EplbController(TOPO, handles, ctl.config)  # a restarted controller knows nothing
+    fresh = EplbController(TOPO, handles, ctl.config, store=ctl.store, restart=True)  # its memory is gone
     assert asyncio.run(fresh.recover())
     assert fresh.placement.epoch == rec["epoch"]
     assert torch.equal(fresh.placement.phy2log, ctl.placement.phy2log)
