@@ -51,10 +51,11 @@ class DispatchedExperts(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         """``hidden_states [N, H]``, ``top_k_index [N, K]``, ``top_k_weights [N, K]`` -> ``[N, H]``
         in ``hidden_states``' dtype (each weighted expert output rounded to it once, as transformers does)."""
-        x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [N, H]
-        ids = top_k_index.reshape(x.shape[0], -1).to(torch.int64)  # [N, K]
-        w = top_k_weights.reshape(ids.shape)  # [N, K]
-        out = self.dispatcher.dispatch(self.layer, x.detach(), ids, w.detach())  # [N, H]
+        # The routers combine on the host (workers answer with host tensors); a no-op for a cpu model.
+        x = hidden_states.detach().reshape(-1, hidden_states.shape[-1]).cpu()  # [N, H]
+        ids = top_k_index.reshape(x.shape[0], -1).to("cpu", torch.int64)  # [N, K]
+        w = top_k_weights.detach().reshape(ids.shape).cpu()  # [N, K]
+        out = self.dispatcher.dispatch(self.layer, x, ids, w)  # [N, H]
         return out.to(hidden_states.device).view(hidden_states.shape)
 
 
@@ -95,8 +96,8 @@ def attach(model: nn.Module, dispatcher: Dispatcher, spec: MoeSpec | None = None
     sparse = [i for i, layer in enumerate(layers) if sparse_block(layer) is not None]
     if sparse != list(spec.moe_layers):
         raise ValueError(f"the model's sparse layers {sparse} are not the spec's MoE layers {list(spec.moe_layers)}")
-    for ours, i in enumerate(spec.moe_layers):
-        block = sparse_block(layers[i])
+    blocks = [sparse_block(layers[i]) for i in spec.moe_layers]
+    for i, block in zip(spec.moe_layers, blocks, strict=True):  # check every block before changing any
         experts = block.experts
         if isinstance(experts, DispatchedExperts):
             raise ValueError(f"decoder layer {i} is attached already")
@@ -105,6 +106,7 @@ def attach(model: nn.Module, dispatcher: Dispatcher, spec: MoeSpec | None = None
         if gate_up is None or tuple(gate_up.shape) != want:
             got = None if gate_up is None else tuple(gate_up.shape)
             raise ValueError(f"decoder layer {i}: experts {type(experts).__name__} gate_up_proj {got}, expected {want}")
+    for ours, block in enumerate(blocks):
         block.experts = DispatchedExperts(dispatcher, ours, spec.num_experts)
     return list(spec.moe_layers)
 

@@ -203,3 +203,18 @@ def test_bf16_model_is_served_in_bf16_to_the_bit(tmp_path):
     check_parity(ref, served, ids, want, ref_logits, atol=0.0)
     assert served.rebalance() >= 0.25
     check_parity(ref, served, ids, want, ref_logits, atol=0.0)
+
+
+def test_attach_refuses_a_model_it_does_not_fit():
+    from ray_eplb.actors import MoeSpec
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config("qwen3_moe"))
+    spec = MoeSpec.from_config(model.config.to_dict())
+    with pytest.raises(ValueError, match=r"sparse layers \[1, 2\] are not the spec's MoE layers \[2\]"):
+        attach(model, None, spec.model_copy(update={"moe_layers": (2,)}))
+    with pytest.raises(ValueError, match=r"gate_up_proj \(8, 64, 64\), expected \(8, 128, 64\)"):
+        attach(model, None, spec.model_copy(update={"ffn_size": 64}))
+    assert attach(model, None) == [1, 2] and attached_layers(model) == [1, 2]
+    with pytest.raises(ValueError, match="decoder layer 1 is attached already"):
+        attach(model, None)
