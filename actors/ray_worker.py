@@ -139,6 +139,7 @@ def launch_workers(
     ready_timeout_s: float = 180.0,
     max_restarts: int = -1,
     worker_cls: type | None = None,
+    resource: str | None = None,
 ) -> WorkerGroup:
     """Start one named worker actor per rank of ``topology`` holding ``placement``'s slots.
 
@@ -150,6 +151,8 @@ def launch_workers(
     (a demo of 8 ranks on one GPU). ``stage_nice``, ``stage_duty``: see :class:`ExpertWorker`.
     ``worker_cls``: a subclass of :class:`RayExpertWorker` to run instead (the runtime benchmark adds
     its measuring calls that way); default :class:`RayExpertWorker`.
+    ``resource``: what one rank takes, ``GPU``, ``eplb_rank`` or ``CPU`` (default: :func:`rank_resource`;
+    ``CPU``, a sliver each, lets a second group run beside one that holds every rank slot).
     """
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -158,7 +161,9 @@ def launch_workers(
         raise ValueError(f"device={device!r} must be auto, cuda or cpu")
     if not 0 < gpu_fraction <= 1:
         raise ValueError(f"gpu_fraction={gpu_fraction} must lie in (0, 1]")
-    res = rank_resource(device)
+    if resource not in (None, "GPU", RANK_RESOURCE, "CPU"):
+        raise ValueError(f"resource={resource!r} must be GPU, {RANK_RESOURCE} or CPU")
+    res = resource or rank_resource(device)
     amount = {"GPU": gpu_fraction, "CPU": 0.01}.get(res, 1.0)
     bundle = {res: amount}
     pgs = []

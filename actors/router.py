@@ -46,6 +46,12 @@ def route(placement: Placement, layer: int, topk_ids: torch.Tensor, offset: int 
     return placement.log2phy[layer, ids, pick]  # [N*K]
 
 
+def _weighted_buffer(x: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+    """``[N*K, H]`` zeros for the weighted expert outputs, in the wider of ``x``'s and ``topk_w``'s dtypes."""
+    n, k = topk_w.shape
+    return torch.zeros(n * k, x.shape[1], dtype=torch.promote_types(x.dtype, topk_w.dtype), device=x.device)
+
+
 class Router:
     """Dispatches MoE layers to the worker actors and combines their outputs.
 
@@ -141,7 +147,8 @@ class Router:
             topk_w: ``[N, K]`` combine weights.
 
         Returns:
-            ``[N, H]`` float32.
+            ``[N, H]`` in ``x``'s dtype. The combine is transformers' own: each expert output times its
+            weight in the wider of the two dtypes, summed over ``K`` in choice order, rounded once.
         """
         if x.dim() != 2 or topk_ids.shape != topk_w.shape or topk_ids.shape[0] != x.shape[0]:
             raise ValueError(f"shapes do not fit: x {tuple(x.shape)}, ids {tuple(topk_ids.shape)}, w {tuple(topk_w.shape)}")
@@ -149,8 +156,8 @@ class Router:
         n, k = topk_ids.shape
         tok = torch.arange(n).repeat_interleave(k)  # [N*K] token of each assignment
         ids = topk_ids.reshape(-1)  # [N*K]
-        w = topk_w.reshape(-1).to(x.dtype)  # [N*K]
-        out = torch.zeros_like(x)  # [N, H]
+        w = topk_w.reshape(-1)  # [N*K]
+        weighted = _weighted_buffer(x, topk_w)  # [N*K, H]
         todo = torch.ones(n * k, dtype=torch.bool)  # assignments not yet served
         t_first_stale = None
         down, deadline = 0, time.monotonic() + self.timeout_s
@@ -185,7 +192,7 @@ class Router:
                     self._ray.cancel(ref)
                     unavailable[r] = "no answer"
                     continue
-                out.index_add_(0, tok[m], y * w[m, None])
+                weighted[m] = y * w[m, None]
                 with self._lock:
                     self.rank_tokens[layer, r] += int(m.numel())
                 todo[m] = False
@@ -206,7 +213,7 @@ class Router:
         if t_first_stale is not None:
             with self._lock:
                 self.max_stall_s = max(self.max_stall_s, time.perf_counter() - t_first_stale)
-        return out
+        return weighted.view(n, k, -1).sum(dim=1).to(x.dtype)
 
     def close(self) -> None:
         """Stop the subscription and tell the controller to stop waiting for this router's acks."""
@@ -219,3 +226,43 @@ class Router:
                 self.controller.forget_router.remote(self.id)  # fire and forget: the lease expires anyway
             except Exception:  # noqa: BLE001 - the controller may be gone; its lease on us lapses
                 pass
+
+
+class LocalRouter:
+    """:meth:`Router.dispatch` over in-process :class:`~ray_eplb.actors.worker.ExpertWorker` objects
+    (single-process use and tests): same routing and combine, a fixed map until :meth:`adopt`.
+
+    Args:
+        workers: one worker per rank.
+        placement: the map to route by.
+    """
+
+    def __init__(self, workers: Sequence[Any], placement: Placement):
+        if len(workers) != placement.topology.num_gpus:
+            raise ValueError(f"got {len(workers)} workers for {placement.topology.num_gpus} ranks")
+        self.workers, self.placement, self.map_id = list(workers), placement, placement.map_id()
+        self._offset = 0
+
+    def adopt(self, placement: Placement) -> None:
+        """Route by ``placement`` from now on (its epoch must be committed on the workers)."""
+        if placement.topology != self.placement.topology:
+            raise ValueError("the new placement is for a different topology")
+        self.placement, self.map_id = placement, placement.map_id()
+
+    def dispatch(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        """``x [N, H]``, ``topk_ids [N, K]``, ``topk_w [N, K]`` -> ``[N, H]`` in ``x``'s dtype (see :meth:`Router.dispatch`)."""
+        if x.dim() != 2 or topk_ids.shape != topk_w.shape or topk_ids.shape[0] != x.shape[0]:
+            raise ValueError(f"shapes do not fit: x {tuple(x.shape)}, ids {tuple(topk_ids.shape)}, w {tuple(topk_w.shape)}")
+        p = self.placement
+        n, k = topk_ids.shape
+        tok = torch.arange(n).repeat_interleave(k)  # [N*K]
+        w = topk_w.reshape(-1)  # [N*K]
+        slots = route(p, layer, topk_ids, self._offset)  # [N*K]
+        self._offset += n * k
+        ranks, local = slots // p.topology.slots_per_gpu, slots % p.topology.slots_per_gpu
+        weighted = _weighted_buffer(x, topk_w)  # [N*K, H]
+        for r in ranks.unique().tolist():
+            m = (ranks == r).nonzero().squeeze(1)  # [M] assignments for rank r
+            y = self.workers[r].forward(self.map_id, layer, local[m], x[tok[m]])  # [M, H]
+            weighted[m] = y * w[m, None]
+        return weighted.view(n, k, -1).sum(dim=1).to(x.dtype)

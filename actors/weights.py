@@ -23,18 +23,19 @@ CHECKPOINT_KEY = "model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
 
 
 def swiglu(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """One expert's FFN: ``down(silu(gate(x)) * up(x))``.
+    """One expert's FFN: ``down(silu(gate(x)) * up(x))``, computed in the expert's dtype.
 
     Args:
-        x: ``[N, H]`` tokens.
+        x: ``[N, H]`` tokens, any floating dtype.
         packed: ``[3, I, H]`` packed expert weights (see the module docstring).
 
     Returns:
-        ``[N, H]``.
+        ``[N, H]`` in ``x``'s dtype (a bf16 expert serves float32 activations and the reverse).
     """
-    gate = x @ packed[0].T  # [N, I]
-    up = x @ packed[1].T  # [N, I]
-    return (F.silu(gate) * up) @ packed[2]  # [N, H]
+    xe = x.to(packed.dtype)  # [N, H]; no copy when the dtypes agree
+    gate = xe @ packed[0].T  # [N, I]
+    up = xe @ packed[1].T  # [N, I]
+    return ((F.silu(gate) * up) @ packed[2]).to(x.dtype)  # [N, H]
 
 
 def pack(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,7 @@ class WeightSource(Protocol):
     ffn_size: int
 
     def expert(self, layer: int, expert: int) -> torch.Tensor:
-        """Packed weights ``[3, I, H]`` (float32, cpu) of logical ``expert`` in MoE ``layer``."""
+        """Packed weights ``[3, I, H]`` (cpu, in the source's dtype) of logical ``expert`` in MoE ``layer``."""
         ...
 
 

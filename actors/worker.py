@@ -158,10 +158,10 @@ class ExpertWorker(EpochSwap):
                 (every worker :func:`launch_workers` starts) serves only its exact map.
             layer: MoE layer.
             slots: ``[N]`` int64 local slot (``0 <= j < S``) of each token.
-            x: ``[N, H]`` token activations.
+            x: ``[N, H]`` token activations, any floating dtype (the experts compute in their own).
 
         Returns:
-            ``[N, H]`` (on cpu when the worker is on a GPU, so the router can combine anywhere).
+            ``[N, H]`` in ``x``'s dtype (on cpu when the worker is on a GPU, so the router can combine anywhere).
         """
         self._fault("forward")
         if not 0 <= layer < self.topology.num_layers:
@@ -184,7 +184,7 @@ class ExpertWorker(EpochSwap):
             self.stats.max_lock_wait_s = max(self.stats.max_lock_wait_s, wait)
         try:
             xd = x.to(self.device, non_blocking=True)
-            out = torch.empty_like(xd)  # [N, H]
+            out = torch.empty_like(xd)  # [N, H] in the caller's dtype (swiglu computes in the expert's)
             per_slot = torch.bincount(slots, minlength=self.topology.slots_per_gpu)  # [S]
             order = torch.argsort(slots, stable=True)  # [N] tokens grouped by slot
             start = 0

@@ -8,9 +8,10 @@ import pytest
 import torch
 from test_actors_worker import SRC, TOPO, swap  # the same 2 x 2 x 3-slot group and its two-phase swap
 
-from ray_eplb.actors import ExpertWorker
+from ray_eplb.actors import ExpertWorker, SyntheticWeightSource, swiglu
 from ray_eplb.actors.protocol import PIECE_BYTES, pack_reply, unpack_reply
 from ray_eplb.actors.staging import Staging
+from ray_eplb.controller.transfer import transfer_plan
 from ray_eplb.topology import Placement
 
 
@@ -83,12 +84,12 @@ class WireFetcher:
         return out
 
 
-def make_workers(borrow_bytes=None):
+def make_workers(borrow_bytes=None, source=SRC):
     workers = {}
     fetch = WireFetcher(workers)
     p = Placement.identity(TOPO)
     for r in range(TOPO.num_gpus):
-        workers[r] = ExpertWorker(r, TOPO, p.rank_experts(r), SRC, fetcher=fetch, device="cpu",
+        workers[r] = ExpertWorker(r, TOPO, p.rank_experts(r), source, fetcher=fetch, device="cpu",
                                   stage_borrow_bytes=borrow_bytes)
     return workers
 
@@ -135,3 +136,26 @@ def test_a_zero_cap_copies_every_fetched_expert():
     old = Placement.identity(TOPO)
     swap(workers, old, rotated(old, 3), epoch=1)
     assert all(w.state()["borrowed_total"] == 0 and w.verify() == [] for w in workers.values())
+
+
+@pytest.mark.parametrize("borrow_bytes", [None, 0])
+def test_bf16_experts_move_as_bf16_and_serve_any_activation_dtype(borrow_bytes):
+    src = SyntheticWeightSource(hidden_size=16, ffn_size=24, seed=3, dtype=torch.bfloat16)
+    workers = make_workers(borrow_bytes, source=src)
+    old = Placement.identity(TOPO)
+    new = swap(workers, old, rotated(old, 3), epoch=1)  # every slot crosses the wire
+    for w in workers.values():
+        assert w.verify() == []  # bit-exact against the bf16 source
+        assert all(t.dtype == torch.bfloat16 for row in w._tables[1].weights for t in row)
+    remote = sum(t.src_rank != t.dst_rank for t in transfer_plan(old, new))
+    assert remote > 0
+    assert sum(w.state()["fetched_bytes"] for w in workers.values()) == remote * 3 * 24 * 16 * 2  # 2 bytes each
+    x = torch.randn(5, 16)  # float32 activations meet bf16 experts
+    slots = torch.tensor([0, 2, 1, 0, 2])
+    y = workers[1].forward(1, 1, slots, x)
+    assert y.dtype == torch.float32
+    for i, j in enumerate(slots.tolist()):
+        e = int(new.rank_experts(1)[1, j])
+        want = swiglu(x[i : i + 1].to(torch.bfloat16), src.expert(1, e)).float()  # computed in bf16
+        assert torch.equal(y[i : i + 1], want)
+    assert workers[1].forward(1, 1, slots, x.to(torch.bfloat16)).dtype == torch.bfloat16
