@@ -21,7 +21,7 @@ def test_qwen3_moe_on_ray_workers_generates_the_unpatched_tokens_across_a_rebala
     from ray_eplb.actors.hf_attach import attach
     from ray_eplb.actors.ray_worker import launch_workers
     from ray_eplb.actors.router import Router
-    from ray_eplb.controller.actor import start_controller
+    from ray_eplb.controller import start_controller
     from ray_eplb.controller.config import ControllerConfig
     from ray_eplb.topology import Placement
 

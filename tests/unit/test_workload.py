@@ -1,4 +1,4 @@
-"""Workloads (controller/workload.py): trace files, the synthetic fallback, window sampling."""
+"""Workloads (controller/bench/workload.py): trace files, the synthetic fallback, window sampling."""
 from __future__ import annotations
 
 from pathlib import Path
