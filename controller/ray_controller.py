@@ -30,6 +30,7 @@ class RayEplbController(EplbController):
         from ray_eplb.actors.ray_worker import quiet_zero_copy_warnings
 
         quiet_zero_copy_warnings()
+        _log_to_stderr()
         placement = None
         if seed is not None:
             import torch
@@ -54,6 +55,19 @@ class RayEplbController(EplbController):
             f"{type(self).__name__}(ranks={t.num_gpus}, nodes={t.num_nodes}, slots={t.num_slots}, experts={t.num_experts}, "
             f"layers={t.num_layers}, trigger={self.config.trigger}, interval={self.config.interval_s}s)"
         )
+
+
+def _log_to_stderr() -> None:
+    """INFO lines of ``ray_eplb.*`` (one per committed, aborted and healed epoch) to the actor's
+    stderr, which the dashboard shows behind the Actors page's Log link."""
+    import logging
+
+    logger = logging.getLogger("ray_eplb")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def start_controller(

@@ -24,6 +24,11 @@ def gpu_loads(phy2log: torch.Tensor, logcnt: torch.Tensor, load: torch.Tensor, n
     num_layers, num_slots = phy2log.shape
     if num_gpus <= 0 or num_slots % num_gpus:
         raise ValueError(f"num_gpus={num_gpus} does not divide the {num_slots} slots")
+    bad = ~torch.isfinite(load.to(torch.float64)) | (load.to(torch.float64) < 0)
+    if bool(bad.any()):
+        layer, expert = bad.nonzero()[0].tolist()
+        raise ValueError(f"load must be finite and non-negative: load[{layer}, {expert}] = {float(load[layer, expert])}"
+                         f" ({int(bad.sum())} such entries)")
     per_replica = load.to(torch.float64) / logcnt.clamp(min=1).to(torch.float64)  # [L, E]
     slot_load = torch.gather(per_replica, 1, phy2log.to(torch.int64))  # [L, R]
     return slot_load.view(num_layers, num_gpus, -1).sum(-1)
@@ -32,7 +37,8 @@ def gpu_loads(phy2log: torch.Tensor, logcnt: torch.Tensor, load: torch.Tensor, n
 def balancedness(phy2log: torch.Tensor, logcnt: torch.Tensor, load: torch.Tensor, num_gpus: int) -> float:
     """GPU-level balancedness over all layers: ``sum_l mean_g load / sum_l max_g load``.
 
-    Shapes as in :func:`gpu_loads`. Returns 1.0 when there is no load at all.
+    Shapes as in :func:`gpu_loads`. Returns 1.0 when there is no load at all; a NaN, infinite or
+    negative load raises ``ValueError`` naming it (it has no balancedness).
     """
     per_gpu = gpu_loads(phy2log, logcnt, load, num_gpus)  # [L, G]
     peak = float(per_gpu.max(dim=1).values.sum())

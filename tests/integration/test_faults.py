@@ -61,7 +61,7 @@ def rt(ray_session):
     group = launch_workers(TOPO, placement, source, device="cpu", namespace=NAMESPACE, resource="CPU",
                            worker_cls=LyingWorker)
     cfg = ControllerConfig(interval_s=1.0, collect_timeout_s=0.5, prepare_timeout_s=6.0, commit_timeout_s=4.0,
-                           release_timeout_s=5.0, drift_threshold=0.5, min_gain=0.0, trigger="drift")
+                           release_timeout_s=5.0, drift_threshold=0.05, min_gain=0.0, trigger="drift")  # rounds: forced
     ctl = start_controller(TOPO, cfg, placement, namespace=NAMESPACE)  # its loop runs
     router = Router(group.handles, controller=ctl, timeout_s=150.0)
 
@@ -144,6 +144,21 @@ def kill(*handles):
         ray.kill(h, no_restart=False)
 
 
+def restarted(worker, before, timeout_s=90.0):
+    """The state of ``worker`` once a new incarnation (not ``before``) answers."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = answer(worker, timeout_s=timeout_s)
+        if st["incarnation"] != before:
+            return st
+        assert time.monotonic() < deadline, "the worker was not restarted"
+        time.sleep(0.3)
+
+
+def incarnations(rt):
+    return [s["incarnation"] for s in ray.get([w.state.remote() for w in rt.workers], timeout=60)]
+
+
 def controller_back(rt, killed_at, loop="running", timeout_s=90.0):
     """The restarted controller's status once it is up (a new incarnation) with its loop as stored."""
     deadline = time.monotonic() + timeout_s
@@ -219,10 +234,10 @@ def test_controller_killed_mid_round(rt, phase):
 def test_workers_killed(rt, victims):
     with Traffic(rt, 20):
         skew_and_commit(rt, 20)
-        before = status(rt)
+        before, lives = status(rt), incarnations(rt)
         kill(*[rt.workers[r] for r in victims])
         for r in victims:
-            assert answer(rt.workers[r])["restored"] == "store"
+            assert restarted(rt.workers[r], lives[r])["restored"] == "store"
         consistent(rt)
         assert status(rt)["epoch"] == before["epoch"]  # they came back on the committed map itself
         skew_and_commit(rt, 21)
@@ -230,14 +245,14 @@ def test_workers_killed(rt, victims):
 
 def test_worker_killed_in_commit(rt):
     with Traffic(rt, 30):
-        before = status(rt)
+        before, lives = status(rt), incarnations(rt)
         ray.get(rt.workers[3].inject_delay.remote("commit", 2.0))
         pending = rt.controller.apply_placement.remote(changed_map(rt))
         until_committed_on(rt.workers[0], before["epoch"])
         kill(rt.workers[3])
         rec = ray.get(pending, timeout=120)
         assert rec["action"] == "aborted" and rec["phase"] == "commit", rec
-        assert answer(rt.workers[3])["restored"] == "store"
+        assert restarted(rt.workers[3], lives[3])["restored"] == "store"
         consistent(rt)
         assert status(rt)["epoch"] == before["epoch"]  # every rank back on the committed map
         skew_and_commit(rt, 31)
@@ -247,10 +262,10 @@ def test_controller_and_one_worker_killed_together(rt):
     with Traffic(rt, 40):
         skew_and_commit(rt, 40)
         before = status(rt)
-        killed = time.time()
+        killed, lives = time.time(), incarnations(rt)
         kill(rt.controller, rt.workers[1])
         controller_back(rt, killed)
-        answer(rt.workers[1])
+        restarted(rt.workers[1], lives[1])
         consistent(rt)
         after = status(rt)
         assert (after["epoch"], after["digest"]) == (before["epoch"], before["digest"]) and after["loop"] == "running"
@@ -261,11 +276,11 @@ def test_controller_and_every_worker_killed_together(rt):
     with Traffic(rt, 50):
         first = skew_and_commit(rt, 50)
         before = status(rt)
-        killed = time.time()
+        killed, lives = time.time(), incarnations(rt)
         kill(rt.controller, *rt.workers)
         controller_back(rt, killed)
-        for w in rt.workers:
-            answer(w)
+        for w, life in zip(rt.workers, lives):
+            assert restarted(w, life)["restored"] == "store"
         took = consistent(rt)
         after = status(rt)
         # the committed map itself, under its own number; nothing renumbered to an old number

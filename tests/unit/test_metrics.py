@@ -62,3 +62,17 @@ def test_logical_maps_hand_made_and_errors():
         logical_maps(torch.tensor([0, 1]), 2)
     with pytest.raises(ValueError, match="replicas"):
         logical_maps(torch.tensor([[0, 0, 0]]), 2)  # expert 1 has no slot, expert 0 one too many
+
+
+def test_balancedness_of_nan_inf_or_negative_load_raises():
+    from ray_eplb.solver import balancedness
+
+    phy2log = torch.tensor([[0, 1, 2, 3]])
+    logcnt = torch.ones(1, 4, dtype=torch.int64)
+    for bad in (float("nan"), float("inf"), -1.0):
+        load = torch.tensor([[1.0, bad, 1.0, 1.0]])
+        with pytest.raises(ValueError, match=r"load\[0, 1\]"):
+            balancedness(phy2log, logcnt, load, 2)
+    with pytest.raises(ValueError, match="4 such entries"):
+        balancedness(phy2log, logcnt, torch.full((1, 4), float("nan")), 2)
+    assert balancedness(phy2log, logcnt, torch.zeros(1, 4), 2) == 1.0
