@@ -151,8 +151,13 @@ def main(argv: list[str] | None = None) -> int:
 
     enable_zero_copy()
     # The soak samples actors' processes through the state API, which the dashboard serves.
-    ray.init(address="local", num_cpus=2, resources={RANK_RESOURCE: a.workers}, include_dashboard=a.soak is not None,
-             log_to_driver=False, object_store_memory=1024**3)
+    dash: dict = {"include_dashboard": False}
+    if a.soak is not None:
+        from ray_eplb.controller.cli.dashboard import free_port
+
+        dash = dict(include_dashboard=True, dashboard_port=free_port(8265))  # another Ray's dashboard may hold 8265
+    ray.init(address="local", num_cpus=2, resources={RANK_RESOURCE: a.workers}, log_to_driver=False,
+             object_store_memory=1024**3, **dash)
     try:
         if a.soak is not None:
             from ray_eplb.controller.bench.soak import soak

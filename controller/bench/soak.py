@@ -76,9 +76,12 @@ def ray_processes() -> dict[str, int]:
 
 def actor_pids(prefix: str = "ray_eplb_") -> dict[str, int]:
     """``{actor name: pid}`` of the live named actors whose name starts with ``prefix``."""
+    import ray
     from ray.util.state import list_actors
 
-    rows = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False)
+    # Our cluster's address: other clusters on the machine must not be asked (nor make the call ambiguous).
+    rows = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                       limit=10_000, raise_on_missing_output=False)
     return {a.name: int(a.pid) for a in rows if (a.name or "").startswith(prefix) and a.pid}
 
 

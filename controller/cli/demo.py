@@ -4,7 +4,8 @@ Starts a local cluster (``--nodes`` raylets, each offering ``--workers / --nodes
 discovers the topology from it, launches one expert worker per rank and the controller, and
 replays a real expert-load trace through a small MoE (real gate, real SwiGLU experts) via the
 router, while the controller rebalances on its own loop. Every MoE output is checked against a
-dense single-process reference. Token authentication stays on (Ray's default).
+dense single-process reference. Ray's token authentication is on for the cluster it starts (unless
+``RAY_AUTH_MODE`` says otherwise): see :mod:`ray_eplb.controller.cli.auth`.
 
 The controller plans incrementally from the current placement by default (``--planning``,
 ``--max-moves``, ``--budget-scope``, ``--min-layer-gain``, ``--forecast``); ``--compare`` replays
@@ -163,6 +164,10 @@ def start_cluster(a: argparse.Namespace):
         for i in range(a.nodes)
     ]
     dash = dict(include_dashboard=True, dashboard_port=free_port(8265))  # another Ray's dashboard may hold 8265
+    from ray_eplb.controller.cli.auth import enable_token_auth
+
+    where = enable_token_auth()  # ray.init() would on its own; ray.cluster_utils.Cluster does not
+    print(f"[demo] token authentication {f'on (token: {where})' if where else 'OFF (RAY_AUTH_MODE says so)'}")
     if a.nodes == 1:
         ray.init(address="local", log_to_driver=False, **dash, **node_args[0])
         return None, frac
