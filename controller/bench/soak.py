@@ -10,7 +10,10 @@ serving replica restarting), so a registry that keeps closed routers shows up.
 Every ``--sample-s`` seconds it records the resident memory (RSS) of the controller, of each
 worker (pids from Ray's state API, looked up again each time so a restarted actor is followed),
 of this driver (the routers) and of Ray's own processes of this cluster (``gcs_server``,
-``raylet``, the dashboard, its agent, the runtime-env agent); the object-store bytes in use; and
+``raylet``, the dashboard and its modules, the dashboard agent, the runtime-env agent, the
+monitors); for our processes also their private memory (USS: RSS counts the object store's shared
+pages a process has mapped, which grows as objects pass through new parts of the store, up to the
+store's size); the object-store bytes in use; and
 the number of routers the controller tracks. Printed at the end: least-squares slopes over the
 samples after ``--warmup`` minutes, in MB per minute (routers: per minute), and the start/end
 values. Target (10 minutes, 8 workers): worker and controller slopes under 1 MB/min, the router
@@ -47,30 +50,34 @@ def slope_per_min(t_s: Sequence[float], values: Sequence[float]) -> float:
     return 60.0 * sum((t - mt) * (v - mv) for t, v in zip(t_s, values)) / var
 
 
-RAY_PROCESSES = (  # (label, process name, command-line fragment)
-    ("gcs_server", "gcs_server", None),
-    ("raylet", "raylet", None),
-    ("dashboard", None, "dashboard/dashboard.py"),
-    ("dashboard_agent", None, "dashboard/agent.py"),
-    ("runtime_env_agent", None, "runtime_env/agent/main.py"),
-)
+def ray_label(name: str, cmdline: str) -> str | None:
+    """Which of Ray's own processes this is (``None``: not one of them, e.g. an actor's worker)."""
+    exact = {"gcs_server": "gcs_server", "raylet": "raylet", "ray::DashboardAgent": "dashboard_agent",
+             "ray::RuntimeEnvAgent": "runtime_env_agent"}
+    if name in exact:
+        return exact[name]
+    if name.startswith("ray-dashboard-"):
+        return "dashboard_modules"  # the dashboard's head modules, one process each (summed)
+    for fragment, label in (("dashboard/dashboard.py", "dashboard"), ("autoscaler/_private/monitor.py", "monitor"),
+                            ("_private/log_monitor.py", "log_monitor")):
+        if name.startswith("python") and fragment in cmdline:
+            return label
+    return None
 
 
-def ray_processes() -> dict[str, int]:
-    """``{label: pid}`` of Ray's own processes among this driver's descendants (the cluster it
+def ray_processes() -> dict[str, list[int]]:
+    """``{label: [pids]}`` of Ray's own processes among this driver's descendants (the cluster it
     started: other clusters on the machine are never counted)."""
     import psutil
 
-    found: dict[str, int] = {}
+    found: dict[str, list[int]] = {}
     for proc in psutil.Process().children(recursive=True):
         try:
-            name, cmd = proc.name(), " ".join(proc.cmdline())
+            label = ray_label(proc.name(), " ".join(proc.cmdline()))
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        native = name in ("gcs_server", "raylet")  # the raylet's command line names the agents' scripts too
-        for label, pname, fragment in RAY_PROCESSES:
-            if label not in found and (name == pname if pname else not native and fragment in cmd):
-                found[label] = proc.pid
+        if label:
+            found.setdefault(label, []).append(proc.pid)
     return found
 
 
@@ -85,14 +92,20 @@ def actor_pids(prefix: str = "ray_eplb_") -> dict[str, int]:
     return {a.name: int(a.pid) for a in rows if (a.name or "").startswith(prefix) and a.pid}
 
 
-def rss(pid: int) -> float | None:
-    """Resident memory of ``pid`` in bytes (``None``: gone)."""
+def memory(pids: list[int], private: bool = False) -> float | None:
+    """Resident memory of ``pids`` together, in bytes (``private``: USS, the pages no other process
+    maps, i.e. without the object store's shared pages a process has touched); ``None``: all gone."""
     import psutil
 
-    try:
-        return float(psutil.Process(pid).memory_info().rss)
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
+    total, seen = 0.0, False
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            total += p.memory_full_info().uss if private else p.memory_info().rss
+            seen = True
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total if seen else None
 
 
 def store_bytes() -> float | None:
@@ -108,11 +121,14 @@ def store_bytes() -> float | None:
 
 
 def sample(ctl: Any, t: float) -> dict:
-    """One sample: ``{"t": seconds, "rss": {process: bytes}, "store": bytes, "routers": n}``."""
+    """One sample: ``{"t": seconds, "rss": {process: bytes}, "store": bytes, "routers": n}``; our
+    processes (controller, workers, driver) also as ``"NAME (uss)"``: their private memory."""
     import ray
 
-    pids = {**actor_pids(), **ray_processes(), "driver": os.getpid()}
-    out = {"t": t, "rss": {k: rss(p) for k, p in pids.items()}, "store": store_bytes()}
+    ours = {**{k: [p] for k, p in actor_pids().items()}, "driver": [os.getpid()]}
+    rss = {k: memory(p) for k, p in {**ours, **ray_processes()}.items()}
+    rss.update({f"{k} (uss)": memory(p, private=True) for k, p in ours.items()})
+    out = {"t": t, "rss": rss, "store": store_bytes()}
     out["routers"] = len(ray.get(ctl.status.remote(), timeout=60)["routers"])
     return out
 
@@ -180,9 +196,11 @@ def soak(a: argparse.Namespace) -> dict:
             t = time.monotonic() - t0
             samples.append(sample(ctl, t))
             s = samples[-1]
-            workers = [v for k, v in s["rss"].items() if k.startswith("ray_eplb_worker") and v is not None]
+            workers = [v for k, v in s["rss"].items() if k.startswith("ray_eplb_worker") and k[-1] != ")" and v is not None]
+            private = [v for k, v in s["rss"].items() if k.startswith("ray_eplb_worker") and k[-1] == ")" and v is not None]
             print(f"[soak] t={t:6.0f} s  controller {(s['rss'].get('ray_eplb_controller') or 0) / MB:6.0f} MB  "
-                  f"workers mean {sum(workers) / max(1, len(workers)) / MB:6.0f} MB  gcs {(s['rss'].get('gcs_server') or 0) / MB:5.0f} MB  "
+                  f"workers mean {sum(workers) / max(1, len(workers)) / MB:6.0f} MB (private {sum(private) / max(1, len(private)) / MB:4.0f})  "
+                  f"gcs {(s['rss'].get('gcs_server') or 0) / MB:5.0f} MB  "
                   f"store {(s['store'] or 0) / MB:6.1f} MB  routers {s['routers']}", flush=True)
             if t >= 60 * a.soak:
                 break
@@ -207,12 +225,14 @@ def soak(a: argparse.Namespace) -> dict:
 def report(a: argparse.Namespace, samples: list[dict], status: dict, load: Any, churned: int) -> dict:
     """Print the slopes and return the JSON report."""
     fit = slopes(samples, 60 * a.warmup)
-    workers = {k: v for k, v in fit.items() if k.startswith("ray_eplb_worker")}
+    workers = {k: v for k, v in fit.items() if k.startswith("ray_eplb_worker") and not k.endswith("(uss)")}
+    workers_uss = {k: v for k, v in fit.items() if k.startswith("ray_eplb_worker") and k.endswith("(uss)")}
     out = {
         "minutes": a.soak, "warmup_minutes": a.warmup, "workers": a.workers, "samples": len(samples),
         "slopes_mb_per_min": {k: round(v["slope"], 3) for k, v in fit.items() if k != "routers"},
         "worker_slope_max_mb_per_min": round(max((v["slope"] for v in workers.values()), default=float("nan")), 3),
         "worker_slope_mean_mb_per_min": round(sum(v["slope"] for v in workers.values()) / max(1, len(workers)), 3),
+        "worker_uss_slope_max_mb_per_min": round(max((v["slope"] for v in workers_uss.values()), default=float("nan")), 3),
         "first_mb": {k: round(v["first"], 1) for k, v in fit.items() if k != "routers"},
         "last_mb": {k: round(v["last"], 1) for k, v in fit.items() if k != "routers"},
         "routers_per_min": round(fit["routers"]["slope"], 3) if "routers" in fit else None,
@@ -226,7 +246,8 @@ def report(a: argparse.Namespace, samples: list[dict], status: dict, load: Any, 
     print(f"[soak] slopes after {a.warmup:g} min warm-up, MB/min (first -> last MB):")
     for name in sorted(out["slopes_mb_per_min"], key=lambda k: (not k.startswith("ray_eplb"), k)):
         print(f"[soak]   {name:28s} {out['slopes_mb_per_min'][name]:+8.2f}   ({out['first_mb'][name]:.0f} -> {out['last_mb'][name]:.0f})")
-    print(f"[soak] workers: max slope {out['worker_slope_max_mb_per_min']:+.2f}, mean {out['worker_slope_mean_mb_per_min']:+.2f} MB/min "
+    print(f"[soak] workers: max RSS slope {out['worker_slope_max_mb_per_min']:+.2f}, mean {out['worker_slope_mean_mb_per_min']:+.2f} "
+          f"MB/min, max private (USS) slope {out['worker_uss_slope_max_mb_per_min']:+.2f} MB/min "
           f"(target < 1); routers tracked at the end {out['routers_tracked_end']} of {out['routers_made']} made, "
           f"{out['routers_live_end']} live ({out['routers_per_min'] if out['routers_per_min'] is not None else 'n/a'} per min)")
     return out

@@ -48,3 +48,17 @@ def test_slopes_skip_the_warm_up_and_missing_values():
     assert fit["routers"]["slope"] == pytest.approx(6.0)
     assert fit["gone"]["samples"] == 4 and fit["gone"]["slope"] == pytest.approx(0.0)
     assert "gone" not in slopes(samples[7:], warmup_s=0.0)  # no value at all: no series
+
+
+def test_ray_processes_are_told_apart_by_name_not_by_the_raylet_command_line():
+    from ray_eplb.controller.bench.soak import ray_label
+
+    raylet_cmd = "/x/raylet --dashboard_agent_command=python dashboard/agent.py --runtime_env_agent_command=..."
+    assert ray_label("raylet", raylet_cmd) == "raylet"
+    assert ray_label("gcs_server", "/x/gcs_server --log_dir=/tmp") == "gcs_server"
+    assert ray_label("ray::DashboardAgent", "ray::DashboardAgent") == "dashboard_agent"
+    assert ray_label("ray::RuntimeEnvAgent", "ray::RuntimeEnvAgent") == "runtime_env_agent"
+    assert ray_label("python", "/v/bin/python /v/ray/dashboard/dashboard.py --port=8265") == "dashboard"
+    assert ray_label("ray-dashboard-StateHead-0", "ray-dashboard-StateHead-0 (python -B -c ...)") == "dashboard_modules"
+    assert ray_label("ray::RayExpertWorker", "ray::RayExpertWorker.forward") is None  # actors come from the state API
+    assert ray_label("ray::IDLE", "ray::IDLE") is None
