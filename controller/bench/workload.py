@@ -95,8 +95,8 @@ def _read_npz(p: Path) -> tuple[np.ndarray, str]:
 
     try:
         data = np.load(p, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"trace {str(p)!r} is not a readable .npz archive ({type(exc).__name__})") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+        raise ValueError(f"trace {str(p)!r} is not a readable .npz archive") from None
     if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy renamed: an array, not an archive
         raise ValueError(f"trace {str(p)!r} is a single .npy array, not an .npz archive with a 'load' array")
     with data:

@@ -58,7 +58,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--min-layer-gain", type=nonneg, default=0.0, help="hysteresis: a layer moves only if its peak falls by more")
     ap.add_argument("--prepare-timeout", type=positive, default=120.0,
                     help="seconds a swap may take to stage all its batches before it is aborted (default 120)")
-    ap.add_argument("--batch-mib", type=number(1 / 2**20), default=16.0,
+    ap.add_argument("--batch-mib", type=positive, default=16.0,
                     help="transfer batches: no rank sends or receives more than this many MiB per batch (default 16)")
     ap.add_argument("--forecast", default=None, help="forecast spec: ema:ALPHA | window:W | last (default ema:0.5)")
     ap.add_argument("--compare", action="store_true",
@@ -81,6 +81,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.workers % a.nodes:
         ap.error(f"--workers={a.workers} is not divisible by --nodes={a.nodes}")
+    if int(a.batch_mib * 2**20) < 1:
+        ap.error(f"--batch-mib={a.batch_mib:g} is less than one byte")
     if a.device == "cuda" and not a.address and not torch.cuda.is_available():
         ap.error("--device cuda, but torch sees no GPU on this machine")
     for name in ("min_gain", "min_layer_gain"):

@@ -44,7 +44,7 @@ def test_the_parser_reports_one_line_and_exit_2(capsys):
     (["--top-k", "-3"], "--top-k"), (["--slots-per-gpu", "-1"], "--slots-per-gpu"),
     (["--interval", "inf"], "--interval"), (["--interval", "nan"], "--interval"), (["--interval", "0"], "--interval"),
     (["--windows", "-1"], "--windows"), (["--layers", "-1"], "--layers"), (["--batch-mib", "-5"], "--batch-mib"),
-    (["--batch-mib", "0"], "--batch-mib"), (["--workers", "0"], "--workers"), (["--nodes", "0"], "--nodes"),
+    (["--batch-mib", "0"], "--batch-mib"), (["--batch-mib", "1e-9"], "less than one byte"), (["--workers", "0"], "--workers"), (["--nodes", "0"], "--nodes"),
     (["--rebalance-period", "-1"], "--rebalance-period"), (["--min-gain", "1"], "--min-gain"),
     (["--min-gain", "nan"], "--min-gain"), (["--min-layer-gain", "-0.1"], "--min-layer-gain"),
     (["--prepare-timeout", "inf"], "--prepare-timeout"), (["--compare-ratio", "0.5"], "--compare-ratio"),
