@@ -19,6 +19,7 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -83,6 +84,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         ap.error(f"--workers={a.workers} is not divisible by --nodes={a.nodes}")
     if int(a.batch_mib * 2**20) < 1:
         ap.error(f"--batch-mib={a.batch_mib:g} is less than one byte")
+    for flag, path in (("--checkpoint", a.checkpoint), ("--screenshot", a.screenshot)):
+        if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+            ap.error(f"{flag}={path!r}: not a file in an existing folder")
+    if a.screenshot and not any(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")):
+        ap.error("--screenshot needs chromium (or google-chrome) on PATH")
     if a.device == "cuda" and not a.address and not torch.cuda.is_available():
         ap.error("--device cuda, but torch sees no GPU on this machine")
     for name in ("min_gain", "min_layer_gain"):

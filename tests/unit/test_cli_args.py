@@ -52,6 +52,8 @@ def test_the_parser_reports_one_line_and_exit_2(capsys):
     (["--batch-tokens", "0"], "--batch-tokens"), (["--batches-per-window", "-2"], "--batches-per-window"),
     (["--workers", "3", "--nodes", "2"], "--workers=3"), (["--max-moves", "-1"], "max_moves=-1"),
     (["--max-moves", "x"], "--max-moves"), (["--forecast", "ema:7"], "ema:7"),
+    (["--checkpoint", "/no/such/folder/w.safetensors"], "--checkpoint"), (["--checkpoint", "/tmp"], "--checkpoint"),
+    (["--screenshot", "/no/such/folder/a.png"], "--screenshot"),
     (["--slots-per-gpu", "1", "--workers", "4", "--nodes", "2", "--top-k", "6"], "--top-k=6"),
 ])
 def test_every_bad_demo_argument_is_one_line_exit_2(capsys, argv, flag):
