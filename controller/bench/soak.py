@@ -11,9 +11,9 @@ Every ``--sample-s`` seconds it records the resident memory (RSS) of the control
 worker (pids from Ray's state API, looked up again each time so a restarted actor is followed),
 of this driver (the routers) and of Ray's own processes of this cluster (``gcs_server``,
 ``raylet``, the dashboard and its modules, the dashboard agent, the runtime-env agent, the
-monitors); for our processes also their private memory (USS: RSS counts the object store's shared
-pages a process has mapped, which grows as objects pass through new parts of the store, up to the
-store's size); the object-store bytes in use; and
+monitors), and of each its private memory (USS: RSS also counts the object store's shared pages a
+process has mapped, which grow as objects pass through new parts of the store, up to the store's
+size); the object-store bytes in use; and
 the number of routers the controller tracks. Printed at the end: least-squares slopes over the
 samples after ``--warmup`` minutes, in MB per minute (routers: per minute), and the start/end
 values. Target (10 minutes, 8 workers): worker and controller slopes under 1 MB/min, the router
@@ -121,13 +121,13 @@ def store_bytes() -> float | None:
 
 
 def sample(ctl: Any, t: float) -> dict:
-    """One sample: ``{"t": seconds, "rss": {process: bytes}, "store": bytes, "routers": n}``; our
-    processes (controller, workers, driver) also as ``"NAME (uss)"``: their private memory."""
+    """One sample: ``{"t": seconds, "rss": {process: bytes}, "store": bytes, "routers": n}``; every
+    process also as ``"NAME (uss)"``: its private memory."""
     import ray
 
-    ours = {**{k: [p] for k, p in actor_pids().items()}, "driver": [os.getpid()]}
-    rss = {k: memory(p) for k, p in {**ours, **ray_processes()}.items()}
-    rss.update({f"{k} (uss)": memory(p, private=True) for k, p in ours.items()})
+    procs = {**{k: [p] for k, p in actor_pids().items()}, "driver": [os.getpid()], **ray_processes()}
+    rss = {k: memory(p) for k, p in procs.items()}
+    rss.update({f"{k} (uss)": memory(p, private=True) for k, p in procs.items()})
     out = {"t": t, "rss": rss, "store": store_bytes()}
     out["routers"] = len(ray.get(ctl.status.remote(), timeout=60)["routers"])
     return out
