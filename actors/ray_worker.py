@@ -166,11 +166,24 @@ def launch_workers(
     res = resource or rank_resource(device)
     amount = {"GPU": gpu_fraction, "CPU": 0.01}.get(res, 1.0)
     bundle = {res: amount}
+    _check_capacity(topology, res, amount, device)
     pgs = []
     for _ in range(topology.num_nodes):
         pg = placement_group([dict(bundle) for _ in range(topology.gpus_per_node)], strategy="STRICT_PACK")
         pgs.append(pg)
-    ray.get([pg.ready() for pg in pgs], timeout=ready_timeout_s)
+    try:
+        ray.get([pg.ready() for pg in pgs], timeout=ready_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        from ray.util.placement_group import remove_placement_group
+
+        for pg in pgs:
+            remove_placement_group(pg)
+        free = ray.available_resources().get(res, 0.0)
+        raise RuntimeError(
+            f"workers not placed within {ready_timeout_s:g} s: {topology.num_nodes} node(s) x {topology.gpus_per_node} "
+            f"ranks need {topology.gpus_per_node * amount:g} {res} together on each node, {topology.num_gpus * amount:g} "
+            f"in all; the cluster has {free:g} {res} free now (others hold the rest, or nodes are missing)"
+        ) from None
     # On GPU ranks "auto" resolves to cuda inside the actor; Ray's logical GPUs without a CUDA
     # device behind them (tests, fake GPUs) fall back to cpu. An explicit device="cuda" insists.
     worker_device = ("cuda" if device == "cuda" else "auto") if res == "GPU" else "cpu"
@@ -206,6 +219,24 @@ def launch_workers(
         )
     devices = {st["device"] for st in ray.get([h.state.remote() for h in handles], timeout=ready_timeout_s)}
     return WorkerGroup(topology, handles, pgs, ",".join(sorted(devices)))
+
+
+def _check_capacity(topology: Topology, res: str, amount: float, device: str) -> None:
+    """Fail in seconds, naming what is missing, when the cluster can never hold the ranks: no GPU
+    for ``device="cuda"``, or too few nodes with ``gpus_per_node * amount`` of ``res`` each."""
+    total = ray.cluster_resources()
+    if res == "GPU" and total.get("GPU", 0) <= 0:
+        raise RuntimeError(f"device={device!r}: the Ray cluster has no GPU (its resources: "
+                           f"{', '.join(f'{k}={v:g}' for k, v in sorted(total.items()) if not k.startswith('node:'))})")
+    pack = topology.gpus_per_node * amount
+    per_node = [n["Resources"].get(res, 0.0) for n in ray.nodes() if n.get("Alive")]
+    packs = sum(int(r / pack + 1e-9) for r in per_node)
+    if packs < topology.num_nodes:
+        raise RuntimeError(
+            f"{topology.num_nodes} node(s) x {topology.gpus_per_node} ranks need {pack:g} {res} on each of "
+            f"{topology.num_nodes} node(s); the cluster's nodes offer {', '.join(f'{r:g}' for r in per_node) or 'none'} "
+            f"{res} (room for {packs})"
+        )
 
 
 def _committed_map(namespace: str, topology: Topology, rank: int, experts: torch.Tensor, epoch: int,

@@ -25,6 +25,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -281,32 +282,45 @@ def print_report(report: dict) -> None:
 
 def add_arguments(ap: argparse.ArgumentParser, standalone: bool = False) -> None:
     """The migration benchmark's options (``standalone``: also the case selection the solver bench has)."""
+    from ray_eplb.controller.cli.args import int_at_least, nonneg_int, positive
+
     if standalone:
         ap.add_argument("--traces-dir", help="folder of trace .npz files (default: $RAY_EPLB_TRACES or ../shared/traces)")
         ap.add_argument("--synthetic", action="store_true", help="run the synthetic cases even if traces exist")
         ap.add_argument("--cases", action="extend", nargs="+", help="keep cases whose name contains any of these")
-        ap.add_argument("--windows", type=int, help="use only the first N windows (at least 2)")
-        ap.add_argument("--seed", type=int, default=0, help="seed for sampling static tables into windows")
+        ap.add_argument("--windows", type=int_at_least(2), help="use only the first N windows (at least 2)")
+        ap.add_argument("--seed", type=nonneg_int, default=0, help="seed for sampling static tables into windows")
         ap.add_argument("--json", help="write all results to this path")
         ap.add_argument("--quiet", action="store_true", help="no per-case progress lines")
     else:
         ap.add_argument("--migration", action="store_true", help="also run the migration benchmark (ray-eplb bench --migration alone)")
     ap.add_argument("--forecast", default=DEFAULT_SPEC,
                     help=f"forecast spec: last | ema:A | window:W (default {DEFAULT_SPEC})")
-    ap.add_argument("--expert-mb", type=float, help="MB per expert for GB/rebal (default 17.3: DeepSeek-V2-Lite, bf16)")
+    ap.add_argument("--expert-mb", type=positive, help="MB per expert for GB/rebal (default 17.3: DeepSeek-V2-Lite, bf16)")
     ap.add_argument("--total-scope", action="store_true", help="also budgets summed over all layers")
     ap.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the forecast sweep")
     ap.add_argument("--sweep-specs", nargs="+", default=list(SWEEP),
                     help=f"forecasts of the sweep (default {' '.join(SWEEP)})")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """``ValueError`` for options that are wrong before any work: a forecast spec, a traces folder."""
+    for spec in [args.forecast] + list(args.sweep_specs):
+        Forecaster.from_spec(spec)
+    if args.traces_dir and not Path(args.traces_dir).is_dir():
+        raise ValueError(f"--traces-dir={args.traces_dir!r} is not a directory")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ray_eplb.controller.bench.migration",
-                                 description=__doc__.split("\n\n")[0])
+    from ray_eplb.controller.cli.args import Parser
+
+    ap = Parser(prog="python -m ray_eplb.controller.bench.migration", description=__doc__.split("\n\n")[0])
     add_arguments(ap, standalone=True)
     args = ap.parse_args(argv)
-    if args.windows is not None and args.windows < 2:
-        ap.error(f"--windows={args.windows} must be >= 2")
+    try:
+        check_arguments(args)
+    except ValueError as exc:
+        ap.error(str(exc))
     return run_cli("bench-migration", args.json, lambda: run_benchmark(args), print_report)
 
 

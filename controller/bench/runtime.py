@@ -9,6 +9,9 @@
 4. Weight transfer between two workers (the swap's path: one export reply, kept zero-copy in the
    object store) vs a plain ``ray.get`` of the same bytes. Target: >= 50% of its bandwidth. The
    copying path (past the borrow cap, or a GPU's host-to-device copy) is reported beside it.
+
+``--soak MIN`` runs the soak benchmark instead (:mod:`ray_eplb.controller.bench.soak`): memory
+growth of every process of the runtime over MIN minutes of live, rebalanced traffic.
 """
 from __future__ import annotations
 
@@ -20,24 +23,39 @@ import time
 
 import torch
 
+TOP_K = 4  # experts per token of the live load (DispatchLoad)
+
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="ray-eplb bench-runtime", description=__doc__.splitlines()[0])
-    ap.add_argument("--workers", type=int, default=8, help="worker actors (ranks) to start (default 8)")
-    ap.add_argument("--nodes", type=int, default=2, help="topology nodes (the ranks share one raylet here)")
-    ap.add_argument("--layers", type=int, default=4, help="MoE layers (default 4)")
-    ap.add_argument("--experts", type=int, default=64, help="logical experts per layer (default 64)")
-    ap.add_argument("--hidden", type=int, default=256, help="expert hidden size (default 256)")
-    ap.add_argument("--ffn", type=int, default=512, help="expert FFN width (default 512)")
-    ap.add_argument("--rounds", type=int, default=30, help="telemetry rounds to time")
-    ap.add_argument("--stall", type=float, default=10.0, help="seconds the stalled worker sleeps")
-    ap.add_argument("--deadline", type=float, default=0.5, help="collect deadline, seconds")
-    ap.add_argument("--swaps", type=int, default=3, help="25%% swaps to run under live dispatch (default 3)")
-    ap.add_argument("--batch-tokens", type=int, default=256, help="tokens per dispatch of the live load (default 256)")
+    from ray_eplb.controller.cli.args import Parser, int_at_least, nonneg, positive, positive_int
+
+    ap = Parser(prog="ray-eplb bench-runtime", description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=positive_int, default=8, help="worker actors (ranks) to start (default 8)")
+    ap.add_argument("--nodes", type=positive_int, default=2, help="topology nodes (the ranks share one raylet here)")
+    ap.add_argument("--layers", type=positive_int, default=4, help="MoE layers (default 4)")
+    ap.add_argument("--experts", type=int_at_least(TOP_K), default=64,
+                    help=f"logical experts per layer (default 64, at least the live load's top-{TOP_K})")
+    ap.add_argument("--hidden", type=positive_int, default=256, help="expert hidden size (default 256)")
+    ap.add_argument("--ffn", type=positive_int, default=512, help="expert FFN width (default 512)")
+    ap.add_argument("--rounds", type=positive_int, default=30, help="telemetry rounds to time")
+    ap.add_argument("--stall", type=nonneg, default=10.0, help="seconds the stalled worker sleeps")
+    ap.add_argument("--deadline", type=positive, default=0.5, help="collect deadline, seconds")
+    ap.add_argument("--swaps", type=positive_int, default=3, help="25%% swaps to run under live dispatch (default 3)")
+    ap.add_argument("--batch-tokens", type=positive_int, default=256, help="tokens per dispatch of the live load (default 256)")
+    ap.add_argument("--soak", type=positive, default=None, metavar="MIN",
+                    help="instead: the soak benchmark, the demo's loop for MIN minutes, printing memory growth slopes")
+    ap.add_argument("--warmup", type=nonneg, default=2.0, metavar="MIN",
+                    help="with --soak: minutes left out of the slopes (default 2)")
+    ap.add_argument("--sample-s", type=positive, default=10.0, help="with --soak: seconds between samples (default 10)")
+    ap.add_argument("--rebalance-s", type=positive, default=6.0, help="with --soak: rebalance period, seconds (default 6)")
     ap.add_argument("--json", action="store_true", help="end with one line of JSON")
     a = ap.parse_args(argv)
     if a.workers % a.nodes:
-        raise SystemExit(f"ray-eplb bench-runtime: --workers={a.workers} is not divisible by --nodes={a.nodes}")
+        ap.error(f"--workers={a.workers} is not divisible by --nodes={a.nodes}")
+    if a.soak is not None and a.warmup >= a.soak:
+        ap.error(f"--warmup={a.warmup:g} must be shorter than --soak={a.soak:g} minutes")
+    if a.soak is not None and 60 * (a.soak - a.warmup) < 2 * a.sample_s:
+        ap.error(f"--soak={a.soak:g} - --warmup={a.warmup:g} minutes leaves fewer than 2 samples {a.sample_s:g} s apart")
     return a
 
 
@@ -68,11 +86,14 @@ def swap_target(phy2log: torch.Tensor, slots_per_gpu: int, fraction: float, seed
 
 class DispatchLoad:
     """A router thread dispatching random top-k batches, checking every output against the dense
-    reference and logging ``(t_start, t_end, tokens)`` per dispatch."""
+    reference and logging ``(t_start, t_end, tokens)`` per dispatch.
 
-    def __init__(self, router, dense, num_layers: int, num_experts: int, hidden: int, batch: int, top_k: int = 4,
-                 seed: int = 11):
-        self.router, self.dense, self.seed = router, dense, seed
+    ``gate(layer, x [N, H], gen) -> (ids [N, K], w [N, K])`` chooses the experts; default: ``top_k``
+    uniformly at random."""
+
+    def __init__(self, router, dense, num_layers: int, num_experts: int, hidden: int, batch: int, top_k: int = TOP_K,
+                 seed: int = 11, gate=None):
+        self.router, self.dense, self.seed, self.gate = router, dense, seed, gate
         self.shape = (num_layers, num_experts, hidden, batch, top_k)
         self.log: list[tuple[float, float, int]] = []
         self.mismatched = 0
@@ -89,8 +110,11 @@ class DispatchLoad:
         try:
             while not self._stop.is_set():
                 x = torch.randn(batch, hidden, generator=gen)
-                ids = torch.rand(batch, num_experts, generator=gen).topk(top_k, dim=1).indices  # [N, K]
-                w = torch.softmax(torch.randn(batch, top_k, generator=gen), dim=1)
+                if self.gate is not None:
+                    ids, w = self.gate(layer, x, gen)
+                else:
+                    ids = torch.rand(batch, num_experts, generator=gen).topk(top_k, dim=1).indices  # [N, K]
+                    w = torch.softmax(torch.randn(batch, top_k, generator=gen), dim=1)
                 t0 = time.perf_counter()
                 y = self.router.dispatch(layer, x, ids, w)
                 t1 = time.perf_counter()
@@ -126,10 +150,21 @@ def main(argv: list[str] | None = None) -> int:
     from ray_eplb.actors.ray_worker import RANK_RESOURCE, enable_zero_copy
 
     enable_zero_copy()
-    ray.init(address="local", num_cpus=2, resources={RANK_RESOURCE: a.workers}, include_dashboard=False,
-             log_to_driver=False, object_store_memory=1024**3)
+    # The soak samples actors' processes through the state API, which the dashboard serves.
+    dash: dict = {"include_dashboard": False}
+    if a.soak is not None:
+        from ray_eplb.controller.cli.dashboard import free_port
+
+        dash = dict(include_dashboard=True, dashboard_port=free_port(8265))  # another Ray's dashboard may hold 8265
+    ray.init(address="local", num_cpus=2, resources={RANK_RESOURCE: a.workers}, log_to_driver=False,
+             object_store_memory=1024**3, **dash)
     try:
-        out = run(a)
+        if a.soak is not None:
+            from ray_eplb.controller.bench.soak import soak
+
+            out = soak(a)
+        else:
+            out = run(a)
     finally:
         ray.shutdown()
     if a.json:

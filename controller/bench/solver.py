@@ -316,24 +316,44 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="ray-eplb bench", description=__doc__.split("\n\n")[0])
+    from ray_eplb.controller.cli.args import Parser, int_at_least, nonneg_int, positive_int
+
+    ap = Parser(prog="ray-eplb bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--traces-dir", help="folder of trace .npz files (default: $RAY_EPLB_TRACES or ../shared/traces)")
     ap.add_argument("--synthetic", action="store_true", help="run the synthetic cases even if traces exist")
     ap.add_argument("--cases", action="extend", nargs="+", help="keep cases whose name contains any of these substrings")
     ap.add_argument("--variants", nargs="*", default=[], help="extra 'ours' columns, e.g. method=dhondt policy=global")
-    ap.add_argument("--windows", type=int, help="use only the first N windows (at least 2)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed solves per window (default 5)")
-    ap.add_argument("--greedy-repeats", type=int, help="timed solves per window for the greedy (default: --repeats)")
-    ap.add_argument("--seed", type=int, default=0, help="seed for sampling static tables into windows")
+    ap.add_argument("--windows", type=int_at_least(2), help="use only the first N windows (at least 2)")
+    ap.add_argument("--repeats", type=positive_int, default=5, help="timed solves per window (default 5)")
+    ap.add_argument("--greedy-repeats", type=positive_int, help="timed solves per window for the greedy (default: --repeats)")
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="seed for sampling static tables into windows")
     ap.add_argument("--json", help="write all results to this path")
     ap.add_argument("--quiet", action="store_true", help="no per-case progress lines")
     _migration().add_arguments(ap)  # --migration and its options
     args = ap.parse_args(argv)
-    for name in ("repeats", "greedy_repeats", "windows"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            ap.error(f"--{name.replace('_', '-')}={value} must be >= 1")
+    try:
+        check_variants(args.variants)
+        _migration().check_arguments(args)
+    except ValueError as exc:
+        ap.error(str(exc))
     return args
+
+
+def check_variants(variants: list[str]) -> None:
+    """``ValueError`` naming a ``--variants`` spec that is malformed or names an unknown keyword."""
+    import inspect
+
+    try:
+        from ray_eplb.solver import rebalance_experts
+    except ImportError:
+        return  # the variants are skipped, with a notice (build_solvers)
+    params = inspect.signature(rebalance_experts).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return  # takes any keyword: the solve itself reports a bad one
+    for spec in variants:
+        unknown = sorted(set(parse_variant(spec)) - set(params))
+        if unknown:
+            raise ValueError(f"--variants {spec!r}: rebalance_experts has no keyword {', '.join(unknown)}")
 
 
 def _migration():  # imported late: the migration benchmark imports this module

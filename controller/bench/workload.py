@@ -2,7 +2,8 @@
 
 Real traces live outside the project (``../shared/traces/NAME.npz``; format in that folder's README:
 ``load`` float64 ``[T, L, E]`` tokens per window, layer and logical expert). A user's machine has no
-such folder: :func:`load_workload` then falls back to :func:`synthetic_trace` and says so.
+such folder: :func:`load_workload`, asked for no trace in particular, then falls back to
+:func:`synthetic_trace` and says so.
 
 The synthetic workload is shaped like the real ones: per layer, expert popularity follows a Zipf
 law (exponent ``skew``, hottest expert ~5-10x the mean) over a random permutation of the experts;
@@ -53,10 +54,19 @@ def default_traces_dir() -> Path | None:
     return None
 
 
+def available_traces(traces_dir: str | os.PathLike | None = None) -> list[str]:
+    """Names of the ``.npz`` traces in ``traces_dir`` (default :func:`default_traces_dir`), sorted."""
+    base = Path(traces_dir) if traces_dir is not None else default_traces_dir()
+    return sorted(p.stem for p in base.glob("*.npz")) if base is not None and base.is_dir() else []
+
+
 def load_trace(name_or_path: str | os.PathLike, traces_dir: str | os.PathLike | None = None) -> Trace:
     """Read a trace ``.npz`` given by path, or by name inside ``traces_dir``.
 
-    Raises ``FileNotFoundError`` naming where it looked, ``ValueError`` for a malformed file.
+    The file must hold an array ``load``: real numbers (float, or integer counts), ``[T, L, E]``,
+    non-empty, finite and non-negative; it is returned as float64. Raises ``FileNotFoundError``
+    naming where it looked (and the traces there), ``ValueError`` (one line, naming the file) for
+    anything else: not an ``.npz`` archive, no ``load``, wrong rank, dtype or values.
     """
     p = Path(name_or_path)
     if p.suffix != ".npz" or not p.exists():
@@ -64,21 +74,44 @@ def load_trace(name_or_path: str | os.PathLike, traces_dir: str | os.PathLike | 
         if base is None:
             raise FileNotFoundError(f"trace {str(name_or_path)!r}: no traces folder found (set RAY_EPLB_TRACES)")
         p = base / (p.name if p.suffix == ".npz" else f"{p.name}.npz")
-    if not p.exists():
+        if not p.exists():
+            names = available_traces(base)
+            raise FileNotFoundError(f"trace {str(name_or_path)!r} not found: no {str(p)!r}; available in {str(base)!r}: "
+                                    f"{', '.join(names) if names else '(none)'}")
+    if not p.is_file():
         raise FileNotFoundError(f"trace file {str(p)!r} does not exist")
-    with np.load(p, allow_pickle=False) as data:
-        if "load" not in data.files:
-            raise ValueError(f"trace {str(p)!r} has no 'load' array (found {data.files})")
-        try:
-            load = np.asarray(data["load"], dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"trace {str(p)!r}: 'load' is not numeric ({exc})") from None
-        model = str(data["model"]) if "model" in data.files else ""
+    load, model = _read_npz(p)
     if load.ndim != 3 or min(load.shape) == 0:
         raise ValueError(f"trace {str(p)!r}: 'load' must be [T, L, E] and non-empty, got shape {load.shape}")
     if not np.isfinite(load).all() or (load < 0).any():
         raise ValueError(f"trace {str(p)!r}: 'load' holds NaN, inf or negative values")
     return Trace(name=p.stem, load=torch.from_numpy(load), model=model)
+
+
+def _read_npz(p: Path) -> tuple[np.ndarray, str]:
+    """``(load as float64, model)`` from the archive at ``p``; ``ValueError`` (one line) when it is
+    not a readable ``.npz`` or its ``load`` is not an array of real numbers."""
+    import zipfile
+
+    try:
+        data = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+        raise ValueError(f"trace {str(p)!r} is not a readable .npz archive") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy renamed: an array, not an archive
+        raise ValueError(f"trace {str(p)!r} is a single .npy array, not an .npz archive with a 'load' array")
+    with data:
+        if "load" not in data.files:
+            raise ValueError(f"trace {str(p)!r} has no 'load' array (found {data.files})")
+        try:
+            raw = data["load"]
+            model = str(data["model"]) if "model" in data.files else ""
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # pickled objects, a damaged member
+            raise ValueError(f"trace {str(p)!r}: 'load' cannot be read ({' '.join(str(exc).split())})") from None
+    if raw.dtype.kind not in "fiu":
+        sample = raw.reshape(-1)[:1].tolist()
+        raise ValueError(f"trace {str(p)!r}: 'load' is not numeric (dtype {raw.dtype}, e.g. {sample[0]!r})"
+                         if sample else f"trace {str(p)!r}: 'load' is not numeric (dtype {raw.dtype})")
+    return raw.astype(np.float64), model
 
 
 def synthetic_trace(
@@ -112,17 +145,20 @@ def synthetic_trace(
 
 
 def load_workload(name_or_path: str | None = None, traces_dir: str | os.PathLike | None = None, **synthetic_kwargs) -> Trace:
-    """A real trace when one can be found, else the synthetic workload (with a printed notice).
+    """The trace asked for (name or ``.npz`` path), or :data:`DEFAULT_TRACE` when none is asked for.
 
-    An explicitly given path that does not exist is an error, not a fallback.
+    Only when no trace is asked for and there is no traces folder at all is the synthetic workload
+    used (with a printed notice); a trace asked for that cannot be found is a ``FileNotFoundError``
+    listing the available ones.
     """
-    if name_or_path is not None and Path(name_or_path).suffix == ".npz":
-        return load_trace(name_or_path, traces_dir)
-    try:
-        return load_trace(name_or_path or DEFAULT_TRACE, traces_dir)
-    except FileNotFoundError as exc:
-        print(f"[ray-eplb] {exc}; using the built-in synthetic workload (skewed Zipf, drifting)")
-        return synthetic_trace(**synthetic_kwargs)
+    if name_or_path is None:
+        base = Path(traces_dir) if traces_dir is not None else default_traces_dir()
+        if base is None or not base.is_dir():
+            print(f"[ray-eplb] no traces folder found (set RAY_EPLB_TRACES) for the default trace {DEFAULT_TRACE!r}; "
+                  "using the built-in synthetic workload (skewed Zipf, drifting)")
+            return synthetic_trace(**synthetic_kwargs)
+        return load_trace(DEFAULT_TRACE, base)
+    return load_trace(name_or_path, traces_dir)
 
 
 def sample_windows(table: torch.Tensor, num_windows: int, tokens_per_layer: int, seed: int = 0) -> torch.Tensor:

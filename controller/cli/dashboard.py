@@ -33,7 +33,9 @@ def inspect(wait_metrics: tuple[str, ...] = ("ray_eplb_epoch",), timeout_s: floa
     try:
         from ray.util.state import list_actors
 
-        for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False):
+        # This cluster's address: with another cluster on the machine an address-less call is refused.
+        address = ray.get_runtime_context().gcs_address
+        for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False):
             if (a.name or "").startswith(PREFIX):
                 out["actors"][a.name] = a.repr_name
     except Exception as exc:  # noqa: BLE001 - no dashboard on this cluster: say so

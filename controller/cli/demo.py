@@ -4,7 +4,8 @@ Starts a local cluster (``--nodes`` raylets, each offering ``--workers / --nodes
 discovers the topology from it, launches one expert worker per rank and the controller, and
 replays a real expert-load trace through a small MoE (real gate, real SwiGLU experts) via the
 router, while the controller rebalances on its own loop. Every MoE output is checked against a
-dense single-process reference. Token authentication stays on (Ray's default).
+dense single-process reference. Ray's token authentication is on for the cluster it starts (unless
+``RAY_AUTH_MODE`` says otherwise): see :mod:`ray_eplb.controller.cli.auth`.
 
 The controller plans incrementally from the current placement by default (``--planning``,
 ``--max-moves``, ``--budget-scope``, ``--min-layer-gain``, ``--forecast``); ``--compare`` replays
@@ -18,6 +19,7 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -27,23 +29,25 @@ KNOWN_TOP_K = {"dsv2lite": 6, "llama4": 1, "qwen3": 8, "qwen2": 8, "olmoe": 8, "
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="ray-eplb demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--workers", type=int, default=8, help="expert-parallel ranks (default 8)")
-    ap.add_argument("--nodes", type=int, default=2, help="raylets to start; ranks are split evenly (default 2)")
+    from ray_eplb.controller.cli.args import Parser, nonneg, nonneg_int, number, positive, positive_int
+
+    ap = Parser(prog="ray-eplb demo", description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=positive_int, default=8, help="expert-parallel ranks (default 8)")
+    ap.add_argument("--nodes", type=positive_int, default=2, help="raylets to start; ranks are split evenly (default 2)")
     ap.add_argument("--trace", default=None, help="trace name in ../shared/traces or path to a .npz (default dsv2lite_puffin)")
-    ap.add_argument("--windows", type=int, default=0, help="trace windows to replay (default: all; static tables: 12)")
-    ap.add_argument("--layers", type=int, default=0, help="MoE layers to use from the trace (default: all)")
-    ap.add_argument("--batches-per-window", type=int, default=2, help="dispatch batches per trace window (default 2)")
-    ap.add_argument("--batch-tokens", type=int, default=256, help="tokens per dispatch batch (default 256)")
-    ap.add_argument("--top-k", type=int, default=0, help="experts per token (default: known for the trace, else 6)")
-    ap.add_argument("--hidden", type=int, default=64, help="expert hidden size")
-    ap.add_argument("--ffn", type=int, default=128, help="expert FFN width")
-    ap.add_argument("--slots-per-gpu", type=int, default=0, help="default ceil(experts / workers) + 1")
-    ap.add_argument("--interval", type=float, default=1.0, help="controller loop period, seconds")
-    ap.add_argument("--rebalance-period", type=float, default=6.0, help="periodic trigger, seconds")
+    ap.add_argument("--windows", type=nonneg_int, default=0, help="trace windows to replay (default: all; static tables: 12)")
+    ap.add_argument("--layers", type=nonneg_int, default=0, help="MoE layers to use from the trace (default: all)")
+    ap.add_argument("--batches-per-window", type=positive_int, default=2, help="dispatch batches per trace window (default 2)")
+    ap.add_argument("--batch-tokens", type=positive_int, default=256, help="tokens per dispatch batch (default 256)")
+    ap.add_argument("--top-k", type=nonneg_int, default=0, help="experts per token (default: known for the trace, else 6)")
+    ap.add_argument("--hidden", type=positive_int, default=64, help="expert hidden size")
+    ap.add_argument("--ffn", type=positive_int, default=128, help="expert FFN width")
+    ap.add_argument("--slots-per-gpu", type=nonneg_int, default=0, help="default ceil(experts / workers) + 1")
+    ap.add_argument("--interval", type=positive, default=1.0, help="controller loop period, seconds")
+    ap.add_argument("--rebalance-period", type=positive, default=6.0, help="periodic trigger, seconds")
     ap.add_argument("--trigger", choices=("periodic", "drift", "both"), default="both",
                     help="what starts a rebalance: the period, load drift, or either (default both)")
-    ap.add_argument("--min-gain", type=float, default=0.01,
+    ap.add_argument("--min-gain", type=nonneg, default=0.01,
                     help="skip a rebalance whose predicted balancedness gain is below this (default 0.01)")
     ap.add_argument("--planning", choices=("incremental", "fresh"), default="incremental",
                     help="incremental: change only what pays, from the current placement (default); "
@@ -52,41 +56,66 @@ def parse(argv: list[str]) -> argparse.Namespace:
                     help="move budget per rebalance: slots (int) or a fraction of the slots (e.g. 0.1); default none")
     ap.add_argument("--budget-scope", choices=("layer", "total"), default="layer",
                     help="--max-moves applies per layer or to the whole model (default layer)")
-    ap.add_argument("--min-layer-gain", type=float, default=0.0, help="hysteresis: a layer moves only if its peak falls by more")
-    ap.add_argument("--prepare-timeout", type=float, default=120.0,
+    ap.add_argument("--min-layer-gain", type=nonneg, default=0.0, help="hysteresis: a layer moves only if its peak falls by more")
+    ap.add_argument("--prepare-timeout", type=positive, default=120.0,
                     help="seconds a swap may take to stage all its batches before it is aborted (default 120)")
-    ap.add_argument("--batch-mib", type=float, default=16.0,
+    ap.add_argument("--batch-mib", type=positive, default=16.0,
                     help="transfer batches: no rank sends or receives more than this many MiB per batch (default 16)")
     ap.add_argument("--forecast", default=None, help="forecast spec: ema:ALPHA | window:W | last (default ema:0.5)")
     ap.add_argument("--compare", action="store_true",
                     help="run the trace twice: from-scratch planning, then incremental planning rebalancing "
                          "--compare-ratio times as often with --max-moves (default 0.1); print both")
-    ap.add_argument("--compare-ratio", type=float, default=4.0,
+    ap.add_argument("--compare-ratio", type=number(1.0), default=4.0,
                     help="with --compare: how many times as often the incremental run rebalances (default 4)")
-    ap.add_argument("--window-seconds", type=float, default=-1.0,
+    ap.add_argument("--window-seconds", type=nonneg, default=None,
                     help="replay each window over at least this long (default: the controller interval, so "
                          "the controller sees every window)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="where experts compute: cuda when the cluster has GPUs (auto, the default), or forced")
     ap.add_argument("--checkpoint", default=None, help="write (if absent) and serve weights from this .safetensors file")
     ap.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
-    ap.add_argument("--seed", type=int, default=0, help="random seed of the gate and the token stream (default 0)")
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="random seed of the gate and the token stream (default 0)")
     ap.add_argument("--json", action="store_true", help="end with one line of JSON")
     ap.add_argument("--screenshot", default=None, metavar="PNG",
                     help="also open the dashboard's Actors page in headless Chromium, check our actors are "
                          "listed, and save a screenshot here (needs chromium on PATH)")
     a = ap.parse_args(argv)
-    for name in ("workers", "nodes", "batches_per_window", "batch_tokens", "hidden", "ffn"):
-        if getattr(a, name) <= 0:
-            raise SystemExit(f"ray-eplb demo: --{name.replace('_', '-')}={getattr(a, name)} must be positive")
     if a.workers % a.nodes:
-        raise SystemExit(f"ray-eplb demo: --workers={a.workers} is not divisible by --nodes={a.nodes}")
-    if a.compare_ratio < 1:
-        raise SystemExit(f"ray-eplb demo: --compare-ratio={a.compare_ratio} must be >= 1")
+        ap.error(f"--workers={a.workers} is not divisible by --nodes={a.nodes}")
+    if int(a.batch_mib * 2**20) < 1:
+        ap.error(f"--batch-mib={a.batch_mib:g} is less than one byte")
+    for flag, path in (("--checkpoint", a.checkpoint), ("--screenshot", a.screenshot)):
+        if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+            ap.error(f"{flag}={path!r}: not a file in an existing folder")
+    if a.screenshot and not any(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")):
+        ap.error("--screenshot needs chromium (or google-chrome) on PATH")
+    if a.device == "cuda" and not a.address and not torch.cuda.is_available():
+        ap.error("--device cuda, but torch sees no GPU on this machine")
+    for name in ("min_gain", "min_layer_gain"):
+        if getattr(a, name) >= 1:
+            ap.error(f"--{name.replace('_', '-')}={getattr(a, name)} must be < 1")
+    if a.slots_per_gpu and a.top_k and a.slots_per_gpu * a.workers < a.top_k:
+        ap.error(f"--slots-per-gpu={a.slots_per_gpu} x --workers={a.workers} slots cannot hold --top-k={a.top_k} experts")
     try:
         controller_config(a)  # bad budget / forecast / planning combinations fail before any cluster starts
     except ValueError as exc:
-        raise SystemExit(f"ray-eplb demo: {exc}") from None
+        ap.error(str(exc))
+    return a
+
+
+def check_shape(a: argparse.Namespace, num_windows: int, num_layers: int, num_experts: int, static: bool) -> str | None:
+    """What is wrong with the arguments for a trace of ``[num_windows, num_layers, num_experts]``
+    (``static``: one table, sampled into windows), or ``None``."""
+    if a.windows > num_windows and not static:
+        return f"--windows={a.windows} exceeds the trace's {num_windows} windows"
+    if a.layers > num_layers:
+        return f"--layers={a.layers} exceeds the trace's {num_layers} layers"
+    if a.top_k > num_experts:
+        return f"--top-k={a.top_k} exceeds the trace's {num_experts} experts"
+    if a.slots_per_gpu and a.slots_per_gpu * a.workers < num_experts:
+        return (f"--slots-per-gpu={a.slots_per_gpu} x --workers={a.workers} = {a.slots_per_gpu * a.workers} slots "
+                f"cannot hold the trace's {num_experts} experts (need >= {math.ceil(num_experts / a.workers)} per GPU)")
+    return None
     return a
 
 
@@ -111,7 +140,7 @@ def controller_config(a: argparse.Namespace):
         rebalance_period_s=max(a.rebalance_period, a.interval), drift_threshold=0.9, min_gain=a.min_gain,
         planning=a.planning, max_moves=a.max_moves, budget_scope=a.budget_scope,
         min_layer_gain=a.min_layer_gain, forecast=a.forecast or DEFAULT_SPEC,
-        transfer_batch_bytes=max(1, int(a.batch_mib * 2**20)), prepare_timeout_s=a.prepare_timeout,
+        transfer_batch_bytes=int(a.batch_mib * 2**20), prepare_timeout_s=a.prepare_timeout,
     )
 
 
@@ -143,6 +172,10 @@ def start_cluster(a: argparse.Namespace):
         for i in range(a.nodes)
     ]
     dash = dict(include_dashboard=True, dashboard_port=free_port(8265))  # another Ray's dashboard may hold 8265
+    from ray_eplb.controller.cli.auth import enable_token_auth
+
+    where = enable_token_auth()  # ray.init() would on its own; ray.cluster_utils.Cluster does not
+    print(f"[demo] token authentication {f'on (token: {where})' if where else 'OFF (RAY_AUTH_MODE says so)'}")
     if a.nodes == 1:
         ray.init(address="local", log_to_driver=False, **dash, **node_args[0])
         return None, frac
@@ -161,7 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     from ray_eplb.controller.bench.workload import load_workload
 
-    trace = load_workload(a.trace)
+    try:
+        trace = load_workload(a.trace)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"ray-eplb demo: error: {exc}", file=sys.stderr)
+        return 2
+    problem = check_shape(a, *trace.load.shape, static=trace.static)
+    if problem:
+        print(f"ray-eplb demo: error: {problem}", file=sys.stderr)
+        return 2
     load = trace.load  # [T, L, E]
     if trace.static:
         from ray_eplb.controller.bench.workload import sample_windows
@@ -272,7 +313,7 @@ def _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start) -> di
             tokens += a.batch_tokens
             bad_tokens += int(bad.sum())
         busy = time.monotonic() - tw
-        rest = (a.interval if a.window_seconds < 0 else a.window_seconds) - (time.monotonic() - tw)
+        rest = (a.interval if a.window_seconds is None else a.window_seconds) - (time.monotonic() - tw)
         if rest > 0:
             time.sleep(rest)
         per_rank = (router.rank_tokens - rank_before).double()  # [L, G] actual load per rank

@@ -39,6 +39,7 @@ def test_demo_runs_end_to_end_with_token_auth_on(tmp_path):
     if browser:
         cmd += ["--screenshot", str(tmp_path / "actors.png")]
     out = run(cmd, 190, env)
+    assert "[demo] token authentication on (token: " in out  # tests/integration/test_auth.py: what that means
     summary = json.loads(out.strip().splitlines()[-1])
     assert set(summary) == {"balancedness_before", "balancedness_after", "balancedness_run", "planning", "max_moves",
                             "rebalance_period_s", "rebalances", "experts_moved", "bytes_moved", "transfer_batches",

@@ -21,9 +21,11 @@ def test_demo_options_reach_the_controller_config():
     (["--forecast", "ema:3"], "ema:3"),
     (["--compare-ratio", "0.5"], "compare-ratio"),
 ])
-def test_bad_demo_options_fail_before_any_cluster_starts(argv, match):
-    with pytest.raises(SystemExit, match=match):
+def test_bad_demo_options_fail_before_any_cluster_starts(argv, match, capsys):
+    with pytest.raises(SystemExit) as info:
         parse(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and match in err and err.count("\n") == 1, err
 
 
 def test_compare_runs_fresh_then_incremental_more_often_with_a_budget():

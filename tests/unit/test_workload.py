@@ -72,15 +72,25 @@ def test_malformed_trace_files_raise_value_error(tmp_path, arrays, match):
         load_trace(path)
 
 
-def test_a_file_that_is_not_an_npz_raises_value_error(tmp_path):
-    path = tmp_path / "junk.npz"
-    path.write_bytes(b"this is not a zip archive at all")
-    with pytest.raises(ValueError):
-        load_trace(path)
+def test_a_file_that_is_not_an_npz_raises_a_one_line_value_error(tmp_path):
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"this is not a zip archive at all")
+    noise = tmp_path / "noise.npz"
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))  # random bytes: numpy's "pickled data" case
+    bare = tmp_path / "bare.npz"
+    with open(bare, "wb") as f:
+        np.save(f, np.ones((2, 3, 4)))  # a .npy array under an .npz name
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(write_npz(tmp_path / "whole.npz", load=np.ones((20, 30, 40))).read_bytes()[:200])
     obj = tmp_path / "obj.npz"
     np.savez(obj, load=np.array([{"a": 1}], dtype=object))  # needs pickle: refused
-    with pytest.raises(ValueError):
-        load_trace(obj)
+    flags = tmp_path / "flags.npz"
+    np.savez(flags, load=np.ones((1, 2, 3), dtype=bool))
+    for path, match in ((junk, "not a readable .npz"), (noise, "not a readable .npz"), (bare, "single .npy"),
+                        (cut, "cut.npz"), (obj, "obj.npz"), (flags, "not numeric.*bool")):
+        with pytest.raises(ValueError, match=match) as info:
+            load_trace(path)
+        assert "\n" not in str(info.value) and str(path) in str(info.value), str(info.value)
 
 
 def test_missing_trace_file_is_file_not_found(tmp_path):
@@ -105,16 +115,42 @@ def no_traces(tmp_path, monkeypatch):
     return empty
 
 
-def test_load_workload_falls_back_to_synthetic_with_a_notice(no_traces, capsys):
+@pytest.fixture
+def no_folder(tmp_path, monkeypatch):
+    """No $RAY_EPLB_TRACES, and no ../shared/traces beside the working directory or the checkout."""
+    monkeypatch.delenv("RAY_EPLB_TRACES", raising=False)
+    cwd = tmp_path / "a" / "b"
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(workload, "__file__", str(tmp_path / "x" / "y" / "z" / "workload.py"))
+    assert workload.default_traces_dir() is None
+
+
+def test_load_workload_falls_back_to_synthetic_only_when_nothing_was_asked_and_no_folder(no_folder, capsys):
     trace = load_workload(num_windows=3, num_layers=2, num_experts=8, tokens=100)
     out = capsys.readouterr().out
     assert "synthetic" in out and "dsv2lite_puffin" in out
     assert trace.synthetic and tuple(trace.load.shape) == (3, 2, 8)
     assert torch.equal(trace.load, synthetic_trace(3, 2, 8, tokens=100).load)
-    # A named trace that is not there falls back too; an explicit .npz path does not.
-    assert load_workload("not_here", num_windows=2, num_layers=1, num_experts=4).synthetic
+    # A trace asked for by name or by path is never replaced by the synthetic workload.
+    with pytest.raises(FileNotFoundError, match="no traces folder"):
+        load_workload("not_here", num_windows=2, num_layers=1, num_experts=4)
     with pytest.raises(FileNotFoundError):
-        load_workload(str(no_traces / "not_here.npz"))
+        load_workload("/nowhere/not_here.npz")
+
+
+def test_a_trace_name_that_does_not_exist_lists_the_available_ones(no_traces, capsys):
+    write_npz(no_traces / "alpha.npz", load=np.ones((2, 3, 4)))
+    write_npz(no_traces / "beta.npz", load=np.ones((2, 3, 4)))
+    with pytest.raises(FileNotFoundError, match=r"'alpah' not found.*available.*alpha, beta"):
+        load_workload("alpah")
+    # With a traces folder, the default trace missing is an error too, not the synthetic workload.
+    with pytest.raises(FileNotFoundError, match=r"dsv2lite_puffin.*alpha, beta"):
+        load_workload()
+    (no_traces / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"\(none\)"):
+        load_trace("x", traces_dir=no_traces / "empty")
+    assert "synthetic" not in capsys.readouterr().out
 
 
 def test_load_workload_uses_a_real_trace_when_there_is_one(no_traces, capsys):
@@ -124,6 +160,7 @@ def test_load_workload_uses_a_real_trace_when_there_is_one(no_traces, capsys):
     assert capsys.readouterr().out == ""
     write_npz(no_traces / "other.npz", load=np.ones((1, 1, 2)))
     assert load_workload("other").name == "other"
+    assert workload.available_traces() == ["dsv2lite_puffin", "other"]
 
 
 def test_default_traces_dir_prefers_the_env(no_traces, monkeypatch):
