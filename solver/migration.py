@@ -24,8 +24,9 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from ray_eplb.solver.counts import counts_np
-from ray_eplb.solver.maps import bin_counts
+from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts
 from ray_eplb.solver.packing import _per_slot, refine_swaps
+from ray_eplb.solver.repair import separate_copies_batched
 
 
 def moved_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -181,6 +182,16 @@ def incremental(
         budget[go] -= 1
     per = w / cnt
     cap = -(-cnt // num_gpus)
+    # Avoidable duplicates left (a foreign old plan's, or a thinned expert's) are swapped apart
+    # before any balancing swap: each frees a slot. A layer whose repair does not fit its budget
+    # keeps them.
+    dup = np.nonzero(avoidable_duplicates_np(own.reshape(num_layers, -1), num_gpus, num_experts) > 0)[0]
+    if dup.size:
+        fixed = separate_copies_batched(own[dup], per[dup], cap[dup])
+        cost = (fixed != own[dup]).sum((1, 2))  # [D] slots each repair changes
+        fits = cost <= budget[dup]
+        own[dup[fits]] = fixed[fits]
+        budget[dup[fits]] -= cost[fits]
     own, _ = refine_swaps(own, per, cap, pairs=pairs, sweeps=sweeps, budget=budget)
     return own.reshape(num_layers, num_slots)
 
@@ -327,8 +338,9 @@ def migrate(
     ``ray-eplb bench --migration`` that trade moved 4-6x the slots (e.g. dsv2lite 288: 64% vs
     11% per rebalance) for a predicted 0.1-3% lower peak that did not show on the next window.
 
-    A layer changes only if its max GPU load falls by more than ``min_gain`` (relative): else it
-    keeps ``old`` (hysteresis). With a ``total``, each layer is also planned with budgets of 1, 2,
+    A layer changes only if its max GPU load falls by more than ``min_gain`` (relative), or if it
+    sheds avoidable duplicates of ``old`` (always done where the budget allows): else it keeps
+    ``old`` (hysteresis). With a ``total``, each layer is also planned with budgets of 1, 2,
     4, ... slots (below what its unlimited plan moves), and the total is spent greedily on the
     steps between these plans with the most peak reduction per extra moved slot
     (:func:`_hull_spend`); the same total split evenly over the layers is the fallback.
@@ -337,6 +349,7 @@ def migrate(
     """
     num_layers, num_experts = w.shape
     peak_old = peak_load(old, w, num_gpus)  # [L]
+    dup_old = avoidable_duplicates_np(old, num_gpus, num_experts)  # [L]
     cand = None if fresh is None else _FreshCandidate(old, fresh, w, num_gpus)
 
     def plan(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -345,7 +358,8 @@ def migrate(
         if cand is not None:
             new, peak, moves = cand.pick(new, peak, moves)
         gain = peak_old - peak  # [L] absolute peak reduction
-        worth = gain > min_gain * peak_old
+        # Removing an avoidable duplicate frees a slot: always worth it, whatever the hysteresis.
+        worth = (gain > min_gain * peak_old) | (avoidable_duplicates_np(new, num_gpus, num_experts) < dup_old)
         return np.where(worth[:, None], new, old), np.where(worth, gain, 0.0), np.where(worth, moves, 0)
 
     new, gain, moves = plan(budget)
