@@ -25,6 +25,7 @@ from scipy.optimize import linear_sum_assignment
 
 from ray_eplb.solver.counts import counts_np
 from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts
+from ray_eplb.solver.overlap import kept_upper_bound, match_gpus
 from ray_eplb.solver.packing import _per_slot, refine_swaps
 from ray_eplb.solver.repair import separate_copies_batched
 
@@ -86,8 +87,8 @@ def align(old: np.ndarray, new: np.ndarray, num_nodes: int, num_gpus: int) -> np
     sub = blocks.reshape(num_layers * num_nodes, gpus_node * slots)  # node sub-problems
     old_sub = old.reshape(num_layers * num_nodes, gpus_node * slots)
     if gpus_node > 1:
-        score = _overlap(bin_counts(old_sub, gpus_node, num_experts), bin_counts(sub, gpus_node, num_experts))
-        sub = sub.reshape(-1, gpus_node, slots)[np.arange(sub.shape[0])[:, None], _assign(score)]
+        perm = match_gpus(old_sub.reshape(-1, gpus_node, slots), sub.reshape(-1, gpus_node, slots), num_experts)
+        sub = sub.reshape(-1, gpus_node, slots)[np.arange(sub.shape[0])[:, None], perm]
     return _keep_slots(old.reshape(-1, slots), sub.reshape(-1, slots)).reshape(num_layers, num_slots)
 
 
@@ -248,6 +249,18 @@ def budget_per_layer(max_moves, num_layers: int, num_replicas: int, scope: str) 
     return np.full(num_layers, per, dtype=np.int64), None
 
 
+def _within_cap(plan: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
+    """``[L]``: no GPU of ``plan [L, R]`` holds more than ``ceil(count / P)`` of an expert."""
+    num_layers, num_slots = plan.shape
+    srt = np.sort(plan.reshape(num_layers, num_gpus, -1), axis=-1)
+    ok = ~(srt[..., 1:] == srt[..., :-1]).any((1, 2))  # [L] no expert twice on a GPU at all
+    rows = np.nonzero(~ok)[0]
+    if rows.size:
+        held = bin_counts(plan[rows], num_gpus, num_experts)  # [r, P, E]
+        ok[rows] = (held <= -(-held.sum(1, keepdims=True) // num_gpus)).all((1, 2))
+    return ok
+
+
 class _FreshCandidate:
     """A from-scratch plan as each layer's alternative to the incremental one (see :func:`migrate`).
 
@@ -262,12 +275,8 @@ class _FreshCandidate:
         num_layers, num_experts = w.shape
         self.old, self.fresh, self.w, self.num_gpus = old, fresh, w, num_gpus
         self.peak = peak_load(fresh, w, num_gpus)  # [L]
-        cnt = bin_counts(fresh, 1, num_experts)  # [L, 1, E]
-        held = bin_counts(fresh, num_gpus, num_experts)  # [L, P, E]
-        self.ok = (held <= -(-cnt // num_gpus)).all((1, 2))  # [L] no avoidable duplicate
-        over = _overlap(bin_counts(old, num_gpus, num_experts), held)  # [L, P, P] slots each GPU pair shares
-        kept = np.minimum(over.max(2).sum(1), over.max(1).sum(1))  # [L] at most this many slots kept
-        self.fewest = old.shape[1] - kept  # [L] lower bound on its moved slots
+        self.ok = _within_cap(fresh, num_gpus, num_experts)  # [L] no expert stacked beyond its cap
+        self.fewest = np.full(num_layers, -1)  # [L] lower bound on its moved slots (-1: not yet known)
         self.plan, self.moves = old.copy(), np.full(num_layers, old.shape[1] + 1)  # aligned rows, [L]
         self.done = np.zeros(num_layers, dtype=bool)
 
@@ -275,7 +284,14 @@ class _FreshCandidate:
         """Per layer, the fresh plan where it dominates ``new [L, R]`` (its ``peak``, ``moves``
         ``[L]``): a peak no higher, no more moves, and better in one of the two (peaks equal
         within float rounding are a tie). Returns the chosen ``(plan, peak, moves)``."""
-        maybe = self.ok & (self.peak <= peak * (1 + 1e-9)) & (self.fewest <= moves)
+        maybe = self.ok & (self.peak <= peak * (1 + 1e-9))
+        need = np.nonzero(maybe & (self.fewest < 0))[0]
+        if need.size:  # the bound from sparse GPU overlaps, only where the peak leaves a chance
+            num_slots = self.old.shape[1]
+            bins = (need.size, self.num_gpus, num_slots // self.num_gpus)
+            kept = kept_upper_bound(self.old[need].reshape(bins), self.fresh[need].reshape(bins), self.w.shape[1])
+            self.fewest[need] = num_slots - kept
+        maybe &= self.fewest <= moves
         rows = np.nonzero(maybe & ~self.done)[0]
         if rows.size:
             self.plan[rows] = align(self.old[rows], self.fresh[rows], 1, self.num_gpus)

@@ -8,7 +8,6 @@ as long as the repairs touch disjoint bins (then none changes what is legal for 
 from __future__ import annotations
 
 import numpy as np
-
 from ray_eplb.solver.maps import bin_counts
 from ray_eplb.solver.packing import separate_copies, surplus_copies
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from ray_eplb.controller.bench_cases import Case
 from ray_eplb.controller.bench_solver import unavoidable_duplicates
 from ray_eplb.controller.workload import default_traces_dir, load_trace, synthetic_trace

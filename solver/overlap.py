@@ -1,0 +1,118 @@
+"""Sparse GPU overlaps and the matching of new GPU expert sets to GPU positions.
+
+A GPU holds a few experts (``S`` slots), so two placements of a layer share experts between only
+a few GPU pairs: ``sum_e c_old[e] * c_new[e]`` pairs at most, against ``P^2`` for a dense overlap
+matrix. Everything here works on those pairs, so its cost follows the slots, not GPUs squared:
+
+* :func:`sparse_overlap` lists the (layer, old GPU, new GPU, shared slots) quadruples;
+* :func:`match_gpus` is the maximum-overlap matching used by
+  :func:`~ray_eplb.solver.migration.align` on one node: GPUs whose expert multiset is the same in
+  both plans are matched directly (always part of some maximum matching: for ``A = old_i =
+  new_j``, ``|A & new_j'| + |old_i' & A| <= |A| + |old_i' & new_j'|``), and an assignment solve
+  runs only on the GPUs left over, on their dense sub-matrix.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+
+def _entries(bins: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``bins [K, m, S]`` -> per distinct (row, bin, expert): ``row * E + expert``, bin, copies."""
+    num_rows, num_bins, slots = bins.shape
+    key = np.repeat(np.arange(num_rows * num_bins), slots) * num_experts + bins.ravel()
+    if slots > 1:
+        key, mult = np.unique(key, return_counts=True)
+    else:
+        mult = np.ones(key.size, dtype=np.int64)
+    flat_bin = key // num_experts
+    return (flat_bin // num_bins) * num_experts + key % num_experts, flat_bin % num_bins, mult
+
+
+def sparse_overlap(old: np.ndarray, new: np.ndarray, num_experts: int) -> tuple[np.ndarray, ...]:
+    """Shared slots of every (old bin, new bin) pair that shares any, per row.
+
+    ``old``, ``new``: ``[K, m, S]`` expert per slot. A pair shares ``sum_e min(old copies, new
+    copies)`` slots. Returns ``(row, i, j, shared)``, each ``[Q]`` int64, one entry per pair with
+    ``shared > 0``, sorted by ``(row, i, j)``.
+    """
+    num_rows, num_bins, _ = old.shape
+    ka, ia, ma = _entries(old, num_experts)
+    kb, ib, mb = _entries(new, num_experts)
+    order = np.argsort(kb, kind="stable")
+    kb, ib, mb = kb[order], ib[order], mb[order]
+    start = np.searchsorted(kb, ka, "left")
+    many = np.searchsorted(kb, ka, "right") - start  # [Na] new entries of the same (row, expert)
+    a = np.repeat(np.arange(ka.size), many)
+    b = np.repeat(start - (np.cumsum(many) - many), many) + np.arange(a.size)
+    row = ka[a] // num_experts
+    key = (row * num_bins + ia[a]) * num_bins + ib[b]
+    uniq, inv = np.unique(key, return_inverse=True)
+    shared = np.bincount(inv.ravel(), weights=np.minimum(ma[a], mb[b]), minlength=uniq.size).astype(np.int64)
+    return uniq // (num_bins * num_bins), (uniq // num_bins) % num_bins, uniq % num_bins, shared
+
+
+def kept_upper_bound(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarray:
+    """``[K]`` at most this many slots of ``new [K, m, S]`` can stay where ``old`` has them under
+    any matching of bins: ``min(sum_i max_j shared, sum_j max_i shared)``."""
+    num_rows, num_bins, _ = old.shape
+    row, i, j, shared = sparse_overlap(old, new, num_experts)
+    best_i = np.zeros(num_rows * num_bins, dtype=np.int64)
+    best_j = np.zeros(num_rows * num_bins, dtype=np.int64)
+    np.maximum.at(best_i, row * num_bins + i, shared)
+    np.maximum.at(best_j, row * num_bins + j, shared)
+    return np.minimum(best_i.reshape(num_rows, -1).sum(1), best_j.reshape(num_rows, -1).sum(1))
+
+
+def match_gpus(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarray:
+    """Per row, the new bin for each old bin position with the most shared slots in total.
+
+    ``old``, ``new``: ``[K, m, S]``. Returns ``perm [K, m]``: position ``i`` takes new bin
+    ``perm[k, i]``. Bins with equal multisets are paired first; the rest by an assignment solve
+    on their sub-matrix (shared slots from :func:`sparse_overlap`).
+    """
+    num_rows, num_bins, slots = old.shape
+    both = np.sort(np.concatenate([old, new], 1), axis=-1).reshape(-1, slots)  # [K*2m, S] multisets
+    row = np.repeat(np.arange(num_rows), 2 * num_bins)
+    side = np.tile(np.repeat([0, 1], num_bins), num_rows)  # 0 old, 1 new
+    pos = np.tile(np.arange(num_bins), 2 * num_rows)
+    order = np.lexsort((pos, side) + tuple(both[:, s] for s in range(slots - 1, -1, -1)) + (row,))
+    srt = both[order]
+    new_set = np.ones(order.size, dtype=bool)
+    new_set[1:] = (srt[1:] != srt[:-1]).any(1) | (row[order][1:] != row[order][:-1])
+    cls = np.cumsum(new_set) - 1  # [K*2m] class id in sorted order
+    s = side[order]
+    # Rank within (class, side): old members of a class are first (side 0), then new ones.
+    starts = np.flatnonzero(new_set | np.r_[True, s[1:] != s[:-1]])
+    run = np.repeat(starts, np.diff(np.r_[starts, order.size]))
+    rank = np.arange(order.size) - run
+    key_old = np.full(num_rows * num_bins, -1, dtype=np.int64)
+    key_new = np.full(num_rows * num_bins, -1, dtype=np.int64)
+    flat = row[order] * num_bins + pos[order]
+    big = 2 * num_bins + 1
+    key_old[flat[s == 0]] = (cls * big + rank)[s == 0]
+    key_new[flat[s == 1]] = (cls * big + rank)[s == 1]
+    # Pair old bin and new bin with the same (class, rank).
+    srt_new = np.argsort(key_new, kind="stable")
+    hit = np.searchsorted(key_new[srt_new], key_old)
+    hit = np.minimum(hit, key_new.size - 1)
+    found = key_new[srt_new][hit] == key_old
+    perm = np.full(num_rows * num_bins, -1, dtype=np.int64)
+    perm[found] = srt_new[hit[found]] % num_bins
+    perm = perm.reshape(num_rows, num_bins)
+    todo = np.nonzero((perm < 0).sum(1) > 1)[0]
+    for k in todo:  # assignment only on the bins the direct pairing left over
+        free_old = np.flatnonzero(perm[k] < 0)
+        used = np.zeros(num_bins, dtype=bool)
+        used[perm[k][perm[k] >= 0]] = True
+        free_new = np.flatnonzero(~used)
+        _, i, j, shared = sparse_overlap(old[k][free_old][None], new[k][free_new][None], num_experts)
+        score = np.zeros((free_old.size, free_new.size))
+        score[i, j] = shared
+        r, c = linear_sum_assignment(score, maximize=True)
+        perm[k, free_old[r]] = free_new[c]
+    one = np.nonzero((perm < 0).sum(1) == 1)[0]
+    if one.size:  # a single bin left: it takes the single new bin left
+        missing = num_bins * (num_bins - 1) // 2 - np.where(perm[one] < 0, 0, perm[one]).sum(1)
+        perm[one, (perm[one] < 0).argmax(1)] = missing
+    return perm
