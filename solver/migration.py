@@ -23,11 +23,9 @@ import math
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from ray_eplb.solver.counts import counts_np
+from ray_eplb.solver.incremental import incremental
 from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts
-from ray_eplb.solver.overlap import kept_upper_bound, match_gpus
-from ray_eplb.solver.packing import _per_slot, refine_swaps
-from ray_eplb.solver.repair import separate_copies_batched
+from ray_eplb.solver.overlap import match_gpus
 
 
 def moved_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -114,89 +112,6 @@ def _keep_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
     return out
 
 
-def incremental(
-    w: np.ndarray,
-    old: np.ndarray,
-    num_gpus: int,
-    budget: np.ndarray,
-    method: str = "hybrid_tail",
-    pairs: int = 4,
-    sweeps: int | None = None,
-) -> np.ndarray:
-    """Improve ``old`` for load ``w`` by at most ``budget`` slot changes per layer.
-
-    1. *Relocations* (one slot each) toward the water-filling counts of ``w``: the
-       under-replicated expert with the highest per-replica load gains a replica in place of one
-       of the over-replicated expert that loses least (lowest ``w / (c - 1)``), on the GPU that
-       ends up lightest among those not already holding the gainer.
-    2. *Swaps* (two slots each): :func:`~ray_eplb.solver.packing.refine_swaps` with what is left,
-       as many sweeps as a fresh solve uses (3 below 12 slots per GPU). More sweeps fit the load
-       planned for more tightly but generalise worse: measured on dsv2lite 288 (plan on the EMA
-       forecast, score on the next window), 8 sweeps gave -0.54% against a fresh solve, 3 gave
-       -0.13% and moved 11% of slots instead of 23%.
-
-    Every expert keeps at least one replica, and no expert is put twice on a GPU.
-
-    Shapes: ``w [L, E]`` float64, ``old [L, R]`` int64, ``budget [L]`` int64 (not modified).
-    Returns ``[L, R]`` int64.
-    """
-    num_layers, num_experts = w.shape
-    num_slots = old.shape[1]
-    slots = num_slots // num_gpus
-    budget = budget.astype(np.int64).copy()
-    if sweeps is None:
-        sweeps = 3 if slots < 12 else slots // 2
-    rows = np.arange(num_layers)
-    own = old.reshape(num_layers, num_gpus, slots).copy()  # [L, P, S] expert per slot
-    cnt = bin_counts(old, 1, num_experts)[:, 0]  # [L, E] current replicas
-    target = counts_np(w, num_slots, method)  # [L, E]
-    stuck = np.zeros(num_layers, dtype=bool)
-    for _ in range(int(np.abs(target - cnt).sum(1).max(initial=0)) // 2):
-        need = target - cnt  # [L, E]
-        live = (need > 0).any(1) & (budget > 0) & ~stuck  # [L]
-        if not live.any():
-            break
-        gain = np.where(need > 0, w / cnt, -np.inf).argmax(1)  # [L] hottest under-replicated
-        lose = np.where(need < 0, w / np.maximum(cnt - 1, 1), np.inf).argmin(1)  # [L] cheapest to thin
-        per = w / cnt  # [L, E] per-replica load now
-        gpu_load = _per_slot(per, own).sum(-1)  # [L, P]
-        # The gainer joins a GPU among those holding the fewest of its replicas (none, unless it
-        # outnumbers the GPUs): no avoidable duplicate.
-        gain_copies = (own == gain[:, None, None]).sum(-1)  # [L, P]
-        has_gain = gain_copies > gain_copies.min(1, keepdims=True)
-        after = gpu_load - per[rows, lose][:, None] + w[rows, gain][:, None] / (cnt[rows, gain] + 1)[:, None]
-        copies = (own == lose[:, None, None]).sum(-1)  # [L, P] replicas of the loser per GPU
-        ok = (copies > 0) & ~has_gain  # [L, P] GPUs where the swap is legal
-        # Thin a GPU where the loser is stacked first (that frees a wasted slot), then the one
-        # that ends up lightest.
-        ok &= copies == np.where(ok, copies, 0).max(1, keepdims=True)
-        at = np.where(ok, after, np.inf).argmin(1)  # [L] chosen GPU
-        possible = np.isfinite(after[rows, at]) & ok[rows, at]
-        stuck |= live & ~possible
-        go = np.nonzero(live & possible)[0]
-        if not go.size:
-            break
-        slot = (own[go, at[go]] == lose[go, None]).argmax(1)  # first slot of `lose` on that GPU
-        own[go, at[go], slot] = gain[go]
-        cnt[go, lose[go]] -= 1
-        cnt[go, gain[go]] += 1
-        budget[go] -= 1
-    per = w / cnt
-    cap = -(-cnt // num_gpus)
-    # Avoidable duplicates left (a foreign old plan's, or a thinned expert's) are swapped apart
-    # before any balancing swap: each frees a slot. A layer whose repair does not fit its budget
-    # keeps them.
-    dup = np.nonzero(avoidable_duplicates_np(own.reshape(num_layers, -1), num_gpus, num_experts) > 0)[0]
-    if dup.size:
-        fixed = separate_copies_batched(own[dup], per[dup], cap[dup])
-        cost = (fixed != own[dup]).sum((1, 2))  # [D] slots each repair changes
-        fits = cost <= budget[dup]
-        own[dup[fits]] = fixed[fits]
-        budget[dup[fits]] -= cost[fits]
-    own, _ = refine_swaps(own, per, cap, pairs=pairs, sweeps=sweeps, budget=budget)
-    return own.reshape(num_layers, num_slots)
-
-
 def peak_load(phy2log: np.ndarray, w: np.ndarray, num_gpus: int) -> np.ndarray:
     """``[L]`` max GPU load of ``phy2log [L, R]`` under ``w [L, E]`` (loads split among replicas)."""
     num_layers, num_experts = w.shape
@@ -267,7 +182,7 @@ class _FreshCandidate:
     It is relabelled by :func:`align` (GPUs move freely: the most slots kept) only in the layers
     where it could dominate, and only once: a layer whose fresh plan has a higher peak, stacks an
     expert beyond ``ceil(count / P)`` on a GPU (a hierarchical layer may), or must move more slots
-    than the incremental plan (a lower bound from the best GPU overlaps, without the matching) is
+    than the incremental plan (a lower bound from the replica counts, without the matching) is
     skipped. Shapes: ``old``, ``fresh`` ``[L, R]`` int64, ``w [L, E]`` float64.
     """
 
@@ -276,7 +191,9 @@ class _FreshCandidate:
         self.old, self.fresh, self.w, self.num_gpus = old, fresh, w, num_gpus
         self.peak = peak_load(fresh, w, num_gpus)  # [L]
         self.ok = _within_cap(fresh, num_gpus, num_experts)  # [L] no expert stacked beyond its cap
-        self.fewest = np.full(num_layers, -1)  # [L] lower bound on its moved slots (-1: not yet known)
+        # [L] lower bound on its moved slots: an expert keeps at most min(old, new) replicas' slots.
+        kept = np.minimum(bin_counts(old, 1, num_experts), bin_counts(fresh, 1, num_experts)).sum((1, 2))
+        self.fewest = old.shape[1] - kept
         self.plan, self.moves = old.copy(), np.full(num_layers, old.shape[1] + 1)  # aligned rows, [L]
         self.done = np.zeros(num_layers, dtype=bool)
 
@@ -285,12 +202,6 @@ class _FreshCandidate:
         ``[L]``): a peak no higher, no more moves, and better in one of the two (peaks equal
         within float rounding are a tie). Returns the chosen ``(plan, peak, moves)``."""
         maybe = self.ok & (self.peak <= peak * (1 + 1e-9))
-        need = np.nonzero(maybe & (self.fewest < 0))[0]
-        if need.size:  # the bound from sparse GPU overlaps, only where the peak leaves a chance
-            num_slots = self.old.shape[1]
-            bins = (need.size, self.num_gpus, num_slots // self.num_gpus)
-            kept = kept_upper_bound(self.old[need].reshape(bins), self.fresh[need].reshape(bins), self.w.shape[1])
-            self.fewest[need] = num_slots - kept
         maybe &= self.fewest <= moves
         rows = np.nonzero(maybe & ~self.done)[0]
         if rows.size:

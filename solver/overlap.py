@@ -17,10 +17,13 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 
-def _entries(bins: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``bins [K, m, S]`` -> per distinct (row, bin, expert): ``row * E + expert``, bin, copies."""
+def _entries(bins: np.ndarray, num_experts: int, keep: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """``bins [K, m, S]`` -> per distinct (row, bin, expert): ``row * E + expert``, bin, copies;
+    only bins where ``keep [K, m]`` is true (all when ``None``)."""
     num_rows, num_bins, slots = bins.shape
     key = np.repeat(np.arange(num_rows * num_bins), slots) * num_experts + bins.ravel()
+    if keep is not None:
+        key = key[np.repeat(keep.ravel(), slots)]
     if slots > 1:
         key, mult = np.unique(key, return_counts=True)
     else:
@@ -29,16 +32,19 @@ def _entries(bins: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray
     return (flat_bin // num_bins) * num_experts + key % num_experts, flat_bin % num_bins, mult
 
 
-def sparse_overlap(old: np.ndarray, new: np.ndarray, num_experts: int) -> tuple[np.ndarray, ...]:
+def sparse_overlap(
+    old: np.ndarray, new: np.ndarray, num_experts: int, keep_old: np.ndarray | None = None,
+    keep_new: np.ndarray | None = None,
+) -> tuple[np.ndarray, ...]:
     """Shared slots of every (old bin, new bin) pair that shares any, per row.
 
     ``old``, ``new``: ``[K, m, S]`` expert per slot. A pair shares ``sum_e min(old copies, new
-    copies)`` slots. Returns ``(row, i, j, shared)``, each ``[Q]`` int64, one entry per pair with
+    copies)`` slots. ``keep_old``, ``keep_new`` (``[K, m]`` bool, optional): only these bins. Returns ``(row, i, j, shared)``, each ``[Q]`` int64, one entry per pair with
     ``shared > 0``, sorted by ``(row, i, j)``.
     """
     num_rows, num_bins, _ = old.shape
-    ka, ia, ma = _entries(old, num_experts)
-    kb, ib, mb = _entries(new, num_experts)
+    ka, ia, ma = _entries(old, num_experts, keep_old)
+    kb, ib, mb = _entries(new, num_experts, keep_new)
     order = np.argsort(kb, kind="stable")
     kb, ib, mb = kb[order], ib[order], mb[order]
     start = np.searchsorted(kb, ka, "left")
@@ -50,18 +56,6 @@ def sparse_overlap(old: np.ndarray, new: np.ndarray, num_experts: int) -> tuple[
     uniq, inv = np.unique(key, return_inverse=True)
     shared = np.bincount(inv.ravel(), weights=np.minimum(ma[a], mb[b]), minlength=uniq.size).astype(np.int64)
     return uniq // (num_bins * num_bins), (uniq // num_bins) % num_bins, uniq % num_bins, shared
-
-
-def kept_upper_bound(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarray:
-    """``[K]`` at most this many slots of ``new [K, m, S]`` can stay where ``old`` has them under
-    any matching of bins: ``min(sum_i max_j shared, sum_j max_i shared)``."""
-    num_rows, num_bins, _ = old.shape
-    row, i, j, shared = sparse_overlap(old, new, num_experts)
-    best_i = np.zeros(num_rows * num_bins, dtype=np.int64)
-    best_j = np.zeros(num_rows * num_bins, dtype=np.int64)
-    np.maximum.at(best_i, row * num_bins + i, shared)
-    np.maximum.at(best_j, row * num_bins + j, shared)
-    return np.minimum(best_i.reshape(num_rows, -1).sum(1), best_j.reshape(num_rows, -1).sum(1))
 
 
 def match_gpus(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarray:
@@ -100,19 +94,27 @@ def match_gpus(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarray
     perm = np.full(num_rows * num_bins, -1, dtype=np.int64)
     perm[found] = srt_new[hit[found]] % num_bins
     perm = perm.reshape(num_rows, num_bins)
-    todo = np.nonzero((perm < 0).sum(1) > 1)[0]
-    for k in todo:  # assignment only on the bins the direct pairing left over
-        free_old = np.flatnonzero(perm[k] < 0)
-        used = np.zeros(num_bins, dtype=bool)
-        used[perm[k][perm[k] >= 0]] = True
-        free_new = np.flatnonzero(~used)
-        _, i, j, shared = sparse_overlap(old[k][free_old][None], new[k][free_new][None], num_experts)
-        score = np.zeros((free_old.size, free_new.size))
-        score[i, j] = shared
-        r, c = linear_sum_assignment(score, maximize=True)
-        perm[k, free_old[r]] = free_new[c]
-    one = np.nonzero((perm < 0).sum(1) == 1)[0]
-    if one.size:  # a single bin left: it takes the single new bin left
-        missing = num_bins * (num_bins - 1) // 2 - np.where(perm[one] < 0, 0, perm[one]).sum(1)
-        perm[one, (perm[one] < 0).argmax(1)] = missing
+    left = perm < 0  # [K, m] old positions the direct pairing left over
+    todo = np.nonzero(left.sum(1) > 1)[0]
+    if todo.size and slots > 1:  # (one slot per bin: leftover bins never share an expert)
+        used = np.zeros((todo.size, num_bins), dtype=bool)
+        row_of, pos_of = np.nonzero(perm[todo] >= 0)
+        used[row_of, perm[todo][row_of, pos_of]] = True
+        k, i, j, shared = sparse_overlap(old[todo], new[todo], num_experts, left[todo], ~used)
+        for t in np.unique(k):  # assignment only where leftover bins share experts
+            free_old, free_new = np.flatnonzero(left[todo[t]]), np.flatnonzero(~used[t])
+            score = np.zeros((num_bins, num_bins))
+            score[i[k == t], j[k == t]] = shared[k == t]
+            ra, cb = linear_sum_assignment(score[np.ix_(free_old, free_new)], maximize=True)
+            perm[todo[t], free_old[ra]] = free_new[cb]
+    # The rest pair up in order: leftover positions with leftover new bins.
+    left = perm < 0
+    if left.any():
+        used = np.zeros((num_rows, num_bins), dtype=bool)
+        row_of, pos_of = np.nonzero(~left)
+        used[row_of, perm[row_of, pos_of]] = True
+        free_new = np.argsort(used, axis=1, kind="stable")  # [K, m] unused new bins first
+        rank = np.cumsum(left, 1) - 1  # [K, m] index among a row's leftover positions
+        rows_l, pos_l = np.nonzero(left)
+        perm[rows_l, pos_l] = free_new[rows_l, rank[rows_l, pos_l]]
     return perm

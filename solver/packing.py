@@ -261,7 +261,6 @@ def refine_swaps(
     ``slot_owner`` (a copy) and ``bin_load [B, P]`` float64.
     """
     num_rows, num_bins, slots = slot_owner.shape
-    n = per_replica.shape[1]
     io = slot_owner.reshape(num_rows * num_bins, slots).copy()  # [B*P, S] owner per slot, flat bins
     il = _per_slot(per_replica, slot_owner).reshape(io.shape)  # [B*P, S] load per slot
     bin_load = il.sum(1).reshape(num_rows, num_bins)  # [B, P]
@@ -269,8 +268,6 @@ def refine_swaps(
     if k < 1 or sweeps < 1:
         return slot_owner, bin_load
     ic = _per_slot(cap, slot_owner).reshape(io.shape)  # [B*P, S] the slot owner's cap
-    # held[bin * n + owner]: replicas of an owner in a bin (so a legality test is one gather).
-    held = bin_counts(io.reshape(num_rows, -1), num_bins, n).ravel()  # flat view, updated in place
     first = np.arange(num_rows)[:, None] * num_bins  # [B, 1] flat bin id of each row's bin 0
     quiet = 0
     for sweep in range(sweeps):
@@ -283,8 +280,12 @@ def refine_swaps(
         # priced out (-inf leaving, +inf arriving) so no swap that moves it can score.
         # A move must not double an owner up on one bin while it leaves another bin bare: it may
         # join a bin that holds it only if the bin it leaves keeps a copy.
-        a_there, a_here = held[(lb * n)[..., None] + oa], held[(hb * n)[..., None] + oa]  # [B, kk, S]
-        b_there, b_here = held[(hb * n)[..., None] + ob], held[(lb * n)[..., None] + ob]
+        # Copies of each owner in the two bins, counted on the pair itself (no [B, P, n] table:
+        # its size would grow with GPUs x experts).
+        cross = oa[..., :, None] == ob[..., None, :]  # [B, kk, S, S]
+        a_there, b_there = cross.sum(-1), cross.sum(-2)  # [B, kk, S]
+        a_here = (oa[..., :, None] == oa[..., None, :]).sum(-1)
+        b_here = (ob[..., :, None] == ob[..., None, :]).sum(-1)
         ok_a = (a_there < ic[hb]) & ((a_there == 0) | (a_here >= 2))
         ok_b = (b_there < ic[lb]) & ((b_there == 0) | (b_here >= 2))
         la = np.where(ok_a, il[hb], -np.inf)  # [B, kk, S]
@@ -307,14 +308,9 @@ def refine_swaps(
         quiet = 0
         h, l_, best = hb.ravel()[do], lb.ravel()[do], best[do]  # flat bins and the chosen slots
         sa, sb = best // slots, best % slots
-        a_own, b_own = io[h, sa], io[l_, sb]
         shed = il[h, sa] - il[l_, sb]
         bin_load.ravel()[h] -= shed
         bin_load.ravel()[l_] += shed
-        held[h * n + a_own] -= 1
-        held[l_ * n + a_own] += 1
-        held[l_ * n + b_own] -= 1
-        held[h * n + b_own] += 1
         for arr in (io, il, ic):
             arr[h, sa], arr[l_, sb] = arr[l_, sb], arr[h, sa].copy()
     return io.reshape(num_rows, num_bins, slots), bin_load
