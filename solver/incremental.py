@@ -6,7 +6,6 @@ over batches of relocations and refinement sweeps, so its cost follows the slots
 from __future__ import annotations
 
 import numpy as np
-
 from ray_eplb.solver.counts import counts_np
 from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts
 from ray_eplb.solver.packing import _per_slot, refine_swaps
@@ -30,9 +29,9 @@ def incremental(
        under-replicated expert with the highest per-replica load gains a replica in place of one
        of the over-replicated expert that loses least (lowest ``w / (c - 1)``), on the GPU that
        ends up lightest among those not already holding the gainer. Up to 16 relocations per
-       layer are made one at a time; beyond that, in about eight rounds of ``k`` at once (the
-       ``k`` hottest gainers with the ``k`` cheapest losers, on distinct GPUs), so a layer with
-       hundreds of slots to change (1024 GPUs) does not take hundreds of passes.
+       layer are made one at a time; beyond that, in about eight rounds of ``k`` (the next ``k``
+       pairs of that same rule on running counts, each on its own GPU), so a layer with hundreds
+       of slots to change (1024 GPUs) does not take hundreds of passes.
     2. *Duplicate repair*: avoidable duplicates still there (a foreign old plan's) are swapped
        apart (:func:`~ray_eplb.solver.repair.separate_copies_batched`), two slots each.
     3. *Swaps* (two slots each): :func:`~ray_eplb.solver.packing.refine_swaps` with what is left,
@@ -72,12 +71,69 @@ def incremental(
     return own.reshape(num_layers, num_slots)
 
 
+def _slot_table(own: np.ndarray, cnt: np.ndarray, width: int) -> np.ndarray:
+    """``[L, E, width]`` slots (flat in the layer) of each expert of ``own [L, P, S]``, ascending,
+    ``-1`` padded; ``cnt [L, E]`` replicas per expert."""
+    num_layers, num_experts = cnt.shape
+    flat = own.reshape(num_layers, -1)
+    order = np.argsort(flat, axis=1, kind="stable")  # [L, R] slots grouped by expert
+    first = np.cumsum(cnt, 1) - cnt  # [L, E]
+    rank = np.arange(flat.shape[1]) - np.take_along_axis(first, np.take_along_axis(flat, order, 1), 1)
+    table = np.full((num_layers, num_experts, width), -1, dtype=np.int64)
+    rows = np.arange(num_layers)[:, None]
+    table[rows, np.take_along_axis(flat, order, 1), rank] = order
+    return table
+
+
+def _ranked(
+    w: np.ndarray, cnt: np.ndarray, units: np.ndarray, k: int, gains: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, the first ``k`` of the experts' gain (or loss) units in the order the
+    one-at-a-time rule takes them (see :func:`_relocate`).
+
+    ``w``, ``cnt``, ``units``: ``[n, E]`` (units: replicas each expert gains, or sheds). Returns
+    ``expert [n, k]``, ``load [n, k]`` (a gainer's per-replica load once it has that replica),
+    and ``valid [n, k]`` (rows with fewer units leave the rest invalid).
+    """
+    num_rows, num_experts = w.shape
+    d = units.ravel()
+    owner = np.repeat(np.arange(d.size), d)  # [U] flat (row, expert) of each unit
+    t = np.arange(owner.size) - np.repeat(np.cumsum(d) - d, d)  # [U] index of the unit within its expert
+    c = cnt.ravel()[owner]
+    wo = w.ravel()[owner]
+    row, expert = owner // num_experts, owner % num_experts
+    if gains:
+        q = wo / (c + t)
+        order = np.lexsort((expert, -q, row))  # per row: largest quotient first, lowest expert on ties
+    else:
+        q = wo / np.maximum(c - 1 - t, 1)
+        order = np.lexsort((expert, q, row))
+    per_row = np.bincount(row, minlength=num_rows)
+    pos = np.arange(owner.size) - np.repeat(np.cumsum(per_row) - per_row, per_row)  # rank within row
+    keep = order[pos < k]
+    slot = pos[pos < k]
+    out = np.zeros((num_rows, k), dtype=np.int64)
+    load = np.zeros((num_rows, k))
+    valid = np.zeros((num_rows, k), dtype=bool)
+    out[row[keep], slot] = expert[keep]
+    load[row[keep], slot] = wo[keep] / (c[keep] + t[keep] + 1)
+    valid[row[keep], slot] = True
+    return out, load, valid
+
+
 def _relocate(w: np.ndarray, own: np.ndarray, cnt: np.ndarray, target: np.ndarray, budget: np.ndarray) -> None:
     """Relocations toward ``target`` (see :func:`incremental`), in place on ``own [L, P, S]``,
-    ``cnt [L, E]`` and ``budget [L]``. Only the layers still relocating are computed on."""
+    ``cnt [L, E]`` and ``budget [L]``. Only the layers still relocating, and only the GPUs that
+    hold a loser, are computed on (a table of each expert's slots is kept up to date)."""
     num_layers, num_experts = w.shape
+    _, num_gpus, slots = own.shape
     total = int(np.abs(target - cnt).sum(1).max(initial=0)) // 2
+    if total == 0:
+        return
     k = 1 if total <= 2 * BATCHES else min(-(-total // BATCHES), num_experts)
+    width = int(max(cnt.max(), target.max()))
+    table = _slot_table(own, cnt, width)  # [L, E, W]
+    flat_own = own.reshape(num_layers, -1)  # a view: writes go to own
     stuck = np.zeros(num_layers, dtype=bool)
     col = np.arange(k)
     for _ in range(total + 1):
@@ -85,42 +141,60 @@ def _relocate(w: np.ndarray, own: np.ndarray, cnt: np.ndarray, target: np.ndarra
         live = np.nonzero((need > 0).any(1) & (budget > 0) & ~stuck)[0]
         if not live.size:
             break
-        n_, c_, w_, o_ = need[live], cnt[live], w[live], own[live]  # the live layers only
+        c_, w_, o_ = cnt[live], w[live], own[live]  # the live layers only
         r = np.arange(live.size)[:, None]  # [n, 1]
-        gain_score = np.where(n_ > 0, w_ / c_, -np.inf)
-        lose_score = np.where(n_ < 0, w_ / np.maximum(c_ - 1, 1), np.inf)
-        if k == 1:  # hottest gainer, cheapest loser (first index on ties)
-            gain, lose = gain_score.argmax(1)[:, None], lose_score.argmin(1)[:, None]  # [n, 1]
-        else:
-            gain = np.argsort(-gain_score, axis=1, kind="stable")[:, :k]  # [n, k]
-            lose = np.argsort(lose_score, axis=1, kind="stable")[:, :k]
-        valid = np.isfinite(gain_score[r, gain]) & np.isfinite(lose_score[r, lose]) & (col < budget[live, None])
+        # The round's k (gainer, loser) pairs: what the one-at-a-time rule picks k times in a
+        # row on running counts (the hottest gainer, which may come again; the cheapest loser).
+        # Every unit a gainer still needs has a quotient w / (c + t), every unit a loser sheds
+        # w / max(c - 1 - t, 1): the rule takes the gain quotients largest first, the loss
+        # quotients smallest first, so one sort of each list per round gives all k pairs.
+        left = target[live] - c_
+        gain, joins, ok_g = _ranked(w_, c_, np.maximum(left, 0), k, gains=True)
+        lose, _, ok_l = _ranked(w_, c_, np.maximum(-left, 0), k, gains=False)
+        valid = ok_g & ok_l
+        valid &= col < budget[live, None]
         per = w_ / c_  # [n, E] per-replica load now
         gpu_load = _per_slot(per, o_).sum(-1)  # [n, P]
+        # Candidates: the GPUs holding the loser (its slots from the table).
+        cand_slot = table[live[:, None], lose]  # [n, k, W]
+        real = cand_slot >= 0
+        g = np.where(real, cand_slot, 0) // slots  # [n, k, W] candidate GPU
+        on_g = o_[r[:, :, None], g]  # [n, k, W, S] experts on each candidate GPU
+        copies = np.where(real, (on_g == lose[..., None, None]).sum(-1), 0)  # loser's copies there
+        gain_here = (on_g == gain[..., None, None]).sum(-1)  # [n, k, W]
         # A gainer joins a GPU among those holding the fewest of its replicas (none, unless it
         # outnumbers the GPUs): no avoidable duplicate.
-        gain_copies = (o_[:, None] == gain[..., None, None]).sum(-1)  # [n, k, P]
-        has_gain = gain_copies > gain_copies.min(-1, keepdims=True)
-        after = gpu_load[:, None] - per[r, lose][..., None] + (w_[r, gain] / (c_[r, gain] + 1))[..., None]
-        copies = (o_[:, None] == lose[..., None, None]).sum(-1)  # [n, k, P] replicas of the loser per GPU
-        ok = (copies > 0) & ~has_gain  # [n, k, P] GPUs where the relocation is legal
+        fewest = np.zeros(gain.shape, dtype=np.int64)  # [n, k]
+        wide = np.nonzero(c_[r, gain] >= num_gpus)
+        if wide[0].size:  # rare: count it on every GPU
+            fewest[wide] = (o_[wide[0]] == gain[wide][:, None, None]).sum(-1).min(1)
+        ok = real & (copies > 0) & (gain_here <= fewest[..., None])
         # Thin a GPU where the loser is stacked first (that frees a wasted slot), then the one
         # that ends up lightest.
         ok &= copies == np.where(ok, copies, 0).max(-1, keepdims=True)
+        after = gpu_load[r[:, :, None], g] - per[r, lose][..., None] + joins[..., None]
         taken = np.zeros(gpu_load.shape, dtype=bool)  # [n, P] GPUs changed this round
         done = np.zeros(live.size, dtype=bool)
         for j in range(k):
-            ok_j = ok[:, j] & ~taken
-            at = np.where(ok_j, after[:, j], np.inf).argmin(1)  # [n] chosen GPU
-            go = np.nonzero(valid[:, j] & ok_j[r[:, 0], at] & np.isfinite(after[r[:, 0], j, at]))[0]
+            ok_j = ok[:, j] & ~taken[r, g[:, j]]  # [n, W]
+            pick = np.where(ok_j, after[:, j], np.inf).argmin(1)  # [n] chosen candidate
+            rr = r[:, 0]
+            go = np.nonzero(valid[:, j] & ok_j[rr, pick] & np.isfinite(after[rr, j, pick]))[0]
             if not go.size:
                 continue
-            layer, g, x, y = live[go], at[go], gain[go, j], lose[go, j]
-            slot = (own[layer, g] == y[:, None]).argmax(1)  # first slot of the loser on that GPU
-            own[layer, g, slot] = x
+            layer, x, y = live[go], gain[go, j], lose[go, j]
+            gpu = g[go, j, pick[go]]
+            slot = gpu * slots + (own[layer, gpu] == y[:, None]).argmax(1)  # first slot of the loser there
+            flat_own[layer, slot] = x
+            # The table: the slot leaves y's list (the last entry fills its place), joins x's.
+            pos = (table[layer, y] == slot[:, None]).argmax(1)
+            last = cnt[layer, y] - 1
+            table[layer, y, pos] = table[layer, y, last]
+            table[layer, y, last] = -1
+            table[layer, x, cnt[layer, x]] = slot
             cnt[layer, y] -= 1
             cnt[layer, x] += 1
             budget[layer] -= 1
-            taken[go, g] = True
+            taken[go, gpu] = True
             done[go] = True
         stuck[live[~done]] = True

@@ -201,8 +201,10 @@ class _FreshCandidate:
         """Per layer, the fresh plan where it dominates ``new [L, R]`` (its ``peak``, ``moves``
         ``[L]``): a peak no higher, no more moves, and better in one of the two (peaks equal
         within float rounding are a tie). Returns the chosen ``(plan, peak, moves)``."""
-        maybe = self.ok & (self.peak <= peak * (1 + 1e-9))
-        maybe &= self.fewest <= moves
+        # It moves at least `fewest` slots: it can dominate only with a lower peak at no more
+        # moves, or an equal peak at fewer (else the alignment is skipped).
+        lower, no_higher = self.peak < peak * (1 - 1e-9), self.peak <= peak * (1 + 1e-9)
+        maybe = self.ok & ((lower & (self.fewest <= moves)) | (no_higher & (self.fewest < moves)))
         rows = np.nonzero(maybe & ~self.done)[0]
         if rows.size:
             self.plan[rows] = align(self.old[rows], self.fresh[rows], 1, self.num_gpus)
@@ -265,6 +267,9 @@ def migrate(
     ``ray-eplb bench --migration`` that trade moved 4-6x the slots (e.g. dsv2lite 288: 64% vs
     11% per rebalance) for a predicted 0.1-3% lower peak that did not show on the next window.
 
+    Given ``fresh``, a layer whose ``old`` has no avoidable duplicate and a peak no higher than
+    the fresh plan's is kept as it is, at the cost of one peak computation.
+
     A layer changes only if its max GPU load falls by more than ``min_gain`` (relative), or if it
     sheds avoidable duplicates of ``old`` (always done where the budget allows): else it keeps
     ``old`` (hysteresis). With a ``total``, each layer is also planned with budgets of 1, 2,
@@ -277,6 +282,16 @@ def migrate(
     num_layers, num_experts = w.shape
     peak_old = peak_load(old, w, num_gpus)  # [L]
     dup_old = avoidable_duplicates_np(old, num_gpus, num_experts)  # [L]
+    if fresh is not None:
+        # Cheap exit: a layer needs no move when its current plan has no avoidable duplicate and
+        # a max GPU load no higher than a fresh solve's (the fresh plan cannot dominate it).
+        settled = (dup_old == 0) & (peak_old <= peak_load(fresh, w, num_gpus) * (1 + 1e-9))  # [L]
+        if settled.any():
+            out = old.copy()
+            rows = np.nonzero(~settled)[0]
+            if rows.size:
+                out[rows] = migrate(w[rows], old[rows], num_gpus, budget[rows], total, min_gain, method, fresh[rows])
+            return out
     cand = None if fresh is None else _FreshCandidate(old, fresh, w, num_gpus)
 
     def plan(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
