@@ -53,8 +53,14 @@ def sparse_overlap(
     b = np.repeat(start - (np.cumsum(many) - many), many) + np.arange(a.size)
     row = ka[a] // num_experts
     key = (row * num_bins + ia[a]) * num_bins + ib[b]
-    uniq, inv = np.unique(key, return_inverse=True)
-    shared = np.bincount(inv.ravel(), weights=np.minimum(ma[a], mb[b]), minlength=uniq.size).astype(np.int64)
+    weight = np.minimum(ma[a], mb[b])
+    if num_rows * num_bins * num_bins <= 1 << 22:  # small enough to count densely: no sort
+        dense = np.bincount(key, weights=weight, minlength=num_rows * num_bins * num_bins)
+        uniq = np.flatnonzero(dense)
+        shared = dense[uniq].astype(np.int64)
+    else:
+        uniq, inv = np.unique(key, return_inverse=True)
+        shared = np.bincount(inv.ravel(), weights=weight, minlength=uniq.size).astype(np.int64)
     return uniq // (num_bins * num_bins), (uniq // num_bins) % num_bins, uniq % num_bins, shared
 
 
@@ -101,11 +107,14 @@ def match_gpus(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarray
         row_of, pos_of = np.nonzero(perm[todo] >= 0)
         used[row_of, perm[todo][row_of, pos_of]] = True
         k, i, j, shared = sparse_overlap(old[todo], new[todo], num_experts, left[todo], ~used)
-        for t in np.unique(k):  # assignment only where leftover bins share experts
+        bounds = np.searchsorted(k, np.arange(todo.size + 1))  # pairs are sorted by row
+        index = np.cumsum(np.concatenate([left[todo], ~used], 1), 1) - 1  # [T, 2m] rank among the free
+        for t in np.nonzero(np.diff(bounds))[0]:  # assignment only where leftover bins share experts
+            a, b = bounds[t], bounds[t + 1]
             free_old, free_new = np.flatnonzero(left[todo[t]]), np.flatnonzero(~used[t])
-            score = np.zeros((num_bins, num_bins))
-            score[i[k == t], j[k == t]] = shared[k == t]
-            ra, cb = linear_sum_assignment(score[np.ix_(free_old, free_new)], maximize=True)
+            score = np.zeros((free_old.size, free_new.size))
+            score[index[t, i[a:b]], index[t, num_bins + j[a:b]] - free_old.size] = shared[a:b]
+            ra, cb = linear_sum_assignment(score, maximize=True)
             perm[todo[t], free_old[ra]] = free_new[cb]
     # The rest pair up in order: leftover positions with leftover new bins.
     left = perm < 0
