@@ -268,6 +268,11 @@ def refine_swaps(
     if k < 1 or sweeps < 1:
         return slot_owner, bin_load
     ic = _per_slot(cap, slot_owner).reshape(io.shape)  # [B*P, S] the slot owner's cap
+    n = per_replica.shape[1]
+    # held[bin * n + owner]: replicas of an owner in a bin (a legality test is one gather), where
+    # that table is small; else copies are counted on each pair (1024 GPUs x 384 experts x 61
+    # layers would be 24M entries).
+    held = bin_counts(io.reshape(num_rows, -1), num_bins, n).ravel() if num_rows * num_bins * n <= 1 << 21 else None
     first = np.arange(num_rows)[:, None] * num_bins  # [B, 1] flat bin id of each row's bin 0
     quiet = 0
     for sweep in range(sweeps):
@@ -280,12 +285,14 @@ def refine_swaps(
         # priced out (-inf leaving, +inf arriving) so no swap that moves it can score.
         # A move must not double an owner up on one bin while it leaves another bin bare: it may
         # join a bin that holds it only if the bin it leaves keeps a copy.
-        # Copies of each owner in the two bins, counted on the pair itself (no [B, P, n] table:
-        # its size would grow with GPUs x experts).
-        cross = oa[..., :, None] == ob[..., None, :]  # [B, kk, S, S]
-        a_there, b_there = cross.sum(-1), cross.sum(-2)  # [B, kk, S]
-        a_here = (oa[..., :, None] == oa[..., None, :]).sum(-1)
-        b_here = (ob[..., :, None] == ob[..., None, :]).sum(-1)
+        if held is not None:
+            a_there, a_here = held[(lb * n)[..., None] + oa], held[(hb * n)[..., None] + oa]  # [B, kk, S]
+            b_there, b_here = held[(hb * n)[..., None] + ob], held[(lb * n)[..., None] + ob]
+        else:
+            cross = oa[..., :, None] == ob[..., None, :]  # [B, kk, S, S]
+            a_there, b_there = cross.sum(-1), cross.sum(-2)  # [B, kk, S]
+            a_here = (oa[..., :, None] == oa[..., None, :]).sum(-1)
+            b_here = (ob[..., :, None] == ob[..., None, :]).sum(-1)
         ok_a = (a_there < ic[hb]) & ((a_there == 0) | (a_here >= 2))
         ok_b = (b_there < ic[lb]) & ((b_there == 0) | (b_here >= 2))
         la = np.where(ok_a, il[hb], -np.inf)  # [B, kk, S]
@@ -308,6 +315,12 @@ def refine_swaps(
         quiet = 0
         h, l_, best = hb.ravel()[do], lb.ravel()[do], best[do]  # flat bins and the chosen slots
         sa, sb = best // slots, best % slots
+        if held is not None:
+            a_own, b_own = io[h, sa], io[l_, sb]
+            held[h * n + a_own] -= 1
+            held[l_ * n + a_own] += 1
+            held[l_ * n + b_own] -= 1
+            held[h * n + b_own] += 1
         shed = il[h, sa] - il[l_, sb]
         bin_load.ravel()[h] -= shed
         bin_load.ravel()[l_] += shed
