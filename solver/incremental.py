@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 from ray_eplb.solver.counts import counts_np
-from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts
-from ray_eplb.solver.packing import _per_slot, refine_swaps
+from ray_eplb.solver.maps import _per_slot, avoidable_duplicates_np, bin_counts
+from ray_eplb.solver.packing import refine_swaps
 from ray_eplb.solver.repair import separate_copies_batched
 
 BATCHES = 8  # relocations of a layer are made in about this many rounds when there are many

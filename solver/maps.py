@@ -73,3 +73,9 @@ def avoidable_duplicates_np(phy2log: np.ndarray, num_gpus: int, num_experts: int
     pairs = (srt[..., 1:] == srt[..., :-1]).sum((1, 2))  # [L]
     cnt = bin_counts(phy2log, 1, num_experts)[:, 0]  # [L, E]
     return pairs - np.maximum(cnt - num_gpus, 0).sum(1)
+
+
+def _per_slot(table: np.ndarray, slot_owner: np.ndarray) -> np.ndarray:
+    """``table [B, n]`` looked up at every slot of ``slot_owner [B, P, S]`` -> ``[B, P, S]``."""
+    num_rows, n = table.shape
+    return table.ravel()[slot_owner + (np.arange(num_rows) * n)[:, None, None]]

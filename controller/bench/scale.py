@@ -211,7 +211,9 @@ def growth_sweep(windows: int, repeats: int, seed: int, quick: bool) -> list[dic
 
 def run(args: argparse.Namespace) -> dict:
     shapes = [QUICK_SHAPE] if args.quick else [s for s in SHAPES if not args.shapes or s.name in args.shapes]
-    if not shapes:
+    if args.sweep_only:
+        shapes = []
+    elif not shapes:
         raise ValueError(f"--shapes {args.shapes!r} matches none of {[s.name for s in SHAPES]}")
     traces_dir = Path(args.traces_dir) if args.traces_dir else default_traces_dir()
     report = {"threads": 1, "windows": args.windows, "repeats": args.repeats, "results": []}
@@ -264,6 +266,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--traces-dir", help="folder of trace .npz files (default: $RAY_EPLB_TRACES or ../shared/traces)")
     ap.add_argument("--no-trace", action="store_true", help="synthetic loads only, no tiled real trace")
     ap.add_argument("--no-sweep", action="store_true", help="skip the growth sweep")
+    ap.add_argument("--sweep-only", action="store_true", help="run only the growth sweep (no shapes)")
     ap.add_argument("--quick", action="store_true", help="smoke test: one small shape, a small sweep, synthetic load")
     ap.add_argument("--json", help="write the results to this path")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
