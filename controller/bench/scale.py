@@ -197,7 +197,8 @@ def growth_sweep(windows: int, repeats: int, seed: int, quick: bool) -> list[dic
         shapes = [("slots_per_gpu", 4, Shape("s4", 4, 48, 64, 4, 2, 16)),
                   ("slots_per_gpu", 8, Shape("s8", 4, 48, 128, 4, 2, 16))]
     else:
-        shapes = [("slots_per_gpu", s, Shape(f"spg{s}", 58, 256, 32 * s, 8, 4, 32)) for s in (8, 12, 16, 24, 32)]
+        # 64 GPUs so that 8 slots per GPU (512) still replicate the 256 experts.
+        shapes = [("slots_per_gpu", s, Shape(f"spg{s}", 58, 256, 64 * s, 8, 8, 64)) for s in (8, 12, 16, 24, 32)]
         shapes += [("layers", n, Shape(f"L{n}", n, 256, 288, 8, 4, 32)) for n in (29, 58, 116)]
         shapes += [("experts", e, Shape(f"E{e}", 58, e, e + 32, 8, 4, 32)) for e in (128, 256, 512)]
     rows = []
