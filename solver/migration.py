@@ -25,7 +25,7 @@ from scipy.optimize import linear_sum_assignment
 
 from ray_eplb.solver.incremental import incremental
 from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts
-from ray_eplb.solver.overlap import match_gpus
+from ray_eplb.solver.overlap import kept_upper_bound, match_gpus
 
 
 def moved_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -194,6 +194,7 @@ class _FreshCandidate:
         # [L] lower bound on its moved slots: an expert keeps at most min(old, new) replicas' slots.
         kept = np.minimum(bin_counts(old, 1, num_experts), bin_counts(fresh, 1, num_experts)).sum((1, 2))
         self.fewest = old.shape[1] - kept
+        self.tight = np.zeros(num_layers, dtype=bool)  # [L] fewest from GPU overlaps already
         self.plan, self.moves = old.copy(), np.full(num_layers, old.shape[1] + 1)  # aligned rows, [L]
         self.done = np.zeros(num_layers, dtype=bool)
 
@@ -205,6 +206,14 @@ class _FreshCandidate:
         # moves, or an equal peak at fewer (else the alignment is skipped).
         lower, no_higher = self.peak < peak * (1 - 1e-9), self.peak <= peak * (1 + 1e-9)
         maybe = self.ok & ((lower & (self.fewest <= moves)) | (no_higher & (self.fewest < moves)))
+        need = np.nonzero(maybe & ~self.tight)[0]
+        if need.size:  # a tighter bound from sparse GPU overlaps before any assignment solve
+            num_slots = self.old.shape[1]
+            bins = (need.size, self.num_gpus, num_slots // self.num_gpus)
+            kept = kept_upper_bound(self.old[need].reshape(bins), self.fresh[need].reshape(bins), self.w.shape[1])
+            self.fewest[need] = np.maximum(self.fewest[need], num_slots - kept)
+            self.tight[need] = True
+            maybe = self.ok & ((lower & (self.fewest <= moves)) | (no_higher & (self.fewest < moves)))
         rows = np.nonzero(maybe & ~self.done)[0]
         if rows.size:
             self.plan[rows] = align(self.old[rows], self.fresh[rows], 1, self.num_gpus)

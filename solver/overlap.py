@@ -64,6 +64,23 @@ def sparse_overlap(
     return uniq // (num_bins * num_bins), (uniq // num_bins) % num_bins, uniq % num_bins, shared
 
 
+def kept_upper_bound(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarray:
+    """``[K]``: no matching of the bins of ``new [K, m, S]`` to those of ``old`` keeps more slots
+    than ``min(sum_i max_j shared, sum_j max_i shared)`` (from :func:`sparse_overlap`)."""
+    num_rows, num_bins, _ = old.shape
+    row, i, j, shared = sparse_overlap(old, new, num_experts)
+    out = []
+    for order, key in ((None, row * num_bins + i), (np.lexsort((j, row)), row * num_bins + j)):
+        k, v = (key, shared) if order is None else (key[order], shared[order])
+        if not k.size:
+            out.append(np.zeros(num_rows, dtype=np.int64))
+            continue
+        starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+        best = np.maximum.reduceat(v, starts)  # [groups] each bin's largest overlap
+        out.append(np.bincount(k[starts] // num_bins, weights=best, minlength=num_rows).astype(np.int64))
+    return np.minimum(*out)
+
+
 def match_gpus(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarray:
     """Per row, the new bin for each old bin position with the most shared slots in total.
 

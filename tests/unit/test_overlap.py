@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ray_eplb.solver.overlap import match_gpus, sparse_overlap
+from ray_eplb.solver.overlap import kept_upper_bound, match_gpus, sparse_overlap
 from scipy.optimize import linear_sum_assignment
 
 
@@ -38,6 +38,8 @@ def test_sparse_overlap_and_matching_equal_the_dense_ones(seed, rows, m, slots, 
     got[k, i, j] = shared
     assert np.array_equal(got, dense)
     assert (shared > 0).all()
+    bound = np.minimum(dense.max(2).sum(1), dense.max(1).sum(1))
+    assert np.array_equal(kept_upper_bound(old, new, num_experts), bound)
     keep_old, keep_new = rng.random((rows, m)) < 0.5, rng.random((rows, m)) < 0.5
     k, i, j, shared = sparse_overlap(old, new, num_experts, keep_old, keep_new)
     masked = np.zeros_like(dense)
