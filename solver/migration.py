@@ -25,7 +25,7 @@ from scipy.optimize import linear_sum_assignment
 
 from ray_eplb.solver.incremental import incremental
 from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts
-from ray_eplb.solver.overlap import kept_upper_bound, match_gpus
+from ray_eplb.solver.overlap import kept_upper_bound, match_gpus, sparse_overlap
 
 
 def moved_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -34,7 +34,11 @@ def moved_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
 
 
 def _overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``[..., m, m]`` multiset overlap of every bin of ``a`` with every bin of ``b`` (``[..., m, E]``)."""
+    """``[..., m, m]`` multiset overlap of every bin of ``a`` with every bin of ``b`` (``[..., m, E]``).
+
+    The dense reference (a BLAS product): the planner itself uses the sparse pairs of
+    :func:`ray_eplb.solver.overlap.sparse_overlap`, whose cost follows the slots.
+    """
     # Sets (no expert twice in a bin): the overlap is a dot product. Rows where an expert fills
     # two slots of a bin (an expert with more replicas than GPUs) take the minimum instead.
     out = np.matmul(a.astype(np.float32), np.swapaxes(b, -1, -2).astype(np.float32)).astype(np.int64)
@@ -75,9 +79,11 @@ def align(old: np.ndarray, new: np.ndarray, num_nodes: int, num_gpus: int) -> np
     if num_nodes > 1:
         # A node pair is worth the slots its best GPU matching keeps (not just the experts the
         # nodes share: those may sit on GPUs that cannot all be matched).
-        hist_old = bin_counts(old, num_gpus, num_experts).reshape(num_layers, num_nodes, 1, gpus_node, -1)
-        hist_new = bin_counts(new, num_gpus, num_experts).reshape(num_layers, 1, num_nodes, gpus_node, -1)
-        pair = _overlap(hist_old, hist_new)  # [L, N, N, g, g] (matmul broadcasts the node axes)
+        # GPU overlaps from the sparse pairs (no dense GPUs x experts histograms, no BLAS call).
+        layer, i, j, shared = sparse_overlap(old.reshape(num_layers, num_gpus, slots),
+                                             new.reshape(num_layers, num_gpus, slots), num_experts)
+        pair = np.zeros((num_layers, num_nodes, num_nodes, gpus_node, gpus_node), dtype=np.int64)
+        pair[layer, i // gpus_node, j // gpus_node, i % gpus_node, j % gpus_node] = shared
         pair = pair.reshape(-1, gpus_node, gpus_node)  # [L*N*N, g, g] GPU overlaps per node pair
         perm = _assign(pair)  # [L*N*N, g]
         value = np.take_along_axis(pair, perm[:, :, None], 2)[..., 0].sum(1)  # [L*N*N]
