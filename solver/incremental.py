@@ -87,7 +87,7 @@ def _slot_table(own: np.ndarray, cnt: np.ndarray, width: int) -> np.ndarray:
     order = np.argsort(flat, axis=1, kind="stable")  # [L, R] slots grouped by expert
     first = np.cumsum(cnt, 1) - cnt  # [L, E]
     rank = np.arange(flat.shape[1]) - np.take_along_axis(first, np.take_along_axis(flat, order, 1), 1)
-    table = np.full((num_layers, num_experts, width), -1, dtype=np.int64)
+    table = np.full((num_layers, num_experts, width), -1, dtype=np.int32)
     rows = np.arange(num_layers)[:, None]
     table[rows, np.take_along_axis(flat, order, 1), rank] = order
     return table
@@ -142,6 +142,8 @@ def _relocate(w: np.ndarray, own: np.ndarray, cnt: np.ndarray, target: np.ndarra
     width = int(max(cnt.max(), target.max()))
     table = _slot_table(own, cnt, width)  # [L, E, W]
     flat_own = own.reshape(num_layers, -1)  # a view: writes go to own
+    # Copies per (layer, GPU, expert), where that table is small (not at 1024 GPUs x 384 experts).
+    held = bin_counts(flat_own, num_gpus, num_experts) if own.size * num_experts // slots <= 1 << 21 else None
     stuck = np.zeros(num_layers, dtype=bool)
     col = np.arange(k)
     for _ in range(total + 1):
@@ -164,17 +166,25 @@ def _relocate(w: np.ndarray, own: np.ndarray, cnt: np.ndarray, target: np.ndarra
         per = w_ / c_  # [n, E] per-replica load now
         gpu_load = _per_slot(per, o_).sum(-1)  # [n, P]
         # Candidates: the GPUs holding the loser (its slots from the table).
-        cand_slot = table[live[:, None], lose]  # [n, k, W]
+        reach = int(c_[r, lose].max())  # only as wide as this round's losers need
+        cand_slot = table[live[:, None], lose, :reach]  # [n, k, W]
         real = cand_slot >= 0
         g = np.where(real, cand_slot, 0) // slots  # [n, k, W] candidate GPU
-        on_g = o_[r[:, :, None], g]  # [n, k, W, S] experts on each candidate GPU
-        copies = np.where(real, (on_g == lose[..., None, None]).sum(-1), 0)  # loser's copies there
-        gain_here = (on_g == gain[..., None, None]).sum(-1)  # [n, k, W]
+        if held is not None:  # copies per (GPU, expert) from the table
+            lr = live[:, None, None]
+            copies = np.where(real, held[lr, g, lose[..., None]], 0)  # [n, k, W] loser's copies there
+            gain_here = held[lr, g, gain[..., None]]  # [n, k, W]
+        else:
+            on_g = o_[r[:, :, None], g]  # [n, k, W, S] experts on each candidate GPU
+            copies = np.where(real, (on_g == lose[..., None, None]).sum(-1), 0)  # loser's copies there
+            gain_here = (on_g == gain[..., None, None]).sum(-1)  # [n, k, W]
         # A gainer joins a GPU among those holding the fewest of its replicas (none, unless it
         # outnumbers the GPUs): no avoidable duplicate.
         fewest = np.zeros(gain.shape, dtype=np.int64)  # [n, k]
         wide = np.nonzero(c_[r, gain] >= num_gpus)
-        if wide[0].size:  # rare: count it on every GPU
+        if wide[0].size and held is not None:
+            fewest[wide] = held[live[wide[0]], :, gain[wide]].min(1)
+        elif wide[0].size:  # rare: count it on every GPU
             fewest[wide] = (o_[wide[0]] == gain[wide][:, None, None]).sum(-1).min(1)
         ok = real & (copies > 0) & (gain_here <= fewest[..., None])
         # Thin a GPU where the loser is stacked first (that frees a wasted slot), then the one
@@ -202,6 +212,9 @@ def _relocate(w: np.ndarray, own: np.ndarray, cnt: np.ndarray, target: np.ndarra
             table[layer, x, cnt[layer, x]] = slot
             cnt[layer, y] -= 1
             cnt[layer, x] += 1
+            if held is not None:
+                held[layer, gpu, y] -= 1
+                held[layer, gpu, x] += 1
             budget[layer] -= 1
             taken[go, gpu] = True
             done[go] = True

@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from ray_eplb.solver.maps import bin_counts
+
 
 def _entries(bins: np.ndarray, num_experts: int, keep: np.ndarray | None) -> tuple[np.ndarray, ...]:
     """``bins [K, m, S]`` -> per distinct (row, bin, expert): ``row * E + expert``, bin, copies;
@@ -34,17 +36,21 @@ def _entries(bins: np.ndarray, num_experts: int, keep: np.ndarray | None) -> tup
 
 def sparse_overlap(
     old: np.ndarray, new: np.ndarray, num_experts: int, keep_old: np.ndarray | None = None,
-    keep_new: np.ndarray | None = None,
+    keep_new: np.ndarray | None = None, skip: np.ndarray | None = None,
 ) -> tuple[np.ndarray, ...]:
     """Shared slots of every (old bin, new bin) pair that shares any, per row.
 
     ``old``, ``new``: ``[K, m, S]`` expert per slot. A pair shares ``sum_e min(old copies, new
-    copies)`` slots. ``keep_old``, ``keep_new`` (``[K, m]`` bool, optional): only these bins. Returns ``(row, i, j, shared)``, each ``[Q]`` int64, one entry per pair with
+    copies)`` slots. ``keep_old``, ``keep_new`` (``[K, m]`` bool, optional): only these bins; ``skip``
+    (``[K, E]`` bool, optional): experts left out. Returns ``(row, i, j, shared)``, each ``[Q]`` int64, one entry per pair with
     ``shared > 0``, sorted by ``(row, i, j)``.
     """
     num_rows, num_bins, _ = old.shape
     ka, ia, ma = _entries(old, num_experts, keep_old)
     kb, ib, mb = _entries(new, num_experts, keep_new)
+    if skip is not None:  # experts left out (their shared slots are not counted)
+        a_in, b_in = ~skip.ravel()[ka], ~skip.ravel()[kb]
+        ka, ia, ma, kb, ib, mb = ka[a_in], ia[a_in], ma[a_in], kb[b_in], ib[b_in], mb[b_in]
     order = np.argsort(kb, kind="stable")
     kb, ib, mb = kb[order], ib[order], mb[order]
     start = np.searchsorted(kb, ka, "left")
@@ -66,18 +72,27 @@ def sparse_overlap(
 
 def kept_upper_bound(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarray:
     """``[K]``: no matching of the bins of ``new [K, m, S]`` to those of ``old`` keeps more slots
-    than ``min(sum_i max_j shared, sum_j max_i shared)`` (from :func:`sparse_overlap`)."""
-    num_rows, num_bins, _ = old.shape
-    row, i, j, shared = sparse_overlap(old, new, num_experts)
+    than ``min(sum_i max_j shared, sum_j max_i shared)`` (from :func:`sparse_overlap`), or than
+    that bound with the shared slots of very replicated experts replaced by their copies per bin."""
+    num_rows, num_bins, slots = old.shape
+    # An expert on most bins of both plans adds ~c_old * c_new pairs; such "hot" experts are left
+    # out of the pairs and bounded instead by their copies in each bin (still an upper bound).
+    c_old = bin_counts(old.reshape(num_rows, -1), 1, num_experts)[:, 0]  # [K, E]
+    c_new = bin_counts(new.reshape(num_rows, -1), 1, num_experts)[:, 0]
+    hot = c_old * c_new > 8 * slots * num_bins // max(num_experts, 1) + 64  # [K, E]
+    row, i, j, shared = sparse_overlap(old, new, num_experts, skip=hot if hot.any() else None)
+    extra = []  # [K, m] hot copies per bin, old side and new side
+    for bins in (old, new):
+        extra.append(np.take_along_axis(hot, bins.reshape(num_rows, -1), 1).reshape(num_rows, num_bins, slots).sum(-1))
     out = []
-    for order, key in ((None, row * num_bins + i), (np.lexsort((j, row)), row * num_bins + j)):
+    for side, (order, key) in enumerate(((None, row * num_bins + i), (np.lexsort((j, row)), row * num_bins + j))):
+        total = extra[side].sum(1)  # [K]
         k, v = (key, shared) if order is None else (key[order], shared[order])
-        if not k.size:
-            out.append(np.zeros(num_rows, dtype=np.int64))
-            continue
-        starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
-        best = np.maximum.reduceat(v, starts)  # [groups] each bin's largest overlap
-        out.append(np.bincount(k[starts] // num_bins, weights=best, minlength=num_rows).astype(np.int64))
+        if k.size:
+            starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+            best = np.maximum.reduceat(v, starts)  # [groups] each bin's largest overlap
+            total = total + np.bincount(k[starts] // num_bins, weights=best, minlength=num_rows).astype(np.int64)
+        out.append(total)
     return np.minimum(*out)
 
 
