@@ -14,9 +14,8 @@ matrix. Everything here works on those pairs, so its cost follows the slots, not
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
-
 from ray_eplb.solver.maps import bin_counts
+from scipy.optimize import linear_sum_assignment
 
 
 def _entries(bins: np.ndarray, num_experts: int, keep: np.ndarray | None) -> tuple[np.ndarray, ...]:
