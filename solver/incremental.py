@@ -12,6 +12,7 @@ from ray_eplb.solver.packing import refine_swaps
 from ray_eplb.solver.repair import separate_copies_batched
 
 BATCHES = 8  # relocations of a layer are made in about this many rounds when there are many
+TABLE_LIMIT = 1 << 21  # largest [L, P, E] copies-per-GPU table kept (else copies are counted per GPU)
 
 
 def incremental(
@@ -143,7 +144,7 @@ def _relocate(w: np.ndarray, own: np.ndarray, cnt: np.ndarray, target: np.ndarra
     table = _slot_table(own, cnt, width)  # [L, E, W]
     flat_own = own.reshape(num_layers, -1)  # a view: writes go to own
     # Copies per (layer, GPU, expert), where that table is small (not at 1024 GPUs x 384 experts).
-    held = bin_counts(flat_own, num_gpus, num_experts) if own.size * num_experts // slots <= 1 << 21 else None
+    held = bin_counts(flat_own, num_gpus, num_experts) if own.size * num_experts // slots <= TABLE_LIMIT else None
     stuck = np.zeros(num_layers, dtype=bool)
     col = np.arange(k)
     for _ in range(total + 1):
