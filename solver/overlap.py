@@ -14,8 +14,9 @@ matrix. Everything here works on those pairs, so its cost follows the slots, not
 from __future__ import annotations
 
 import numpy as np
-from ray_eplb.solver.maps import bin_counts
 from scipy.optimize import linear_sum_assignment
+
+from ray_eplb.solver.maps import bin_counts
 
 
 def _entries(bins: np.ndarray, num_experts: int, keep: np.ndarray | None) -> tuple[np.ndarray, ...]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ray_eplb.solver.overlap import kept_upper_bound, match_gpus, sparse_overlap
 from scipy.optimize import linear_sum_assignment
+
+from ray_eplb.solver.overlap import kept_upper_bound, match_gpus, sparse_overlap
 
 
 def _dense(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarray:
