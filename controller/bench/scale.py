@@ -36,7 +36,9 @@ previous plan). A growth sweep times the fresh solve, the migration-aware call a
 slots per GPU (8..32), layers and experts grow.
 
 Single-threaded by design: torch runs on one thread and every BLAS/OpenMP pool numpy or scipy
-loaded is limited to one thread (threadpoolctl) for the whole run, so the times are one core's.
+loaded is limited to one thread (threadpoolctl) for the whole run, so the times are one core's;
+they are the process's CPU time per solve (equal to wall time on an idle machine, and not
+inflated when other processes share the cores).
 
     python controller/bench/scale.py [--shapes kimi_k2 ...] [--windows 4] [--repeats 3] [--quick] [--json out.json]
 """
@@ -127,11 +129,13 @@ def _avoidable(phy2log: torch.Tensor, logcnt: torch.Tensor, shape: Shape) -> int
 
 
 def _timed(fn, repeats: int, times: list[float]):
+    """Run ``fn`` ``repeats`` times; append each run's CPU time of this process (one thread: its
+    wall time on an idle machine, and not inflated by other processes on a busy one)."""
     out = None
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         out = fn()
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return out
 
 
