@@ -172,7 +172,7 @@ def budget_per_layer(max_moves, num_layers: int, num_replicas: int, scope: str) 
 
 def _within_cap(plan: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
     """``[L]``: no GPU of ``plan [L, R]`` holds more than ``ceil(count / P)`` of an expert."""
-    num_layers, num_slots = plan.shape
+    num_layers = plan.shape[0]
     srt = np.sort(plan.reshape(num_layers, num_gpus, -1), axis=-1)
     ok = ~(srt[..., 1:] == srt[..., :-1]).any((1, 2))  # [L] no expert twice on a GPU at all
     rows = np.nonzero(~ok)[0]
