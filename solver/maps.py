@@ -64,15 +64,18 @@ def logical_maps_np(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, 
     return log2phy.reshape(num_layers, num_experts, width), logcnt.astype(np.int64)
 
 
-def avoidable_duplicates_np(phy2log: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
+def avoidable_duplicates_np(
+    phy2log: np.ndarray, num_gpus: int, num_experts: int, avail: int | None = None
+) -> np.ndarray:
     """``[L]`` duplicate (GPU, expert) pairs of ``phy2log [L, R]`` that a placement with the same
     replica counts could avoid: replicas beyond the first of an expert on a GPU, less
-    ``max(0, count - num_gpus)`` per expert (those no placement avoids)."""
+    ``max(0, count - avail)`` per expert (those no placement avoids). ``avail``: GPUs an expert
+    may use (default all; a hierarchical plan keeps each group on one node's GPUs)."""
     num_layers, num_slots = phy2log.shape
     srt = np.sort(phy2log.reshape(num_layers, num_gpus, num_slots // num_gpus), axis=-1)  # [L, P, S]
     pairs = (srt[..., 1:] == srt[..., :-1]).sum((1, 2))  # [L]
     cnt = bin_counts(phy2log, 1, num_experts)[:, 0]  # [L, E]
-    return pairs - np.maximum(cnt - num_gpus, 0).sum(1)
+    return pairs - np.maximum(cnt - (num_gpus if avail is None else avail), 0).sum(1)
 
 
 def _per_slot(table: np.ndarray, slot_owner: np.ndarray) -> np.ndarray:

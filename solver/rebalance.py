@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ray_eplb.solver.maps import logical_maps_np
+from ray_eplb.solver.maps import avoidable_duplicates_np, logical_maps_np
 from ray_eplb.solver.counts import METHODS, check_weight, counts_np
 from ray_eplb.solver.migration import align, budget_per_layer, check_old, migrate, peak_load
 from ray_eplb.solver.packing import pack_rounds, place_replicas
@@ -68,6 +68,8 @@ def rebalance_experts(
             it can replaces that where it dominates: no higher peak, no more moved slots, better
             in one); under ``hierarchical`` it is solved afresh and
             relabelled to keep what it can (whole nodes and GPUs, so the balance is unchanged).
+            Under every policy a layer with fewer avoidable duplicates than ``old`` (a foreign
+            plan's) is taken whatever its peak or ``min_gain``.
         max_moves: at most this many slots change per layer (an int), or this fraction of a
             layer's slots (a float in (0, 1]); ``None``: no limit. Needs ``old_phy2log``; not
             with ``hierarchical`` (its moves would have to keep groups on nodes).
@@ -120,6 +122,11 @@ def rebalance_experts(
         fresh = _fresh(w, num_replicas, num_groups, num_nodes, num_gpus, policy, method, hier_ok)
         phy2log = align(old, fresh, num_nodes, num_gpus)
         worse = peak_load(phy2log, w, num_gpus) >= (1 - min_gain) * peak_load(old, w, num_gpus)
+        # A layer that sheds duplicates of ``old`` (a foreign plan's) takes the new plan anyway.
+        # (Counted as a hierarchical plan must: an expert has only its node's GPUs.)
+        per_node = num_gpus // num_nodes
+        worse &= avoidable_duplicates_np(phy2log, num_gpus, num_experts, per_node) >= avoidable_duplicates_np(
+            old, num_gpus, num_experts, per_node)
         phy2log[worse] = old[worse]
     else:
         fresh = _fresh(w, num_replicas, num_groups, num_nodes, num_gpus, policy, method, hier_ok)
