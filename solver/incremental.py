@@ -29,10 +29,11 @@ def incremental(
     1. *Relocations* (one slot each) toward the water-filling counts of ``w``: the
        under-replicated expert with the highest per-replica load gains a replica in place of one
        of the over-replicated expert that loses least (lowest ``w / (c - 1)``), on the GPU that
-       ends up lightest among those not already holding the gainer. Up to 16 relocations per
-       layer are made one at a time; beyond that, in about eight rounds of ``k`` (the next ``k``
-       pairs of that same rule on running counts, each on its own GPU), so a layer with hundreds
-       of slots to change (1024 GPUs) does not take hundreds of passes.
+       ends up lightest among those not already holding the gainer. Up to 64 relocations per
+       layer (16 with one slot per GPU) are made one at a time; beyond that, in about eight
+       rounds of ``k`` (the next ``k`` pairs of that same rule on running counts, each on its
+       own GPU), so a layer with hundreds of slots to change (1024 GPUs) does not take hundreds
+       of passes.
     2. *Duplicate repair*: avoidable duplicates still there (a foreign old plan's) are swapped
        apart (:func:`~ray_eplb.solver.repair.separate_copies_batched`), two slots each.
     3. *Swaps* (two slots each): :func:`~ray_eplb.solver.packing.refine_swaps` with what is left,
@@ -139,7 +140,12 @@ def _relocate(w: np.ndarray, own: np.ndarray, cnt: np.ndarray, target: np.ndarra
     total = int(np.abs(target - cnt).sum(1).max(initial=0)) // 2
     if total == 0:
         return
-    k = 1 if total <= 2 * BATCHES else min(-(-total // BATCHES), num_experts)
+    # One at a time unless a layer has many to make: in a round of k, later pairs see GPU loads
+    # from the round's start. With one slot per GPU that changes nothing (every GPU of the loser
+    # carries the same load), so rounds start at 16 there; else at 64 (at 17-64, dsv2lite 288 in
+    # ``bench --migration`` lost 0.18% next-window balance with rounds).
+    many = 2 * BATCHES if slots == 1 else 8 * BATCHES
+    k = 1 if total <= many else min(-(-total // BATCHES), num_experts)
     width = int(max(cnt.max(), target.max()))
     table = _slot_table(own, cnt, width)  # [L, E, W]
     flat_own = own.reshape(num_layers, -1)  # a view: writes go to own

@@ -26,7 +26,8 @@ def _problem(seed: int, num_layers: int, num_experts: int, num_gpus: int, slots:
 @pytest.mark.parametrize("table", [True, False])
 @pytest.mark.parametrize("seed, shape, budget", [
     (seed, shape, budget)
-    for seed, shape, budget in itertools.product(range(4), [(2, 24, 8, 6), (3, 16, 4, 8), (1, 64, 16, 8)], [None, 9])
+    for seed, shape, budget in itertools.product(
+        range(4), [(2, 24, 8, 6), (3, 16, 4, 8), (1, 96, 64, 4), (2, 64, 128, 1)], [None, 9])
 ])
 def test_many_relocations_stay_valid(seed, shape, budget, table, monkeypatch):
     num_layers, num_experts, num_gpus, slots = shape
@@ -44,14 +45,14 @@ def test_many_relocations_stay_valid(seed, shape, budget, table, monkeypatch):
     assert (np.abs(cnt - target).sum(1) < far).all()  # relocations made (a layer may stop short: stuck)
     if budget is None:  # the repair had the budget it needed (a tight budget may leave a thinned one)
         assert (avoidable_duplicates_np(new, num_gpus, num_experts) == 0).all()
-    if shape[1] == 64:
-        assert need.max() > 2 * inc.BATCHES  # this shape takes the rounds of several at once
+    if shape[1] >= 64:  # these shapes take the rounds of several at once
+        assert need.max() > (2 if shape[3] == 1 else 8) * inc.BATCHES
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_with_and_without_the_table_the_plans_are_the_same(seed, monkeypatch):
-    w, old, num_slots = _problem(seed, 2, 64, 16, 8)
+    w, old, num_slots = _problem(seed, 2, 96, 64, 4)
     limit = np.full(2, num_slots, dtype=np.int64)
-    with_table = inc.incremental(w, old, 16, limit)
+    with_table = inc.incremental(w, old, 64, limit)
     monkeypatch.setattr(inc, "TABLE_LIMIT", -1)
-    assert np.array_equal(inc.incremental(w, old, 16, limit), with_table)
+    assert np.array_equal(inc.incremental(w, old, 64, limit), with_table)
