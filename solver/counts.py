@@ -50,7 +50,12 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> np.ndarray:
         raise ValueError(f"{name} must be 2-D [rows, experts], got shape {tuple(weight.shape)}")
     if weight.dtype == torch.bool or weight.is_complex():
         raise ValueError(f"{name} must hold real loads, got dtype {weight.dtype}")
-    w = weight.detach().to(device="cpu", dtype=torch.float64).numpy()
+    t = weight.detach().cpu()
+    if t.dtype in (torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
+                   torch.uint8):
+        w = t.numpy().astype(np.float64)  # numpy's cast: one thread (torch's may use several)
+    else:  # bfloat16 and other dtypes numpy lacks
+        w = t.to(torch.float64).numpy()
     if not np.isfinite(w).all():
         r, c = np.argwhere(~np.isfinite(w))[0]
         raise ValueError(f"{name}[{r}, {c}] = {w[r, c]} is not finite")

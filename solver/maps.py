@@ -62,3 +62,23 @@ def logical_maps_np(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, 
     log2phy = np.full(num_layers * num_experts * width, -1, dtype=np.int64)
     log2phy[(sorted_flat * width + rank).ravel()] = order.ravel()
     return log2phy.reshape(num_layers, num_experts, width), logcnt.astype(np.int64)
+
+
+def avoidable_duplicates_np(
+    phy2log: np.ndarray, num_gpus: int, num_experts: int, avail: int | None = None
+) -> np.ndarray:
+    """``[L]`` duplicate (GPU, expert) pairs of ``phy2log [L, R]`` that a placement with the same
+    replica counts could avoid: replicas beyond the first of an expert on a GPU, less
+    ``max(0, count - avail)`` per expert (those no placement avoids). ``avail``: GPUs an expert
+    may use (default all; a hierarchical plan keeps each group on one node's GPUs)."""
+    num_layers, num_slots = phy2log.shape
+    srt = np.sort(phy2log.reshape(num_layers, num_gpus, num_slots // num_gpus), axis=-1)  # [L, P, S]
+    pairs = (srt[..., 1:] == srt[..., :-1]).sum((1, 2))  # [L]
+    cnt = bin_counts(phy2log, 1, num_experts)[:, 0]  # [L, E]
+    return pairs - np.maximum(cnt - (num_gpus if avail is None else avail), 0).sum(1)
+
+
+def per_slot(table: np.ndarray, slot_owner: np.ndarray) -> np.ndarray:
+    """``table [B, n]`` looked up at every slot of ``slot_owner [B, P, S]`` -> ``[B, P, S]``."""
+    num_rows, n = table.shape
+    return table.ravel()[slot_owner + (np.arange(num_rows) * n)[:, None, None]]

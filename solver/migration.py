@@ -24,8 +24,9 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from ray_eplb.solver.counts import counts_np
-from ray_eplb.solver.maps import bin_counts
-from ray_eplb.solver.packing import _per_slot, refine_swaps
+from ray_eplb.solver.incremental import incremental
+from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts
+from ray_eplb.solver.overlap import kept_upper_bound, match_gpus, sparse_overlap
 
 
 def moved_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -33,8 +34,12 @@ def moved_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
     return (old != new).sum(1)
 
 
-def _overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``[..., m, m]`` multiset overlap of every bin of ``a`` with every bin of ``b`` (``[..., m, E]``)."""
+def overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``[..., m, m]`` multiset overlap of every bin of ``a`` with every bin of ``b`` (``[..., m, E]``).
+
+    The dense reference (a BLAS product): the planner itself uses the sparse pairs of
+    :func:`ray_eplb.solver.overlap.sparse_overlap`, whose cost follows the slots.
+    """
     # Sets (no expert twice in a bin): the overlap is a dot product. Rows where an expert fills
     # two slots of a bin (an expert with more replicas than GPUs) take the minimum instead.
     out = np.matmul(a.astype(np.float32), np.swapaxes(b, -1, -2).astype(np.float32)).astype(np.int64)
@@ -75,9 +80,11 @@ def align(old: np.ndarray, new: np.ndarray, num_nodes: int, num_gpus: int) -> np
     if num_nodes > 1:
         # A node pair is worth the slots its best GPU matching keeps (not just the experts the
         # nodes share: those may sit on GPUs that cannot all be matched).
-        hist_old = bin_counts(old, num_gpus, num_experts).reshape(num_layers, num_nodes, 1, gpus_node, -1)
-        hist_new = bin_counts(new, num_gpus, num_experts).reshape(num_layers, 1, num_nodes, gpus_node, -1)
-        pair = _overlap(hist_old, hist_new)  # [L, N, N, g, g] (matmul broadcasts the node axes)
+        # GPU overlaps from the sparse pairs (no dense GPUs x experts histograms, no BLAS call).
+        layer, i, j, shared = sparse_overlap(old.reshape(num_layers, num_gpus, slots),
+                                             new.reshape(num_layers, num_gpus, slots), num_experts)
+        pair = np.zeros((num_layers, num_nodes, num_nodes, gpus_node, gpus_node), dtype=np.int64)
+        pair[layer, i // gpus_node, j // gpus_node, i % gpus_node, j % gpus_node] = shared
         pair = pair.reshape(-1, gpus_node, gpus_node)  # [L*N*N, g, g] GPU overlaps per node pair
         perm = _assign(pair)  # [L*N*N, g]
         value = np.take_along_axis(pair, perm[:, :, None], 2)[..., 0].sum(1)  # [L*N*N]
@@ -85,12 +92,12 @@ def align(old: np.ndarray, new: np.ndarray, num_nodes: int, num_gpus: int) -> np
     sub = blocks.reshape(num_layers * num_nodes, gpus_node * slots)  # node sub-problems
     old_sub = old.reshape(num_layers * num_nodes, gpus_node * slots)
     if gpus_node > 1:
-        score = _overlap(bin_counts(old_sub, gpus_node, num_experts), bin_counts(sub, gpus_node, num_experts))
-        sub = sub.reshape(-1, gpus_node, slots)[np.arange(sub.shape[0])[:, None], _assign(score)]
-    return _keep_slots(old.reshape(-1, slots), sub.reshape(-1, slots)).reshape(num_layers, num_slots)
+        perm = match_gpus(old_sub.reshape(-1, gpus_node, slots), sub.reshape(-1, gpus_node, slots), num_experts)
+        sub = sub.reshape(-1, gpus_node, slots)[np.arange(sub.shape[0])[:, None], perm]
+    return keep_slots(old.reshape(-1, slots), sub.reshape(-1, slots)).reshape(num_layers, num_slots)
 
 
-def _keep_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+def keep_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
     """Per GPU (row), order ``new``'s experts so those also in ``old`` keep their slot.
 
     ``old``, ``new``: ``[G, S]``. Repeated experts are told apart by occurrence number.
@@ -110,79 +117,6 @@ def _keep_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
     out = old.copy()
     out[r, free_slots] = np.where(fill, new[r, spare], old[r, free_slots])
     return out
-
-
-def incremental(
-    w: np.ndarray,
-    old: np.ndarray,
-    num_gpus: int,
-    budget: np.ndarray,
-    method: str = "hybrid_tail",
-    pairs: int = 4,
-    sweeps: int | None = None,
-) -> np.ndarray:
-    """Improve ``old`` for load ``w`` by at most ``budget`` slot changes per layer.
-
-    1. *Relocations* (one slot each) toward the water-filling counts of ``w``: the
-       under-replicated expert with the highest per-replica load gains a replica in place of one
-       of the over-replicated expert that loses least (lowest ``w / (c - 1)``), on the GPU that
-       ends up lightest among those not already holding the gainer.
-    2. *Swaps* (two slots each): :func:`~ray_eplb.solver.packing.refine_swaps` with what is left,
-       as many sweeps as a fresh solve uses (3 below 12 slots per GPU). More sweeps fit the load
-       planned for more tightly but generalise worse: measured on dsv2lite 288 (plan on the EMA
-       forecast, score on the next window), 8 sweeps gave -0.54% against a fresh solve, 3 gave
-       -0.13% and moved 11% of slots instead of 23%.
-
-    Every expert keeps at least one replica, and no expert is put twice on a GPU.
-
-    Shapes: ``w [L, E]`` float64, ``old [L, R]`` int64, ``budget [L]`` int64 (not modified).
-    Returns ``[L, R]`` int64.
-    """
-    num_layers, num_experts = w.shape
-    num_slots = old.shape[1]
-    slots = num_slots // num_gpus
-    budget = budget.astype(np.int64).copy()
-    if sweeps is None:
-        sweeps = 3 if slots < 12 else slots // 2
-    rows = np.arange(num_layers)
-    own = old.reshape(num_layers, num_gpus, slots).copy()  # [L, P, S] expert per slot
-    cnt = bin_counts(old, 1, num_experts)[:, 0]  # [L, E] current replicas
-    target = counts_np(w, num_slots, method)  # [L, E]
-    stuck = np.zeros(num_layers, dtype=bool)
-    for _ in range(int(np.abs(target - cnt).sum(1).max(initial=0)) // 2):
-        need = target - cnt  # [L, E]
-        live = (need > 0).any(1) & (budget > 0) & ~stuck  # [L]
-        if not live.any():
-            break
-        gain = np.where(need > 0, w / cnt, -np.inf).argmax(1)  # [L] hottest under-replicated
-        lose = np.where(need < 0, w / np.maximum(cnt - 1, 1), np.inf).argmin(1)  # [L] cheapest to thin
-        per = w / cnt  # [L, E] per-replica load now
-        gpu_load = _per_slot(per, own).sum(-1)  # [L, P]
-        # The gainer joins a GPU among those holding the fewest of its replicas (none, unless it
-        # outnumbers the GPUs): no avoidable duplicate.
-        gain_copies = (own == gain[:, None, None]).sum(-1)  # [L, P]
-        has_gain = gain_copies > gain_copies.min(1, keepdims=True)
-        after = gpu_load - per[rows, lose][:, None] + w[rows, gain][:, None] / (cnt[rows, gain] + 1)[:, None]
-        copies = (own == lose[:, None, None]).sum(-1)  # [L, P] replicas of the loser per GPU
-        ok = (copies > 0) & ~has_gain  # [L, P] GPUs where the swap is legal
-        # Thin a GPU where the loser is stacked first (that frees a wasted slot), then the one
-        # that ends up lightest.
-        ok &= copies == np.where(ok, copies, 0).max(1, keepdims=True)
-        at = np.where(ok, after, np.inf).argmin(1)  # [L] chosen GPU
-        possible = np.isfinite(after[rows, at]) & ok[rows, at]
-        stuck |= live & ~possible
-        go = np.nonzero(live & possible)[0]
-        if not go.size:
-            break
-        slot = (own[go, at[go]] == lose[go, None]).argmax(1)  # first slot of `lose` on that GPU
-        own[go, at[go], slot] = gain[go]
-        cnt[go, lose[go]] -= 1
-        cnt[go, gain[go]] += 1
-        budget[go] -= 1
-    per = w / cnt
-    cap = -(-cnt // num_gpus)
-    own, _ = refine_swaps(own, per, cap, pairs=pairs, sweeps=sweeps, budget=budget)
-    return own.reshape(num_layers, num_slots)
 
 
 def peak_load(phy2log: np.ndarray, w: np.ndarray, num_gpus: int) -> np.ndarray:
@@ -237,13 +171,25 @@ def budget_per_layer(max_moves, num_layers: int, num_replicas: int, scope: str) 
     return np.full(num_layers, per, dtype=np.int64), None
 
 
-class _FreshCandidate:
+def _within_cap(plan: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
+    """``[L]``: no GPU of ``plan [L, R]`` holds more than ``ceil(count / P)`` of an expert."""
+    num_layers = plan.shape[0]
+    srt = np.sort(plan.reshape(num_layers, num_gpus, -1), axis=-1)
+    ok = ~(srt[..., 1:] == srt[..., :-1]).any((1, 2))  # [L] no expert twice on a GPU at all
+    rows = np.nonzero(~ok)[0]
+    if rows.size:
+        held = bin_counts(plan[rows], num_gpus, num_experts)  # [r, P, E]
+        ok[rows] = (held <= -(-held.sum(1, keepdims=True) // num_gpus)).all((1, 2))
+    return ok
+
+
+class FreshCandidate:
     """A from-scratch plan as each layer's alternative to the incremental one (see :func:`migrate`).
 
     It is relabelled by :func:`align` (GPUs move freely: the most slots kept) only in the layers
     where it could dominate, and only once: a layer whose fresh plan has a higher peak, stacks an
     expert beyond ``ceil(count / P)`` on a GPU (a hierarchical layer may), or must move more slots
-    than the incremental plan (a lower bound from the best GPU overlaps, without the matching) is
+    than the incremental plan (a lower bound from the replica counts, without the matching) is
     skipped. Shapes: ``old``, ``fresh`` ``[L, R]`` int64, ``w [L, E]`` float64.
     """
 
@@ -251,12 +197,11 @@ class _FreshCandidate:
         num_layers, num_experts = w.shape
         self.old, self.fresh, self.w, self.num_gpus = old, fresh, w, num_gpus
         self.peak = peak_load(fresh, w, num_gpus)  # [L]
-        cnt = bin_counts(fresh, 1, num_experts)  # [L, 1, E]
-        held = bin_counts(fresh, num_gpus, num_experts)  # [L, P, E]
-        self.ok = (held <= -(-cnt // num_gpus)).all((1, 2))  # [L] no avoidable duplicate
-        over = _overlap(bin_counts(old, num_gpus, num_experts), held)  # [L, P, P] slots each GPU pair shares
-        kept = np.minimum(over.max(2).sum(1), over.max(1).sum(1))  # [L] at most this many slots kept
-        self.fewest = old.shape[1] - kept  # [L] lower bound on its moved slots
+        self.ok = _within_cap(fresh, num_gpus, num_experts)  # [L] no expert stacked beyond its cap
+        # [L] lower bound on its moved slots: an expert keeps at most min(old, new) replicas' slots.
+        kept = np.minimum(bin_counts(old, 1, num_experts), bin_counts(fresh, 1, num_experts)).sum((1, 2))
+        self.fewest = old.shape[1] - kept
+        self.tight = np.zeros(num_layers, dtype=bool)  # [L] fewest from GPU overlaps already
         self.plan, self.moves = old.copy(), np.full(num_layers, old.shape[1] + 1)  # aligned rows, [L]
         self.done = np.zeros(num_layers, dtype=bool)
 
@@ -264,7 +209,18 @@ class _FreshCandidate:
         """Per layer, the fresh plan where it dominates ``new [L, R]`` (its ``peak``, ``moves``
         ``[L]``): a peak no higher, no more moves, and better in one of the two (peaks equal
         within float rounding are a tie). Returns the chosen ``(plan, peak, moves)``."""
-        maybe = self.ok & (self.peak <= peak * (1 + 1e-9)) & (self.fewest <= moves)
+        # It moves at least `fewest` slots: it can dominate only with a lower peak at no more
+        # moves, or an equal peak at fewer (else the alignment is skipped).
+        lower, no_higher = self.peak < peak * (1 - 1e-9), self.peak <= peak * (1 + 1e-9)
+        maybe = self.ok & ((lower & (self.fewest <= moves)) | (no_higher & (self.fewest < moves)))
+        need = np.nonzero(maybe & ~self.tight)[0]
+        if need.size:  # a tighter bound from sparse GPU overlaps before any assignment solve
+            num_slots = self.old.shape[1]
+            bins = (need.size, self.num_gpus, num_slots // self.num_gpus)
+            kept = kept_upper_bound(self.old[need].reshape(bins), self.fresh[need].reshape(bins), self.w.shape[1])
+            self.fewest[need] = np.maximum(self.fewest[need], num_slots - kept)
+            self.tight[need] = True
+            maybe = self.ok & ((lower & (self.fewest <= moves)) | (no_higher & (self.fewest < moves)))
         rows = np.nonzero(maybe & ~self.done)[0]
         if rows.size:
             self.plan[rows] = align(self.old[rows], self.fresh[rows], 1, self.num_gpus)
@@ -277,7 +233,7 @@ class _FreshCandidate:
                 np.where(take, self.moves, moves))
 
 
-def _hull_spend(gains: np.ndarray, moved: np.ndarray, total: int) -> np.ndarray:
+def hull_spend(gains: np.ndarray, moved: np.ndarray, total: int) -> np.ndarray:
     """Which of ``K`` plans each layer takes: summed ``moved`` at most ``total``, summed gain high.
 
     ``gains``, ``moved``: ``[K, L]``, plan 0 of every layer is "nothing" (0 moves, 0 gain). Per
@@ -327,17 +283,40 @@ def migrate(
     ``ray-eplb bench --migration`` that trade moved 4-6x the slots (e.g. dsv2lite 288: 64% vs
     11% per rebalance) for a predicted 0.1-3% lower peak that did not show on the next window.
 
-    A layer changes only if its max GPU load falls by more than ``min_gain`` (relative): else it
-    keeps ``old`` (hysteresis). With a ``total``, each layer is also planned with budgets of 1, 2,
+    Given ``fresh``, a layer where nothing can pay is kept as it is without any planning: its
+    ``old`` is ``fresh`` itself, or, with one slot per GPU, ``old`` has the water-filling counts
+    and a peak no higher than the fresh plan's.
+
+    A layer changes only if its max GPU load falls by more than ``min_gain`` (relative), or if it
+    sheds avoidable duplicates of ``old`` (always done where the budget allows): else it keeps
+    ``old`` (hysteresis). With a ``total``, each layer is also planned with budgets of 1, 2,
     4, ... slots (below what its unlimited plan moves), and the total is spent greedily on the
     steps between these plans with the most peak reduction per extra moved slot
-    (:func:`_hull_spend`); the same total split evenly over the layers is the fallback.
+    (:func:`hull_spend`); the same total split evenly over the layers is the fallback.
 
     Shapes: ``w [L, E]`` float64, ``old [L, R]`` int64, ``fresh [L, R]`` int64. Returns ``[L, R]``.
     """
     num_layers, num_experts = w.shape
     peak_old = peak_load(old, w, num_gpus)  # [L]
-    cand = None if fresh is None else _FreshCandidate(old, fresh, w, num_gpus)
+    dup_old = avoidable_duplicates_np(old, num_gpus, num_experts)  # [L]
+    if fresh is not None:
+        # Cheap exit for layers where nothing can pay: ``old`` is the fresh plan itself, or (one
+        # slot per GPU: the peak is set by the replica counts alone) ``old`` already has the
+        # counts the incremental plan aims at and a peak no higher than the fresh plan's.
+        # (Exiting wherever the peak is no higher than fresh cost llama4 144 in ``bench
+        # --migration`` 0.17% next-window balance: refining such a layer still pays there.)
+        settled = (old == fresh).all(1)  # [L]
+        if old.shape[1] == num_gpus:
+            same_counts = (bin_counts(old, 1, num_experts)[:, 0] == counts_np(w, num_gpus, method)).all(1)
+            settled |= same_counts & (peak_old <= peak_load(fresh, w, num_gpus) * (1 + 1e-9))
+        settled &= dup_old == 0
+        if settled.any():
+            out = old.copy()
+            rows = np.nonzero(~settled)[0]
+            if rows.size:
+                out[rows] = migrate(w[rows], old[rows], num_gpus, budget[rows], total, min_gain, method, fresh[rows])
+            return out
+    cand = None if fresh is None else FreshCandidate(old, fresh, w, num_gpus)
 
     def plan(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         new = incremental(w, old, num_gpus, b, method)
@@ -345,7 +324,8 @@ def migrate(
         if cand is not None:
             new, peak, moves = cand.pick(new, peak, moves)
         gain = peak_old - peak  # [L] absolute peak reduction
-        worth = gain > min_gain * peak_old
+        # Removing an avoidable duplicate frees a slot: always worth it, whatever the hysteresis.
+        worth = (gain > min_gain * peak_old) | (avoidable_duplicates_np(new, num_gpus, num_experts) < dup_old)
         return np.where(worth[:, None], new, old), np.where(worth, gain, 0.0), np.where(worth, moves, 0)
 
     new, gain, moves = plan(budget)
@@ -360,7 +340,7 @@ def migrate(
     levels.append((new, gain, moves))
     gains = np.stack([lv[1] for lv in levels])  # [K, L] peak reduction of each plan
     moved = np.stack([lv[2] for lv in levels])  # [K, L] slots moved by each plan
-    at = _hull_spend(gains, moved, total)  # [L]
+    at = hull_spend(gains, moved, total)  # [L]
     layers = np.arange(num_layers)
     greedy = np.stack([lv[0] for lv in levels])[at, layers]  # [L, R]
     # The same total split evenly is the fallback: keep whichever lowers the summed peak more.

@@ -7,10 +7,13 @@ import sys
 
 COMMANDS = {
     "demo": ("ray_eplb.controller.cli.demo", "end-to-end demo on an embedded local Ray cluster"),
-    "bench": ("ray_eplb.controller.bench.solver", "solver benchmark on real traces (synthetic fallback)"),
+    "bench": ("ray_eplb.controller.bench.solver", "solver benchmark on real traces (synthetic fallback); "
+              "--migration: migration-aware; --scale: production-scale shapes"),
     "bench-runtime": ("ray_eplb.controller.bench.runtime", "runtime benchmark: telemetry, swap, transfer"),
     "plan": ("ray_eplb.controller.cli.plan", "plan a placement offline from engine load records (SGLang, trace, JSON)"),
 }
+
+SCALE_BENCH = "ray_eplb.controller.bench.scale"
 
 
 def version() -> str:
@@ -44,8 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         print(f"\nray-eplb: unknown command {argv[0]!r}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return int(module.main(argv[1:]) or 0)
+    name, rest = argv[0], argv[1:]
+    if name == "bench" and "--scale" in rest:  # the production-scale shapes: a benchmark of its own
+        module = importlib.import_module(SCALE_BENCH)
+        return int(module.main([a for a in rest if a != "--scale"]) or 0)
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
 
 
 if __name__ == "__main__":

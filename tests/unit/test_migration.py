@@ -15,10 +15,10 @@ from ray_eplb.controller.bench.workload import synthetic_trace
 from ray_eplb.solver import balancedness, rebalance_experts
 from ray_eplb.solver.maps import logical_maps_np
 from ray_eplb.solver.migration import (
-    _keep_slots,
     align,
     budget_per_layer,
     incremental,
+    keep_slots,
     migrate,
     moved_slots,
     peak_load,
@@ -141,7 +141,7 @@ def _best_kept(old: np.ndarray, new: np.ndarray, num_nodes: int, num_gpus: int) 
     for node_perm in itertools.permutations(range(num_nodes)):
         for gpu_perms in itertools.product(*[list(itertools.permutations(range(g)))] * num_nodes):
             cand = np.stack([blocks[n][list(p)] for n, p in zip(node_perm, gpu_perms)]).reshape(-1, s)
-            kept = num_slots - int(moved_slots(old.reshape(-1, s), _keep_slots(old.reshape(-1, s), cand)).sum())
+            kept = num_slots - int(moved_slots(old.reshape(-1, s), keep_slots(old.reshape(-1, s), cand)).sum())
             best = max(best, kept)
     return best
 

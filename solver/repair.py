@@ -1,0 +1,153 @@
+"""Many duplicate repairs per pass: the migration-aware planner's way to clear a foreign plan.
+
+A plan from another solver (DeepSeek's greedy puts replicas of one expert on one GPU freely) can
+hold tens of avoidable duplicates per layer. :func:`~ray_eplb.solver.packing.separate_copies`
+repairs one per row per pass; here every bin with a surplus copy gets a repair in the same pass,
+as long as the repairs touch disjoint bins (then none changes what is legal for another).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ray_eplb.solver.maps import bin_counts, per_slot
+
+
+def separate_copies_batched(slot_owner: np.ndarray, per_replica: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """:func:`~ray_eplb.solver.packing.separate_copies`, with many repairs per row per pass.
+
+    Each pass takes the first surplus copy (see :func:`~ray_eplb.solver.packing.surplus_copies`)
+    of every bin that has one, and swaps it with the closest-load replica it may take from a bin
+    without surplus copies (the same legality rules: no owner over its cap, none doubled up while
+    it leaves a bin bare). Of the repairs aiming at one bin, the cheapest goes ahead; the others
+    wait for the next pass. Rows where no such repair exists finish with ``separate_copies``
+    (which may also swap between two bins that both hold surplus copies).
+
+    Shapes: ``slot_owner [B, P, S]`` (a repaired copy is returned), ``per_replica``/``cap`` ``[B, n]``.
+    """
+    own = slot_owner.copy()
+    num_rows, num_bins, slots = own.shape
+    n = cap.shape[1]
+    for _ in range(num_bins * slots):
+        bad = surplus_copies(own, cap)  # [B, P, S]
+        src = bad.any(2)  # [B, P] bins with a surplus copy
+        if not src.any():
+            return own
+        rb, pb = np.nonzero(src)  # [C] one repair per such bin
+        sb = bad[rb, pb].argmax(1)  # [C] its first surplus slot
+        o = own[rb]  # [C, P, S]
+        c = np.arange(rb.size)
+        x_own = o[c, pb, sb]  # [C]
+        held = bin_counts(own.reshape(num_rows, -1), num_bins, n)  # [B, P, n]
+        x_in = held[rb, :, x_own]  # [C, P] copies of x's owner per bin
+        x_cap = cap[rb, x_own][:, None]  # [C, 1]
+        over_cap = x_in[c, pb] > x_cap[:, 0]
+        x_ok = (x_in < x_cap) & ((x_in == 0) | over_cap[:, None]) & ~src[rb]  # [C, P] only bins without surplus
+        flat = (rb * n)[:, None, None]
+        y_in_xbin = held[rb[:, None, None], pb[:, None, None], o]  # [C, P, S] y's owner in x's bin
+        y_home = held[rb[:, None, None], np.arange(num_bins)[None, :, None], o]  # [C, P, S] y's owner at home
+        y_cap = cap.ravel()[flat + o]  # [C, P, S]
+        y_ok = (y_in_xbin < y_cap) & ((y_in_xbin == 0) | (y_home >= 2))
+        ok = x_ok[:, :, None] & y_ok & (o != x_own[:, None, None])
+        load = per_replica.ravel()[flat + o]  # [C, P, S]
+        cost = np.where(ok, np.abs(load - per_replica[rb, x_own][:, None, None]), np.inf).reshape(rb.size, -1)
+        best = cost.argmin(1)  # [C]
+        best_cost = cost[c, best]
+        fine = np.isfinite(best_cost)
+        if not fine.any():
+            break
+        py, sy = best // slots, best % slots
+        # One repair per target bin and row: the cheapest (a stable sort keeps bin order on ties).
+        order = np.lexsort((best_cost, py, rb))
+        order = order[fine[order]]
+        key = rb[order] * num_bins + py[order]
+        first = np.ones(order.size, dtype=bool)
+        first[1:] = key[1:] != key[:-1]
+        go = order[first]
+        r, a, b = rb[go], pb[go], sb[go]
+        ty, tsy = py[go], sy[go]
+        own[r, a, b], own[r, ty, tsy] = own[r, ty, tsy], own[r, a, b].copy()
+    left = np.nonzero(surplus_copies(own, cap).any((1, 2)))[0]
+    if left.size:
+        own[left] = separate_copies(own[left], per_replica[left], cap[left])
+    return own
+
+
+def _earlier_copies(slot_owner: np.ndarray) -> np.ndarray:
+    """``[B, P, S]``: copies of each slot's owner in earlier slots of its bin (by sorting each
+    bin's slots: ``O(S log S)``, not an ``S x S`` comparison)."""
+    slots = slot_owner.shape[-1]
+    order = np.argsort(slot_owner, axis=-1, kind="stable")  # equal owners keep slot order
+    srt = np.take_along_axis(slot_owner, order, -1)
+    start = np.ones(srt.shape, dtype=bool)
+    start[..., 1:] = srt[..., 1:] != srt[..., :-1]
+    pos = np.broadcast_to(np.arange(slots), srt.shape)
+    run_start = np.maximum.accumulate(np.where(start, pos, 0), axis=-1)
+    earlier = np.empty_like(slot_owner)
+    np.put_along_axis(earlier, order, pos - run_start, -1)
+    return earlier
+
+
+def surplus_copies(slot_owner: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """``[B, P, S]`` bool: a later copy of an owner in its bin that wastes a slot.
+
+    A copy is surplus when its bin already holds ``cap`` copies of the owner earlier in the bin,
+    or when its owner is doubled up in this bin while missing from another bin although it has
+    replicas enough for more bins (it covers fewer than ``min(count, P)`` bins): then moving it
+    to a bin without the owner saves a duplicate pair.
+
+    ``slot_owner [B, P, S]``; ``cap [B, n]`` copies allowed per bin for each owner.
+    """
+    num_rows, num_bins, slots = slot_owner.shape
+    n = cap.shape[1]
+    earlier = _earlier_copies(slot_owner)  # [B, P, S] copies before this one in its bin
+    held = bin_counts(slot_owner.reshape(num_rows, -1), num_bins, n)  # [B, P, n]
+    short = (held > 0).sum(1) < np.minimum(held.sum(1), num_bins)  # [B, n] covers too few bins
+    return (earlier >= per_slot(cap, slot_owner)) | ((earlier > 0) & per_slot(short, slot_owner))
+
+
+def separate_copies(slot_owner: np.ndarray, per_replica: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """Swap surplus copies of an owner out of a bin, each for the closest-load replica it can take.
+
+    A surplus slot (see :func:`surplus_copies`) swaps with the replica, in another bin, whose load
+    is nearest its own, such that neither owner exceeds its cap in its new bin or leaves a bin
+    bare to double up on another; a copy that is within its cap goes only to a bin without its
+    owner. One repair per row per pass; a surplus slot with no legal swap is skipped until another
+    repair in its row changes what is legal. Ends when none is left or none can be repaired.
+
+    Shapes: ``slot_owner [B, P, S]`` (a repaired copy is returned), ``per_replica``/``cap`` ``[B, n]``.
+    """
+    own = slot_owner.copy()
+    num_rows, num_bins, slots = own.shape
+    stuck = np.zeros(own.shape, dtype=bool)  # surplus slots with no legal swap (until one happens)
+    for _ in range(2 * num_bins * slots):
+        bad = surplus_copies(own, cap)  # [B, P, S]
+        todo = (bad & ~stuck).reshape(num_rows, -1)
+        r = np.nonzero(todo.any(1))[0]  # rows with a surplus copy still worth a try
+        if not r.size:
+            break
+        at = todo[r].argmax(1)
+        pb, sb = at // slots, at % slots  # [r] its bin and slot
+        o = own[r]  # [r, P, S]
+        x_own = o[np.arange(len(r)), pb, sb]  # [r]
+        load = per_slot(per_replica[r], o)  # [r, P, S]
+        # Copies of x's owner per bin; of each candidate y's owner in x's bin and in y's own bin.
+        x_in = (o == x_own[:, None, None]).sum(-1)  # [r, P]
+        y_in_xbin = (o[:, :, :, None] == o[np.arange(len(r)), pb][:, None, None, :]).sum(-1)  # [r, P, S]
+        y_home = (o[..., :, None] == o[..., None, :]).sum(-1)  # [r, P, S]
+        x_cap = cap[r, x_own][:, None]  # [r, 1]
+        over_cap = (x_in[np.arange(len(r)), pb] > x_cap[:, 0])  # [r] x is beyond its cap here
+        # x goes where its owner is below cap, and to a bin without it unless x only fixes a cap;
+        # y comes to x's bin below its cap, and joins its owner there only if it leaves one behind.
+        x_ok = (x_in < x_cap) & ((x_in == 0) | over_cap[:, None])  # [r, P]
+        y_ok = (y_in_xbin < per_slot(cap[r], o)) & ((y_in_xbin == 0) | (y_home >= 2))
+        ok = x_ok[:, :, None] & y_ok & (o != x_own[:, None, None])
+        ok[np.arange(len(r)), pb] = False
+        cost = np.where(ok, np.abs(load - per_replica[r, x_own][:, None, None]), np.inf)
+        best = cost.reshape(len(r), -1).argmin(1)
+        fine = np.isfinite(cost.reshape(len(r), -1)[np.arange(len(r)), best])
+        stuck[r[~fine], pb[~fine], sb[~fine]] = True  # try this row's next surplus slot first
+        r, pb, sb, best = r[fine], pb[fine], sb[fine], best[fine]
+        stuck[r] = False  # a swap changes what is legal: everything in the row is worth a retry
+        py, sy = best // slots, best % slots
+        own[r, pb, sb], own[r, py, sy] = own[r, py, sy], own[r, pb, sb].copy()
+    return own
