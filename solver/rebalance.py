@@ -97,6 +97,14 @@ def rebalance_experts(
         raise ValueError(f"num_replicas={num_replicas} is not divisible by num_gpus={num_gpus}")
     if num_gpus % num_nodes:
         raise ValueError(f"num_gpus={num_gpus} is not divisible by num_nodes={num_nodes}")
+    need, free = working_memory_bytes(num_layers, num_experts, num_replicas), free_memory_bytes()
+    if free is not None and need > free:
+        raise ValueError(
+            f"num_replicas={num_replicas} for {num_layers} layers x {num_experts} experts needs about "
+            f"{need / 2**30:.1f} GiB of working memory (log2phy [L, E, R-E+1] alone is "
+            f"{8 * num_layers * num_experts * (num_replicas - num_experts + 1) / 2**30:.1f} GiB); "
+            f"{free / 2**30:.1f} GiB are free"
+        )
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r} is not one of {POLICIES}")
     if method not in METHODS:
@@ -216,3 +224,19 @@ def _solve(
         phy2log = node_experts.reshape(num_layers * num_nodes, n_node)[rows, slot_owner]
     gpu_load = gpu_load.reshape(num_layers, num_gpus)  # [L, P]
     return phy2log.reshape(num_layers, num_replicas), gpu_load.max(1)
+
+
+def working_memory_bytes(num_layers: int, num_experts: int, num_replicas: int) -> int:
+    """A floor on the bytes one solve holds at once: the ``log2phy [L, E, R-E+1]`` int64 output
+    plus about sixteen ``[L, R]`` int64/float64 working arrays."""
+    return 8 * num_layers * (num_experts * (num_replicas - num_experts + 1) + 16 * num_replicas)
+
+
+def free_memory_bytes() -> int | None:
+    """Physical memory available now (``None`` where the platform does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

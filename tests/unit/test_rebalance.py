@@ -365,3 +365,17 @@ def test_real_trace_shapes(name, num_replicas, num_groups, num_nodes, num_gpus):
         score[policy] = balancedness(out[0], out[2], weight, num_gpus)
     # auto's per-layer max is never above hierarchical's, and the mean load is the same.
     assert 0 < score["hierarchical"] <= score["auto"] + 1e-12 <= 1 + 1e-12
+
+
+def test_a_shape_whose_working_memory_does_not_fit_is_refused_up_front():
+    import time
+
+    from ray_eplb.solver.rebalance import free_memory_bytes, working_memory_bytes
+
+    weight = torch.rand(26, 64)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"num_replicas=2000000 .* GiB of working memory .* GiB are free"):
+        rebalance_experts(weight, 2_000_000, 8, 4, 32)
+    assert time.perf_counter() - t0 < 5  # said no before allocating, not after
+    assert working_memory_bytes(26, 64, 2_000_000) > free_memory_bytes()
+    assert working_memory_bytes(26, 64, 288) < 2**23  # the usual shapes need a few MB
