@@ -40,7 +40,7 @@ loaded is limited to one thread (threadpoolctl) for the whole run, so the times 
 they are the process's CPU time per solve (equal to wall time on an idle machine, and not
 inflated when other processes share the cores).
 
-    python controller/bench/scale.py [--shapes kimi_k2 ...] [--windows 4] [--repeats 3] [--quick] [--json out.json]
+    ray-eplb bench --scale [--shapes kimi_k2 ...] [--windows 4] [--repeats 3] [--quick] [--json out.json]
 """
 from __future__ import annotations
 
