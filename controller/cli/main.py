@@ -1,5 +1,5 @@
-"""The ``ray-eplb`` command. Each subcommand lives in its own module, imported only when it runs,
-so ``ray-eplb bench`` never imports Ray."""
+"""The ``ray-eplb`` command. Each subcommand lives in its own module (``module`` runs its ``main``,
+``module:function`` that function), imported only when it runs, so ``ray-eplb bench`` never imports Ray."""
 from __future__ import annotations
 
 import importlib
@@ -10,6 +10,13 @@ COMMANDS = {
     "bench": ("ray_eplb.controller.bench.solver", "solver benchmark on real traces (synthetic fallback)"),
     "bench-runtime": ("ray_eplb.controller.bench.runtime", "runtime benchmark: telemetry, swap, transfer"),
     "plan": ("ray_eplb.controller.cli.plan", "plan a placement offline from engine load records (SGLang, trace, JSON)"),
+    "start": ("ray_eplb.controller.cli.ops:start", "start a standing balancer on a Ray cluster (detached; outlives this shell)"),
+    "status": ("ray_eplb.controller.cli.ops:status", "the running balancer: epoch, balancedness, last rebalance, workers"),
+    "history": ("ray_eplb.controller.cli.ops:history", "rebalances so far; --plot PNG draws balancedness and GPU loads"),
+    "rebalance": ("ray_eplb.controller.cli.ops:rebalance", "rebalance now (--dry-run: show the plan and its gain only)"),
+    "config": ("ray_eplb.controller.cli.ops:config", "show or set the running controller's configuration"),
+    "stop": ("ray_eplb.controller.cli.ops:stop", "remove the running balancer (its actors, placement groups, store)"),
+    "grafana": ("ray_eplb.controller.cli.ops:grafana", "print the Grafana dashboard JSON of the balancer's metrics"),
 }
 
 
@@ -44,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         print(f"\nray-eplb: unknown command {argv[0]!r}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return int(module.main(argv[1:]) or 0)
+    path, _, function = COMMANDS[argv[0]][0].partition(":")
+    return int(getattr(importlib.import_module(path), function or "main")(argv[1:]) or 0)
 
 
 if __name__ == "__main__":
