@@ -256,6 +256,7 @@ class EplbController(Recovery, Operations):
         old = self.placement
         await self._publish(new)
         self._save()  # committed
+        self._worker_maps = {r: tuple(new.map_id()) for r in self._worker_maps}  # every rank acked the commit
         self._retired[old.epoch] = time.monotonic()
         self._timed("publish", t0)
         swap_s = time.monotonic() - t_swap

@@ -37,7 +37,7 @@ def run(prog: str, argv: list[str], build: Callable[[argparse.ArgumentParser], N
     ap = common(argparse.ArgumentParser(prog=f"ray-eplb {prog}", description=__doc__.splitlines()[0]))
     build(ap)
     try:
-        a = ap.parse_args(argv)
+        a = ap.parse_intermixed_args(argv)  # `config set --address A k=v`: positionals around options
     except SystemExit as exc:  # argparse already printed its one-line error (code 2) or the help (0)
         return int(exc.code or 0)
     a.address = a.address or os.environ.get("RAY_ADDRESS") or "auto"
@@ -213,10 +213,12 @@ def config(argv: list[str]) -> int:
         changes = parse_settings(a.settings)
         if a.action == "show" and changes:
             raise BadInput("config show takes no key=value")
+        from ray_eplb.controller.config import ControllerConfig
+
         bal = attach(a.address, a.namespace)
-        if a.action == "show":
-            cfg = ray.get(bal.controller.report.remote()).config
-        else:
+        cfg = ray.get(bal.controller.report.remote()).config
+        if a.action == "set":
+            ControllerConfig.model_validate({**cfg, **changes})  # a bad value fails here, in one line
             try:
                 cfg = ray.get(bal.controller.reconfigure.remote(**changes))
             except ray.exceptions.RayTaskError as exc:
