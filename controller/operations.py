@@ -57,7 +57,7 @@ class Operations:
         abort = next((h for h in reversed(self._history) if h.get("action") == "aborted"), None)
         swap = self._ops_state()["swap"]
         return ControllerStatus(
-            namespace=getattr(self, "namespace", "local"), epoch=st["epoch"], digest=st["digest"],
+            namespace=getattr(self, "namespace", "local"), topology=self.topology.model_dump(), epoch=st["epoch"], digest=st["digest"],
             next_epoch=st["next_epoch"], recovery=st["recovery"], loop=st["loop"], started=st["started"],
             rounds=st["rounds"], tokens_seen=float(st["tokens_seen"]), balancedness_now=st["balancedness_now"],
             balancedness_forecast=st["balancedness_forecast"], rebalances=st["rebalances"], aborts=st["aborts"],

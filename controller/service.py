@@ -67,10 +67,24 @@ def connect(address: str | None = None, namespace: str = NAMESPACE) -> None:
     from ray_eplb.actors.ray_worker import enable_zero_copy
 
     enable_zero_copy()
+    _probe(address)
     try:
         ray.init(address=address or "auto", namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
     except ConnectionError as exc:
         raise NoBalancer(f"no Ray cluster at {address or 'auto'}: {exc}") from None
+
+
+def _probe(address: str | None) -> None:
+    """Fail at once when nothing listens at an explicit ``host:port`` (Ray itself retries for a minute)."""
+    import socket
+
+    host, sep, port = (address or "").rpartition(":")
+    if not sep or not port.isdigit() or "://" in host:
+        return  # auto, or a client URL: Ray resolves it
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
+    except OSError as exc:
+        raise NoBalancer(f"no Ray cluster at {address} ({exc.strerror or exc}): start one first (ray start --head)") from None
 
 
 def find(namespace: str = NAMESPACE) -> Any | None:
@@ -93,11 +107,14 @@ def deployment_record(namespace: str = NAMESPACE) -> dict | None:
 
 def attach(address: str | None = None, namespace: str = NAMESPACE) -> Balancer:
     """The running balancer of ``namespace`` (``NoBalancer`` when none runs)."""
+    import ray
+
     connect(address, namespace)
     handle = find(namespace)
-    record = deployment_record(namespace)
-    if handle is None or record is None:
+    if handle is None:
         raise NoBalancer(f"no balancer is running in namespace {namespace!r}")
+    # A controller started without this module (start_controller from a script) has no record.
+    record = deployment_record(namespace) or {"topology": ray.get(handle.report.remote()).topology}
     return Balancer(namespace, handle, Topology.model_validate(record["topology"]), False, record)
 
 
@@ -123,10 +140,8 @@ def start(
     without a controller) are removed first. On any failure everything this call started is removed
     again. ``weights``: how to describe ``source`` in the record (default its repr)."""
     connect(address, namespace)
-    running = find(namespace)
-    if running is not None:
-        record = deployment_record(namespace) or {"topology": topology.model_dump()}
-        return Balancer(namespace, running, Topology.model_validate(record["topology"]), False, record)
+    if find(namespace) is not None:
+        return attach(address, namespace)
     shutdown(namespace, connected=True)  # leftovers of an interrupted start, and a stale store
     from ray_eplb.actors.ray_worker import PLACEMENT_GROUP_NAME, launch_workers
     from ray_eplb.controller.ray_controller import start_controller

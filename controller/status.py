@@ -65,6 +65,7 @@ class ControllerStatus(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     namespace: str
+    topology: dict[str, Any]
     epoch: int
     digest: str
     next_epoch: int
@@ -94,9 +95,12 @@ class ControllerStatus(BaseModel):
             return "-" if x is None else f"{x:.3f}"
 
         up = time.time() - self.started
+        t = self.topology
         out = [
             f"balancer {self.namespace}: epoch {self.epoch} (map {self.digest[:12]}), loop {self.loop}, "
             f"up {up:.0f} s, {self.rounds} rounds, recovery: {self.recovery}",
+            f"shape: {t['num_nodes']} nodes x {t['gpus_per_node']} ranks x {t['slots_per_gpu']} slots, "
+            f"{t['num_experts']} experts x {t['num_layers']} layers",
             f"balancedness: measured {pct(self.balancedness_now)} on the recent window, "
             f"{pct(self.balancedness_forecast)} predicted on the forecast",
             f"rebalances {self.rebalances}, aborts {self.aborts}, {self.experts_moved} slots and "

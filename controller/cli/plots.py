@@ -4,7 +4,7 @@
   window), a vertical marker per committed rebalance labelled with its epoch, bars of the bytes it
   moved on a second axis, a red marker per aborted one;
 - **per-layer x per-GPU load** before and after a rebalance, on the forecast it was solved for
-  (one heatmap each, one colour scale, each layer's balancedness on the right).
+  (one heatmap each: every cell is the GPU's load over its layer's mean, 1 = even; one colour scale).
 
 Inputs are what the controller returns: ``timeline()`` samples, ``history()`` records and
 ``rebalance_loads()`` entries (``before`` / ``after``: ``[L, G]`` nested lists).
@@ -55,24 +55,33 @@ def plot_timeline(ax: Any, timeline: list[dict], history: list[dict]) -> None:
 
 
 def plot_heatmaps(axes: Any, entry: dict) -> Any:
-    """Two heatmaps (``axes[0]`` before, ``axes[1]`` after) of ``entry``'s ``[L, G]`` loads; returns the image."""
+    """Two heatmaps (``axes[0]`` before, ``axes[1]`` after) of ``entry``'s ``[L, G]`` loads, each cell
+    the GPU's load over its layer's mean (1 = even; one colour scale for both); returns the image."""
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     before, after = np.asarray(entry["before"], dtype=float), np.asarray(entry["after"], dtype=float)
-    vmax = max(float(before.max(initial=0)), float(after.max(initial=0)), 1e-9)
+
+    def relative(data: Any) -> Any:
+        mean = data.mean(axis=1, keepdims=True)
+        return np.where(mean > 0, data / np.maximum(mean, 1e-300), 1.0)
+
+    rel_b, rel_a = relative(before), relative(after)
+    top = max(float(rel_b.max(initial=1.0)), float(rel_a.max(initial=1.0)), 1.05)
     img = None
-    for ax, data, title in ((axes[0], before, f"epoch {entry['from_epoch']} (before)"),
-                            (axes[1], after, f"epoch {entry['epoch']} (after)")):
-        img = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+    for ax, data, rel, title in ((axes[0], before, rel_b, f"epoch {entry['from_epoch']} (before)"),
+                                 (axes[1], after, rel_a, f"epoch {entry['epoch']} (after)")):
+        img = ax.imshow(rel, aspect="auto", cmap="RdYlBu_r", vmin=2.0 - top, vmax=top, interpolation="nearest")
         peak = data.max(axis=1)
-        bal = np.where(peak > 0, data.mean(axis=1) / np.maximum(peak, 1e-300), 1.0)  # [L]
         whole = data.mean(axis=1).sum() / max(peak.sum(), 1e-300)
         ax.set_title(f"{title}: balancedness {whole:.3f}", fontsize=9)
         ax.set_xlabel("GPU (rank)")
         ax.set_ylabel("MoE layer")
-        if data.shape[0] <= 32:
-            for layer, b in enumerate(bal):
-                ax.text(data.shape[1] - 0.5, layer, f" {b:.2f}", va="center", ha="left", fontsize=6, clip_on=False)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        if data.shape[0] * data.shape[1] <= 256:  # small enough to print each cell
+            for (layer, gpu), v in np.ndenumerate(rel):
+                ax.text(gpu, layer, f"{v:.2f}", ha="center", va="center", fontsize=6)
     return img
 
 
@@ -82,11 +91,11 @@ def history_figure(timeline: list[dict], history: list[dict], loads: list[dict],
     plt = _pyplot()
     if loads:
         fig = plt.figure(figsize=(11, 8.5))
-        grid = fig.add_gridspec(2, 2, height_ratios=[1, 1.1], hspace=0.35)
+        grid = fig.add_gridspec(2, 2, height_ratios=[1, 1.1], hspace=0.35, wspace=0.25)
         plot_timeline(fig.add_subplot(grid[0, :]), timeline, history)
         axes = [fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])]
         img = plot_heatmaps(axes, loads[-1])
-        fig.colorbar(img, ax=axes, label="tokens per GPU (forecast)", shrink=0.9)
+        fig.colorbar(img, ax=axes, label="GPU load / layer mean (forecast)", shrink=0.9)
     else:
         fig, ax = plt.subplots(figsize=(11, 4.5))
         plot_timeline(ax, timeline, history)
@@ -108,9 +117,9 @@ def write_plots(out_dir: str | os.PathLike, timeline: list[dict], history: list[
     plt.close(fig)
     written.append(path)
     if loads:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+        fig, axes = plt.subplots(1, 2, figsize=(11, 5), gridspec_kw={"wspace": 0.25})
         img = plot_heatmaps(axes, loads[-1])
-        fig.colorbar(img, ax=list(axes), label="tokens per GPU (forecast)", shrink=0.9)
+        fig.colorbar(img, ax=list(axes), label="GPU load / layer mean (forecast)", shrink=0.9)
         path = os.path.join(out_dir, "gpu_load_heatmap.png")
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)

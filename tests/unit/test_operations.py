@@ -190,3 +190,36 @@ def test_grafana_dashboard_covers_the_catalogue_exactly(capsys):
     assert {"datasource", "SessionName", "Balancer"} <= variables
     boxes = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in dash["panels"]]
     assert len(set(boxes)) == len(boxes)  # no two panels on top of each other
+
+
+def test_weight_specs(tmp_path):
+    from ray_eplb.actors import SafetensorsWeightSource, SyntheticWeightSource, write_checkpoint
+    from ray_eplb.controller.service import weight_source
+
+    src, layers, experts = weight_source("synthetic:16:32:7")
+    assert isinstance(src, SyntheticWeightSource) and (src.hidden_size, src.ffn_size) == (16, 32)
+    assert (layers, experts) == (None, None)
+    assert torch.equal(src.expert(1, 2), SyntheticWeightSource(16, 32, seed=7).expert(1, 2))
+    path = write_checkpoint(tmp_path / "w.safetensors", SyntheticWeightSource(8, 8), 1, 2)
+    assert isinstance(weight_source(str(path))[0], SafetensorsWeightSource)
+    for bad, why in [("synthetic:16", "HIDDEN:FFN"), ("synthetic:a:b", "integers"), ("synthetic:0:8", "positive"),
+                     (f"hf:{tmp_path}", "config.json"), ("nowhere", "expected")]:
+        with pytest.raises(ValueError, match=why):
+            weight_source(bad)
+
+
+def test_connect_fails_fast_where_nothing_listens():
+    import socket
+    import time
+
+    from ray_eplb.controller.service import NoBalancer, _probe
+
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(NoBalancer, match=f"no Ray cluster at 127.0.0.1:{port}"):
+            _probe(f"127.0.0.1:{port}")
+        assert time.monotonic() - t0 < 3
+    _probe("auto")  # left to Ray
+    _probe(None)
