@@ -84,11 +84,11 @@ def cluster():
             time.sleep(0.5)
         else:
             pytest.fail("the Ray head did not come up in 60 s")
-        yield address, metrics_port
+        yield address, metrics_port, tmp
     finally:
         try:
             os.killpg(head.pid, signal.SIGTERM)  # the head's process group: ray start and what it started
-            head.wait(15)
+            head.wait(5)  # gcs_server outlives SIGTERM for >10 s: the group is killed below
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
         try:
@@ -99,7 +99,7 @@ def cluster():
 
 
 def test_standing_balancer_end_to_end(cluster, tmp_path):
-    cluster, metrics_port = cluster
+    cluster, metrics_port, tmp = cluster
     addr = ["--address", cluster]
     t0 = time.monotonic()
     # No balancer yet: 3, with the command that starts one.
@@ -142,6 +142,9 @@ def test_standing_balancer_end_to_end(cluster, tmp_path):
     st = json.loads(_eplb("status", *addr, "--json").stdout)
     assert st["epoch"] == rec["epoch"] and st["rebalances"] == 1 and st["config"]["min_gain"] == 0.02
     assert st["last_rebalance"]["epoch"] == rec["epoch"] and st["last_rebalance"]["moved"] == rec["moved"]
+    # The controller's log (the Log link of its row on the Actors page) has a line for the epoch.
+    logs = "".join(p.read_text(errors="replace") for p in Path(tmp).glob("session_*/logs/worker-*.err"))
+    assert f"epoch {rec['epoch']} committed" in logs
     # History and its plot.
     png = tmp_path / "h.png"
     r = _eplb("history", *addr, "--plot", str(png), "--json")
@@ -156,7 +159,9 @@ def test_standing_balancer_end_to_end(cluster, tmp_path):
     # Stop: nothing of ours is left.
     r = _eplb("stop", *addr, "--json")
     assert r.returncode == 0, r.stderr
-    assert sorted(json.loads(r.stdout)["actors"]) == sorted(["ray_eplb_controller"] + [f"ray_eplb_worker_{i}" for i in range(4)])
+    stopped = json.loads(r.stdout)
+    assert sorted(stopped["actors"]) == sorted(["ray_eplb_controller"] + [f"ray_eplb_worker_{i}" for i in range(4)])
+    assert stopped["placement_groups"] == ["ray_eplb_ray_eplb_node0"]  # the one node's group, detached
     left = subprocess.run([sys.executable, "-c", LEFT, cluster], env=_env(), capture_output=True, text=True, timeout=60)
     assert left.stdout.strip() == "[]", left.stdout + left.stderr[-1000:]
     print(f"standing balancer sequence: {time.monotonic() - t0:.1f} s")

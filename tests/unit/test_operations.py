@@ -171,7 +171,9 @@ def test_cli_bad_input_exits_2_before_ray(capsys):
 
 
 def test_grafana_dashboard_covers_the_catalogue_exactly(capsys):
-    assert ops.grafana([]) == 0
+    from ray_eplb.controller.cli.main import main
+
+    assert main(["grafana"]) == 0
     dash = json.loads(capsys.readouterr().out)
     assert dash == json.loads(DASHBOARD.read_text())
     names = re.compile(r"\bray_(eplb_[a-z_]+?)(?:_bucket|_sum|_count)?\b(?=[{\[)\s])")
@@ -223,3 +225,58 @@ def test_connect_fails_fast_where_nothing_listens():
         assert time.monotonic() - t0 < 3
     _probe("auto")  # left to Ray
     _probe(None)
+
+
+def test_ray_metrics_catalogue_tags_and_zeroes(monkeypatch):
+    """RayMetrics over stand-ins for ray.util.metrics: one metric per catalogue entry, of its kind,
+    tagged with the balancer; every gauge and counter series recorded at 0 by register()."""
+    import ray.util.metrics as ray_metrics
+
+    from ray_eplb.controller.metrics import RayMetrics
+
+    made, points = {}, []
+
+    class Fake:
+        def __init__(self, name, description="", tag_keys=(), boundaries=None):
+            self.kind, self.name, self.tag_keys, self.default = type(self).__name__.lower(), name, tag_keys, {}
+            assert description and (boundaries is None) == (self.kind != "histogram")
+            made[name] = self
+
+        def set_default_tags(self, tags):
+            self.default = tags
+
+        def _point(self, how, value, tags):
+            final = {**self.default, **(tags or {})}
+            assert set(final) == set(self.tag_keys), (self.name, final)  # Ray refuses a missing tag
+            points.append((self.name, how, value, tuple(sorted(final.items()))))
+
+        def set(self, value, tags=None):
+            self._point("set", value, tags)
+
+        def inc(self, value, tags=None):
+            assert value > 0  # as Ray's Counter.inc
+            self._point("inc", value, tags)
+
+        def _record(self, value, tags=None):
+            self._point("record", value, tags)
+
+        def observe(self, value, tags=None):
+            self._point("observe", value, tags)
+
+    for kind in ("Gauge", "Counter", "Histogram"):
+        monkeypatch.setattr(ray_metrics, kind, type(kind, (Fake,), {}))
+    m = RayMetrics("team_a")
+    assert {n: f.kind for n, f in made.items()} == KINDS
+    assert all(f.default == {"balancer": "team_a"} and f.tag_keys[0] == "balancer" for f in made.values())
+    m.register(num_layers=3, num_ranks=2)
+    zeros = {(n, how, tags) for n, how, v, tags in points if v == 0}
+    assert {n for n, *_ in zeros} == {n for n, k in KINDS.items() if k != "histogram"}
+    assert sum(n == "eplb_layer_balancedness" for n, *_ in zeros) == 3
+    assert sum(n == "eplb_rank_load" for n, *_ in zeros) == 2
+    assert ("eplb_aborts_total", "record", (("balancer", "team_a"),)) in zeros
+    points.clear()
+    m.gauge("eplb_solve_seconds", 0.5)  # a histogram: the value is an observation
+    m.gauge("eplb_phase_seconds", 0.1, {"phase": "collect"})
+    m.count("eplb_aborts_total")
+    assert [(n, how) for n, how, *_ in points] == [("eplb_solve_seconds", "observe"), ("eplb_phase_seconds", "observe"),
+                                                  ("eplb_aborts_total", "inc")]
