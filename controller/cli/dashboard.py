@@ -33,7 +33,10 @@ def inspect(wait_metrics: tuple[str, ...] = ("ray_eplb_epoch",), timeout_s: floa
     try:
         from ray.util.state import list_actors
 
-        for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False):
+        # The cluster we are connected to: without an address the state API picks RAY_ADDRESS or the
+        # newest cluster on this machine, which may be another one.
+        gcs = ray.get_runtime_context().gcs_address
+        for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False):
             if (a.name or "").startswith(PREFIX):
                 out["actors"][a.name] = a.repr_name
     except Exception as exc:  # noqa: BLE001 - no dashboard on this cluster: say so
