@@ -31,7 +31,12 @@ STOP_WAIT_S = 20.0
 
 
 class NoBalancer(LookupError):
-    """No balancer runs in the namespace (or no Ray cluster answers at the address)."""
+    """No balancer runs in the namespace (or no Ray cluster answers at the address). ``startable``:
+    starting one is the remedy (not when the cluster refused this driver's credentials)."""
+
+    def __init__(self, message: str, startable: bool = True):
+        super().__init__(message)
+        self.startable = startable
 
 
 @dataclass
@@ -71,20 +76,38 @@ def connect(address: str | None = None, namespace: str = NAMESPACE) -> None:
     try:
         ray.init(address=address or "auto", namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
     except ConnectionError as exc:
+        if _listening(address):  # a cluster answers but did not take this driver: most often its token
+            raise NoBalancer(f"the Ray cluster at {address} refused this driver ({exc}); with token authentication "
+                             "set RAY_AUTH_TOKEN or ~/.ray/auth_token to the cluster's token", startable=False) from None
         raise NoBalancer(f"no Ray cluster at {address or 'auto'}: {exc}") from None
+
+
+def _host_port(address: str | None) -> tuple[str, int] | None:
+    host, sep, port = (address or "").rpartition(":")
+    if not sep or not port.isdigit() or "://" in host:
+        return None  # auto, or a client URL: Ray resolves it
+    return host or "127.0.0.1", int(port)
 
 
 def _probe(address: str | None) -> None:
     """Fail at once when nothing listens at an explicit ``host:port`` (Ray itself retries for a minute)."""
     import socket
 
-    host, sep, port = (address or "").rpartition(":")
-    if not sep or not port.isdigit() or "://" in host:
-        return  # auto, or a client URL: Ray resolves it
+    hp = _host_port(address)
+    if hp is None:
+        return
     try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
+        socket.create_connection(hp, timeout=3).close()
     except OSError as exc:
         raise NoBalancer(f"no Ray cluster at {address} ({exc.strerror or exc}): start one first (ray start --head)") from None
+
+
+def _listening(address: str | None) -> bool:
+    try:
+        _probe(address)
+    except NoBalancer:
+        return False
+    return _host_port(address) is not None
 
 
 def find(namespace: str = NAMESPACE) -> Any | None:
@@ -154,6 +177,8 @@ def start(
         "placement_groups": [PLACEMENT_GROUP_NAME.format(namespace=namespace, node=n) for n in range(topology.num_nodes)],
     }
     _save_record(namespace, record)
+    quiet = _DropDetachedPlacementWarning()
+    logging.getLogger("ray.actor").addFilter(quiet)
     try:
         launch_workers(topology, placement, source, device=device, namespace=namespace, resource=resource,
                        lifetime="detached")
@@ -162,7 +187,17 @@ def start(
     except BaseException:
         shutdown(namespace, connected=True)
         raise
+    finally:
+        logging.getLogger("ray.actor").removeFilter(quiet)
     return Balancer(namespace, handle, topology, True, record)
+
+
+class _DropDetachedPlacementWarning(logging.Filter):
+    """Ray warns, once per worker, that a restartable detached actor in a placement group dies when
+    the group is removed. Here that is the design: the groups are removed only by :func:`shutdown`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "restartable detached actor with a placement group" not in record.getMessage()
 
 
 def shutdown(namespace: str = NAMESPACE, *, address: str | None = None, connected: bool = False) -> dict:

@@ -47,7 +47,8 @@ def run(prog: str, argv: list[str], build: Callable[[argparse.ArgumentParser], N
     try:
         return body(a)
     except NoBalancer as exc:
-        print(f"ray-eplb {prog}: {exc}; {START_HINT.format(address=a.address)}", file=sys.stderr)
+        hint = f"; {START_HINT.format(address=a.address)}" if exc.startable else ""
+        print(f"ray-eplb {prog}: {exc}{hint}", file=sys.stderr)
         return 3
     except (ValueError, OSError) as exc:
         print(f"ray-eplb {prog}: {_cause(exc)}", file=sys.stderr)
