@@ -56,6 +56,9 @@ class Operations:
         last = next((h for h in reversed(self._history) if h.get("action") == "committed"), None)
         abort = next((h for h in reversed(self._history) if h.get("action") == "aborted"), None)
         swap = self._ops_state()["swap"]
+        if swap is not None and any(h.get("epoch") == swap["epoch"] and h.get("action") in ("committed", "aborted")
+                                    for h in self._history[-10:]):
+            swap = {**swap, "done": True}  # an aborted swap is over too, whichever batch it reached
         return ControllerStatus(
             namespace=getattr(self, "namespace", "local"), topology=self.topology.model_dump(), epoch=st["epoch"], digest=st["digest"],
             next_epoch=st["next_epoch"], recovery=st["recovery"], loop=st["loop"], started=st["started"],

@@ -280,3 +280,30 @@ def test_ray_metrics_catalogue_tags_and_zeroes(monkeypatch):
     m.count("eplb_aborts_total")
     assert [(n, how) for n, how, *_ in points] == [("eplb_solve_seconds", "observe"), ("eplb_phase_seconds", "observe"),
                                                   ("eplb_aborts_total", "inc")]
+
+
+def test_an_aborted_swap_is_reported_over_with_its_reason():
+    from ray_eplb.controller.config import ControllerConfig as Config
+
+    # One expert per rank and batch: the skewed plan needs several batches; rank 2 stalls the second.
+    ctl, workers, handles = make(Config(**{**QUIET.model_dump(), "transfer_batch_bytes": 1}))
+    _skewed(workers)
+    calls = {"n": 0}
+    real = handles[2].worker.prepare
+
+    def slow_second(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            import time
+
+            time.sleep(1.0)  # past prepare_timeout_s=0.5
+        return real(*args)
+
+    handles[2].worker.prepare = slow_second
+    rec = asyncio.run(ctl.rebalance_now())
+    st = asyncio.run(ctl.report())
+    assert rec["action"] == "aborted" and rec["batches"] >= 2
+    assert st.swap is not None and st.swap.done and st.swap.epoch == rec["epoch"]
+    assert 1 <= st.swap.batch < st.swap.batches == rec["batches"]  # it stopped part way
+    assert st.aborts == 1 and st.last_abort.startswith(f"epoch {rec['epoch']} in prepare") and st.epoch == 0
+    assert not any("swap to epoch" in line for line in st.lines())
