@@ -307,3 +307,52 @@ def test_an_aborted_swap_is_reported_over_with_its_reason():
     assert 1 <= st.swap.batch < st.swap.batches == rec["batches"]  # it stopped part way
     assert st.aborts == 1 and st.last_abort.startswith(f"epoch {rec['epoch']} in prepare") and st.epoch == 0
     assert not any("swap to epoch" in line for line in st.lines())
+
+
+def test_browser_check_ends_chromium_and_its_children_and_removes_the_profile(tmp_path, monkeypatch):
+    """A stand-in 'chromium' that forks a helper writing into the profile and exits without a
+    DevTools endpoint: the check fails with RuntimeError, the helper is ended, the profile is gone."""
+    import os
+    import stat
+    import sys
+    import time
+
+    from ray_eplb.controller.cli.dashboard import browser_check
+
+    pidfile = tmp_path / "helper.pid"
+    fake = tmp_path / "bin" / "chromium"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!{sys.executable}
+import subprocess, sys
+profile = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--user-data-dir="))
+assert "--remote-debugging-port=0" in sys.argv
+helper = subprocess.Popen([sys.executable, "-c",
+    "import os, sys, time\\nwhile True:\\n    open(os.path.join(sys.argv[1], str(time.monotonic_ns())), 'w').close()\\n    time.sleep(0.01)",
+    profile])
+open({str(pidfile)!r}, "w").write(str(helper.pid))
+import time; time.sleep(0.5)
+sys.exit(3)
+""")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "t"))
+    (tmp_path / "t").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # pick up TMPDIR
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        browser_check("127.0.0.1:1", timeout_s=20)
+    helper = int(pidfile.read_text())
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 5
+    while alive(helper) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(helper)
+    assert list((tmp_path / "t").iterdir()) == []  # the profile folder is gone
