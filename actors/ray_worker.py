@@ -25,6 +25,8 @@ __all__ = [  # the names are re-exported for callers that start workers from her
     "enable_zero_copy", "launch_workers", "quiet_zero_copy_warnings", "rank_resource",
 ]
 ZERO_COPY_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
+#: Name of the placement group of topology node ``node`` of a detached deployment in ``namespace``.
+PLACEMENT_GROUP_NAME = "ray_eplb_{namespace}_node{node}"
 
 
 class RayFetcher:
@@ -140,6 +142,7 @@ def launch_workers(
     max_restarts: int = -1,
     worker_cls: type | None = None,
     resource: str | None = None,
+    lifetime: str | None = None,
 ) -> WorkerGroup:
     """Start one named worker actor per rank of ``topology`` holding ``placement``'s slots.
 
@@ -153,6 +156,8 @@ def launch_workers(
     its measuring calls that way); default :class:`RayExpertWorker`.
     ``resource``: what one rank takes, ``GPU``, ``eplb_rank`` or ``CPU`` (default: :func:`rank_resource`;
     ``CPU``, a sliver each, lets a second group run beside one that holds every rank slot).
+    ``lifetime="detached"``: the workers and their placement groups (named ``ray_eplb_<namespace>_node<i>``)
+    outlive the driver that launched them (a standing balancer, see :mod:`ray_eplb.controller.service`).
     """
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -163,13 +168,17 @@ def launch_workers(
         raise ValueError(f"gpu_fraction={gpu_fraction} must lie in (0, 1]")
     if resource not in (None, "GPU", RANK_RESOURCE, "CPU"):
         raise ValueError(f"resource={resource!r} must be GPU, {RANK_RESOURCE} or CPU")
+    if lifetime not in (None, "detached"):
+        raise ValueError(f"lifetime={lifetime!r} must be None or 'detached'")
     res = resource or rank_resource(device)
     amount = {"GPU": gpu_fraction, "CPU": 0.01}.get(res, 1.0)
     bundle = {res: amount}
     _check_capacity(topology, res, amount, device)
     pgs = []
-    for _ in range(topology.num_nodes):
-        pg = placement_group([dict(bundle) for _ in range(topology.gpus_per_node)], strategy="STRICT_PACK")
+    for node in range(topology.num_nodes):
+        named = {} if lifetime is None else {"name": PLACEMENT_GROUP_NAME.format(namespace=namespace, node=node),
+                                             "lifetime": lifetime}
+        pg = placement_group([dict(bundle) for _ in range(topology.gpus_per_node)], strategy="STRICT_PACK", **named)
         pgs.append(pg)
     try:
         ray.get([pg.ready() for pg in pgs], timeout=ready_timeout_s)
@@ -202,6 +211,7 @@ def launch_workers(
             max_restarts=max_restarts,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pgs[node], placement_group_bundle_index=local),
             runtime_env={"env_vars": dict(ZERO_COPY_ENV)},
+            lifetime=lifetime,
         )
         if res == "GPU":
             opts.update(num_gpus=amount, num_cpus=0)

@@ -3,6 +3,7 @@ the workers, forecasts it, decides when to rebalance, solves, plans the transfer
 placement to the workers in a two-phase, epoch-versioned swap.
 
 What a user calls, importable from here: :func:`start_controller`, :class:`ControllerConfig`,
+:class:`ControllerStatus` (what ``report()`` returns),
 :class:`EplbController` (the plain class, usable without Ray), :class:`RayEplbController`,
 :class:`Forecaster`. Names are imported on first use, so ``import ray_eplb.controller`` does not
 import Ray. The tools around the control plane live in :mod:`ray_eplb.controller.cli` (the
@@ -18,6 +19,7 @@ _EXPORTS = {
     "RayEplbController": "ray_controller",
     "EplbController": "balancer",
     "ControllerConfig": "config",
+    "ControllerStatus": "status",
     "Forecaster": "forecast",
     "CONTROLLER_NAME": None,
     "NAMESPACE": None,

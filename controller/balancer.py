@@ -34,6 +34,7 @@ from ray_eplb.controller.config import ControllerConfig
 from ray_eplb.controller.fanout import fanout, wait_for
 from ray_eplb.controller.loop import Loop
 from ray_eplb.controller.metrics import NullMetrics
+from ray_eplb.controller.operations import Operations
 from ray_eplb.controller.planning import budget_slots, decide, solve
 from ray_eplb.controller.recovery import Recovery
 from ray_eplb.controller.swap import push
@@ -44,7 +45,7 @@ from ray_eplb.topology import Placement, Topology
 log = logging.getLogger("ray_eplb.controller")
 
 
-class EplbController(Recovery):
+class EplbController(Recovery, Operations):
     """Telemetry, forecast, decision, solve and the two-phase push for one expert-parallel group.
 
     Args:
@@ -240,7 +241,8 @@ class EplbController(Recovery):
             self._expert_bytes = max([int(st.get("expert_bytes", 0)) for st in states.values()] + [0])
         per_rank = max(1, self.config.transfer_batch_bytes // max(1, self._expert_bytes))
         out = await push(self._fanout, self.placement, new, epoch, self.config, per_rank,
-                         before_commit=lambda: self._save(pending=new))
+                         before_commit=lambda: self._save(pending=new),
+                         progress=lambda i, n: self.swap_progress(epoch, i, n))
         rec.update(out)
         if rec.get("budget_slots"):
             rec["budget_used"] = rec["moved"] / rec["budget_slots"]
@@ -254,6 +256,7 @@ class EplbController(Recovery):
         old = self.placement
         await self._publish(new)
         self._save()  # committed
+        self._worker_maps = {r: tuple(new.map_id()) for r in self._worker_maps}  # every rank acked the commit
         self._retired[old.epoch] = time.monotonic()
         self._timed("publish", t0)
         swap_s = time.monotonic() - t_swap

@@ -3,6 +3,8 @@ restartable, zero-CPU async actor ``ray_eplb_controller`` (namespace ``ray_eplb`
 go through the balancer's store in Ray's GCS (:class:`~ray_eplb.actors.map_store.MapStore`)."""
 from __future__ import annotations
 
+import logging
+import sys
 from typing import Any
 
 from ray_eplb.actors.names import CONTROLLER_NAME, NAMESPACE, WORKER_NAME
@@ -38,7 +40,11 @@ class RayEplbController(EplbController):
             placement = Placement.from_phy2log(topology, torch.tensor(seed[0], dtype=torch.int64), seed[1])
         workers = [ray.get_actor(WORKER_NAME.format(rank=r), namespace=namespace) for r in range(topology.num_gpus)]
         restart = ray.get_runtime_context().was_current_actor_reconstructed
-        super().__init__(topology, workers, config, placement, metrics=RayMetrics(), store=MapStore(namespace),
+        self.namespace = namespace
+        metrics = RayMetrics(namespace)
+        metrics.register(topology.num_layers, topology.num_gpus)
+        _log_to_stderr()
+        super().__init__(topology, workers, config, placement, metrics=metrics, store=MapStore(namespace),
                          restart=restart)
         if restart:  # nobody else will call us: resume once the actor is up (a call from __init__ is lost)
             me = ray.get_runtime_context().current_actor
@@ -48,6 +54,13 @@ class RayEplbController(EplbController):
                 me.resume.remote()
 
             threading.Thread(target=resume_later, name="eplb-resume", daemon=True).start()
+
+    async def step(self, force: bool = False, fresh: bool = False) -> dict:
+        """:meth:`EplbController.step`, then the round goes on the timeline and the per-layer and
+        per-rank views are exported (:meth:`~ray_eplb.controller.operations.Operations.observe_round`)."""
+        rec = await super().step(force=force, fresh=fresh)
+        self.observe_round(rec)
+        return rec
 
     def __repr__(self) -> str:
         t = self.topology
@@ -77,6 +90,7 @@ def start_controller(
     *,
     start_loop: bool = True,
     namespace: str = NAMESPACE,
+    lifetime: str | None = None,
 ) -> Any:
     """Create the controller actor over the named workers of ``namespace`` (see
     :func:`~ray_eplb.actors.ray_worker.launch_workers`) and, with ``start_loop``, start its control
@@ -84,13 +98,19 @@ def start_controller(
 
     Ray restarts the actor forever; it then takes the committed map from the balancer's store and
     resumes its loop, so ``placement`` only seeds the very first start (passed as a plain list, small
-    enough to stay inline in the actor's creation task, which a restart needs)."""
+    enough to stay inline in the actor's creation task, which a restart needs).
+
+    ``lifetime="detached"``: the actor outlives the driver that created it (a standing balancer,
+    :mod:`ray_eplb.controller.service`); ``None``: it dies with its driver."""
+    if lifetime not in (None, "detached"):
+        raise ValueError(f"lifetime={lifetime!r} must be None or 'detached'")
     import ray
 
     seed = None if placement is None else (placement.phy2log.tolist(), placement.epoch)
     handle = (
         ray.remote(RayEplbController)
-        .options(name=CONTROLLER_NAME, namespace=namespace, num_cpus=0, max_restarts=-1, max_concurrency=1000)
+        .options(name=CONTROLLER_NAME, namespace=namespace, num_cpus=0, max_restarts=-1, max_concurrency=1000,
+                 lifetime=lifetime)
         .remote(topology, namespace, config or ControllerConfig(), seed)
     )
     if not ray.get(handle.recover.remote()):
@@ -98,3 +118,15 @@ def start_controller(
     if start_loop:
         ray.get(handle.start.remote())
     return handle
+
+
+def _log_to_stderr() -> None:
+    """Send the balancer's INFO lines (one per committed and aborted epoch) to the actor's stderr,
+    which Ray keeps as the actor's log (the Log link on the dashboard's Actors page)."""
+    log = logging.getLogger("ray_eplb")
+    log.setLevel(logging.INFO)
+    if not any(getattr(h, "_eplb", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler._eplb = True  # type: ignore[attr-defined]
+        log.addHandler(handler)

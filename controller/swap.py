@@ -22,10 +22,12 @@ Fanout = Callable[[str, dict, float], Awaitable[tuple[dict, dict]]]
 
 
 async def push(fanout: Fanout, old: Placement, new: Placement, epoch: int, config: ControllerConfig,
-               per_rank: int = 1, before_commit: Callable[[], None] | None = None) -> dict:
+               per_rank: int = 1, before_commit: Callable[[], None] | None = None,
+               progress: Callable[[int, int], None] | None = None) -> dict:
     """Move the workers from ``old`` to ``new`` (already numbered ``epoch``), in batches where no
     rank sends or receives more than ``per_rank`` experts; ``before_commit()`` runs once every
-    rank has prepared (the controller records the map as pending in its store there).
+    rank has prepared (the controller records the map as pending in its store there);
+    ``progress(i, n)`` after batch ``i`` of ``n`` (from 1) is staged.
 
     Returns a record: ``transfers`` (plan summary), ``moved`` (slots), ``batches``, ``batch_sizes``,
     ``bytes_moved`` (weight bytes the workers fetched or loaded), ``prepare_s``, and ``action``:
@@ -65,6 +67,8 @@ async def push(fanout: Fanout, old: Placement, new: Placement, epoch: int, confi
         if failures:
             return {**rec, "action": "failed", "phase": "prepare", "failures": failures,
                     "failed_batch": i, "prepare_s": time.monotonic() - t0}
+        if progress is not None:
+            progress(i + 1, len(batches))
     rec["prepare_s"] = time.monotonic() - t0
     if before_commit is not None:
         before_commit()

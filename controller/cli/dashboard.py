@@ -10,6 +10,7 @@ import base64
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -107,29 +108,63 @@ async def _browse(url: str, screenshot: str | None, settle_s: float) -> dict:
     if exe is None:
         raise RuntimeError("no chromium / google-chrome on PATH: the browser check needs one")
     base = url if url.startswith("http") else f"http://{url}"
-    port = free_port()  # for Chromium's DevTools endpoint
-    with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.Popen(
-            [exe, "--headless", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}",
-             f"--user-data-dir={profile}", "--window-size=1600,1000", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    profile = tempfile.mkdtemp(prefix="ray-eplb-chromium-")
+    # Port 0: Chromium binds a free DevTools port itself and writes it to the profile (no
+    # check-then-bind race). Its own session, so every process it forks ends with it.
+    proc = subprocess.Popen(
+        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0",
+         f"--user-data-dir={profile}", "--window-size=1600,1000", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        port = await _devtools_port(profile, proc)
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):  # the DevTools endpoint answers within a few seconds
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/json") as r:
+                        tabs = await r.json()
+                    break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.2)
+            else:
+                raise RuntimeError("chromium's DevTools endpoint did not come up")
+            page = next(t for t in tabs if t["type"] == "page")["webSocketDebuggerUrl"]
+            async with http.ws_connect(page, max_msg_size=0) as ws:
+                return await _read_actors_page(ws, base, screenshot, settle_s)
+    finally:
+        end_browser(proc, profile)
+
+
+async def _devtools_port(profile: str, proc: subprocess.Popen, timeout_s: float = 30.0) -> int:
+    """The DevTools port Chromium chose (first line of ``DevToolsActivePort`` in its profile)."""
+    path = os.path.join(profile, "DevToolsActivePort")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"chromium exited with {proc.returncode} before its DevTools endpoint came up")
         try:
-            async with aiohttp.ClientSession() as http:
-                for _ in range(100):  # the DevTools endpoint comes up within a few seconds
-                    try:
-                        async with http.get(f"http://127.0.0.1:{port}/json") as r:
-                            tabs = await r.json()
-                        break
-                    except aiohttp.ClientError:
-                        await asyncio.sleep(0.2)
-                else:
-                    raise RuntimeError("chromium's DevTools endpoint did not come up")
-                page = next(t for t in tabs if t["type"] == "page")["webSocketDebuggerUrl"]
-                async with http.ws_connect(page, max_msg_size=0) as ws:
-                    return await _read_actors_page(ws, base, screenshot, settle_s)
-        finally:
-            proc.kill()
-            proc.wait()
+            with open(path) as f:
+                first = f.readline().strip()
+            if first.isdigit():
+                return int(first)
+        except OSError:
+            pass
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"chromium wrote no DevTools port within {timeout_s:g} s")
+
+
+def end_browser(proc: subprocess.Popen, profile: str) -> None:
+    """End Chromium's whole process group (its renderers and helpers too), then remove its profile
+    (removing it while a helper still writes there failed with 'Directory not empty')."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    for _ in range(50):
+        shutil.rmtree(profile, ignore_errors=True)
+        if not os.path.exists(profile):
+            return
+        time.sleep(0.1)
 
 
 async def _read_actors_page(ws, base: str, screenshot: str | None, settle_s: float) -> dict:

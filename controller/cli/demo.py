@@ -76,6 +76,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
     ap.add_argument("--seed", type=nonneg_int, default=0, help="random seed of the gate and the token stream (default 0)")
     ap.add_argument("--json", action="store_true", help="end with one line of JSON")
+    ap.add_argument("--out", default=None, metavar="DIR",
+                    help="write PNG plots here at the end: balancedness over time, per-GPU load before/after a rebalance")
     ap.add_argument("--screenshot", default=None, metavar="PNG",
                     help="also open the dashboard's Actors page in headless Chromium, check our actors are "
                          "listed, and save a screenshot here (needs chromium on PATH)")
@@ -340,6 +342,11 @@ def _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start) -> di
     ray.get(ctl.stop.remote())
     st = ray.get(ctl.status.remote())
     hist = ray.get(ctl.history.remote())
+    plots = []
+    if a.out:
+        from ray_eplb.controller.cli.plots import write_plots
+
+        plots = write_plots(a.out, ray.get(ctl.timeline.remote()), hist, ray.get(ctl.rebalance_loads.remote()))
     states = ray.get([h.state.remote() for h in group.handles])
     identity_bad = sum(len(v) for v in ray.get([h.verify.remote() for h in group.handles]))
     after, which = [r for r in rows if r["epoch"] > 0], "the {n} windows served after the first rebalance"
@@ -389,5 +396,8 @@ def _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start) -> di
               f"{len(dash['browser']['actors'])} ray_eplb rows; screenshot {dash['browser']['png']}")
     for err in dash["errors"][:3]:
         print(f"[demo] dashboard check: {err}")
+    if plots:
+        print(f"[demo] plots: {', '.join(plots)}")
+    summary["plots"] = plots
     return summary
 

@@ -1,5 +1,5 @@
-"""The ``ray-eplb`` command. Each subcommand lives in its own module, imported only when it runs,
-so ``ray-eplb bench`` never imports Ray."""
+"""The ``ray-eplb`` command. Each subcommand lives in its own module (``module`` runs its ``main``,
+``module:function`` that function), imported only when it runs, so ``ray-eplb bench`` never imports Ray."""
 from __future__ import annotations
 
 import importlib
@@ -11,6 +11,13 @@ COMMANDS = {
               "--migration: migration-aware; --scale: production-scale shapes"),
     "bench-runtime": ("ray_eplb.controller.bench.runtime", "runtime benchmark: telemetry, swap, transfer"),
     "plan": ("ray_eplb.controller.cli.plan", "plan a placement offline from engine load records (SGLang, trace, JSON)"),
+    "start": ("ray_eplb.controller.cli.ops:start", "start a standing balancer on a Ray cluster (detached; outlives this shell)"),
+    "status": ("ray_eplb.controller.cli.ops:status", "the running balancer: epoch, balancedness, last rebalance, workers"),
+    "history": ("ray_eplb.controller.cli.ops:history", "rebalances so far; --plot PNG draws balancedness and GPU loads"),
+    "rebalance": ("ray_eplb.controller.cli.ops:rebalance", "rebalance now (--dry-run: show the plan and its gain only)"),
+    "config": ("ray_eplb.controller.cli.ops:config", "show or set the running controller's configuration"),
+    "stop": ("ray_eplb.controller.cli.ops:stop", "remove the running balancer (its actors, placement groups, store)"),
+    "grafana": ("ray_eplb.controller.cli.ops:grafana", "print the Grafana dashboard JSON of the balancer's metrics"),
 }
 
 SCALE_BENCH = "ray_eplb.controller.bench.scale"
@@ -49,10 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     if name == "bench" and "--scale" in rest:  # the production-scale shapes: a benchmark of its own
-        module = importlib.import_module(SCALE_BENCH)
-        return int(module.main([a for a in rest if a != "--scale"]) or 0)
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+        return int(importlib.import_module(SCALE_BENCH).main([a for a in rest if a != "--scale"]) or 0)
+    path, _, function = COMMANDS[name][0].partition(":")
+    return int(getattr(importlib.import_module(path), function or "main")(rest) or 0)
 
 
 if __name__ == "__main__":
