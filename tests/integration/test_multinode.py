@@ -33,7 +33,7 @@ def test_demo_runs_end_to_end_with_token_auth_on(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # the product path: auth on
     cmd = [sys.executable, "-m", "ray_eplb.controller.cli.main", "demo", "--workers", "4", "--nodes", "2",
            "--windows", "6", "--layers", "4", "--batches-per-window", "2", "--batch-tokens", "64",
-           "--interval", "0.3", "--rebalance-period", "0.6", "--json"]
+           "--interval", "0.3", "--rebalance-period", "0.6", "--out", str(tmp_path / "plots"), "--json"]
     # With a Chromium here, also look at the Actors page the way a person does (CI has none).
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser:
@@ -44,7 +44,9 @@ def test_demo_runs_end_to_end_with_token_auth_on(tmp_path):
     assert set(summary) == {"balancedness_before", "balancedness_after", "balancedness_run", "planning", "max_moves",
                             "rebalance_period_s", "rebalances", "experts_moved", "bytes_moved", "transfer_batches",
                             "aborted", "swap_s_mean", "tokens", "mismatched_tokens", "max_stall_ms",
-                            "wrong_weight_slots", "dashboard", "ok"}
+                            "wrong_weight_slots", "dashboard", "plots", "ok"}
+    assert sorted(Path(p).name for p in summary["plots"]) == ["balancedness.png", "gpu_load_heatmap.png"]
+    assert all(Path(p).stat().st_size > 10_000 for p in summary["plots"])
     assert summary["tokens"] == 6 * 2 * 64 and summary["mismatched_tokens"] == 0 and summary["ok"]
     assert summary["rebalances"] >= 1 and summary["experts_moved"] > 0 and summary["bytes_moved"] > 0
     # What a person finds on the dashboard: the named actors (Actors page) and the metrics (Prometheus).
