@@ -36,6 +36,7 @@ from ray_eplb.controller.loop import Loop
 from ray_eplb.controller.metrics import NullMetrics
 from ray_eplb.controller.operations import Operations
 from ray_eplb.controller.planning import budget_slots, decide, solve
+from ray_eplb.controller.publishing import Publishing
 from ray_eplb.controller.recovery import Recovery
 from ray_eplb.controller.swap import push
 from ray_eplb.controller.telemetry import LoadTracker
@@ -45,7 +46,7 @@ from ray_eplb.topology import Placement, Topology
 log = logging.getLogger("ray_eplb.controller")
 
 
-class EplbController(Recovery, Operations):
+class EplbController(Recovery, Operations, Publishing):
     """Telemetry, forecast, decision, solve and the two-phase push for one expert-parallel group.
 
     Args:
@@ -300,57 +301,6 @@ class EplbController(Recovery, Operations):
         self._errors.append(msg)
         rec.update(action="error", phase=phase, error=msg)
         return rec
-
-    # ------------------------------------------------------------------ publishing to routers
-    async def _publish(self, new: Placement) -> None:
-        _, cond = self._sync()
-        async with cond:
-            self.placement = new
-            self._placements[new.epoch] = new
-            for e in sorted(self._placements)[:-8]:
-                del self._placements[e]
-            cond.notify_all()
-
-    async def wait_map(self, known_epoch: int, router_id: str | None = None, timeout_s: float = 10.0) -> Placement | None:
-        """Long poll for routers: the current placement as soon as its epoch is newer than
-        ``known_epoch``, or ``None`` after ``timeout_s``. Polling with ``known_epoch`` acks that map."""
-        if not self._recovered:
-            await self.recover()
-        if router_id is not None:
-            self._routers[router_id] = (known_epoch, time.monotonic())
-            self._maybe_release()
-        _, cond = self._sync()
-        async with cond:
-            try:
-                await asyncio.wait_for(cond.wait_for(lambda: self.placement.epoch > known_epoch), timeout_s)
-            except asyncio.TimeoutError:
-                return None
-            return self.placement
-
-    async def current_map(self) -> Placement | None:
-        """The placement in force once no round is under way (``None`` while it cannot be told,
-        e.g. recovery is still missing a worker). A restarted worker loads its slots from it."""
-        lock, _ = self._sync()
-        async with lock:
-            if not self._recovered:
-                await self.recover()
-            return self.placement if self._recovered else None
-
-    def _maybe_release(self) -> None:
-        now = time.monotonic()
-        for rid in [rid for rid, (_, seen) in self._routers.items() if now - seen >= self.config.router_ttl_s]:
-            del self._routers[rid]  # its lease lapsed: a router that polls again is registered again
-        live = [e for e, _ in self._routers.values()]
-        for epoch, retired_at in sorted(self._retired.items()):
-            if all(e > epoch for e in live) or now - retired_at >= self.config.release_timeout_s:
-                del self._retired[epoch]
-                self._fire("release", epoch)
-
-    async def forget_router(self, router_id: str) -> bool:
-        """A router closed: stop waiting for its acks (True if it was registered)."""
-        found = self._routers.pop(router_id, None) is not None
-        self._maybe_release()
-        return found
 
     # ------------------------------------------------------------------ the API
     async def rebalance_now(self, fresh: bool = False) -> dict:
