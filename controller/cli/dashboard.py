@@ -112,8 +112,11 @@ async def _browse(url: str, screenshot: str | None, settle_s: float) -> dict:
     # Port 0: Chromium binds a free DevTools port itself and writes it to the profile (no
     # check-then-bind race). Its own session, so every process it forks ends with it.
     proc = subprocess.Popen(
-        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0",
+        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
          f"--user-data-dir={profile}", "--window-size=1600,1000", "about:blank"],
+        # Its temporary files (singleton sockets) inside the profile too: one folder to remove.
+        env={**os.environ, "TMPDIR": profile},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         port = await _devtools_port(profile, proc)
