@@ -40,7 +40,7 @@ def test_demo_runs_end_to_end_with_token_auth_on(tmp_path):
     if browser:
         cmd += ["--screenshot", str(tmp_path / "actors.png")]
     else:
-        warnings.warn("no chromium on PATH: the demo's dashboard is checked through its APIs only, not in a browser")
+        warnings.warn("no chromium on PATH: the demo's dashboard is checked through its APIs only, not in a browser", stacklevel=1)
     out = run(cmd, 190, env)
     assert "[demo] token authentication on (token: " in out  # tests/integration/test_auth.py: what that means
     summary = json.loads(out.strip().splitlines()[-1])
