@@ -44,6 +44,9 @@ def run(prog: str, argv: list[str], build: Callable[[argparse.ArgumentParser], N
     from ray_eplb.actors.names import NAMESPACE
 
     a.namespace = a.namespace or NAMESPACE
+    import ray
+
+    connected_before = ray.is_initialized()  # a caller's own connection is theirs to close
     try:
         return body(a)
     except NoBalancer as exc:
@@ -54,9 +57,7 @@ def run(prog: str, argv: list[str], build: Callable[[argparse.ArgumentParser], N
         print(f"ray-eplb {prog}: {_cause(exc)}", file=sys.stderr)
         return 2
     finally:
-        import ray
-
-        if ray.is_initialized():
+        if ray.is_initialized() and not connected_before:
             ray.shutdown()
 
 

@@ -2,7 +2,7 @@
 experts from the saved folder, rebalanced by the controller on the load the workers counted: the
 generated tokens are the unpatched model's before and after.
 
-Its own namespace and CPU-sliver ranks, so it runs beside the session's runtime (which holds every
+Its own namespace and CPU-sliver ranks, so it runs beside the other tests' runtime (which holds every
 ``eplb_rank`` slot)."""
 import copy
 
