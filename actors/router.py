@@ -114,7 +114,8 @@ class Router:
         if block:
             self._poll = None
             try:
-                newer = ray.get(self.controller.wait_map.remote(-1, self.id, 0.5), timeout=self.timeout_s)
+                # Known epoch -1: the map in force at once. No router id: this is no ack of epoch -1.
+                newer = ray.get(self.controller.wait_map.remote(-1, None, 0.5), timeout=self.timeout_s)
             except ray.exceptions.RayError:  # the controller is restarting or slow: keep our map for now
                 newer = None
         else:
