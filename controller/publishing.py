@@ -40,8 +40,8 @@ class Publishing:
             return self.placement
 
     async def current_map(self) -> Placement | None:
-        """The placement in force once no round is under way (``None`` while it cannot be told,
-        e.g. recovery is still missing a worker). A restarted worker loads its slots from it."""
+        """The placement in force once no round is under way (``None`` while the store cannot be
+        read). Operators and tests ask for it; a restarted worker reads the store itself."""
         lock, _ = self._sync()
         async with lock:
             if not self._recovered:
