@@ -63,3 +63,35 @@ def duplicate_pairs(phy2log: torch.Tensor, num_gpus: int) -> int:
     per_gpu = phy2log.view(num_layers, num_gpus, num_slots // num_gpus)  # [L, G, S]
     srt = torch.sort(per_gpu, dim=-1).values
     return int((srt[..., 1:] == srt[..., :-1]).sum())
+
+
+def unavoidable_duplicates(
+    phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int, num_nodes: int = 1, num_groups: int = 1
+) -> int:
+    """Duplicates no placement with these replica counts can avoid: ``sum max(0, count - GPUs available)``.
+
+    ``phy2log [L, R]``, ``logcnt [L, E]``. An expert may use every GPU, or only its node's
+    ``num_gpus / num_nodes`` GPUs in a layer whose placement keeps every expert group whole on one
+    node (the hierarchical policy).
+    """
+    num_layers, num_slots = phy2log.shape
+    num_experts = logcnt.shape[1]
+    avail = torch.full((num_layers,), num_gpus, dtype=torch.int64)  # [L]
+    if num_nodes > 1 and num_groups % num_nodes == 0 and num_experts % num_groups == 0:
+        node = (torch.arange(num_slots) // (num_slots // num_nodes)).expand(num_layers, -1)  # [L, R]
+        group = phy2log.cpu() // (num_experts // num_groups)  # [L, R]
+        lo = torch.full((num_layers, num_groups), num_nodes, dtype=torch.int64)  # [L, G]
+        hi = torch.full((num_layers, num_groups), -1, dtype=torch.int64)  # [L, G]
+        lo.scatter_reduce_(1, group, node, "amin")
+        hi.scatter_reduce_(1, group, node, "amax")
+        whole = (lo == hi).all(dim=1)  # [L] every group on one node
+        avail = torch.where(whole, num_gpus // num_nodes, avail)
+    return int((logcnt.cpu() - avail.unsqueeze(1)).clamp(min=0).sum())
+
+
+def avoidable_duplicates(
+    phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int, num_nodes: int = 1, num_groups: int = 1
+) -> int:
+    """Surplus replicas sharing a GPU with another replica of the same expert, beyond the
+    :func:`unavoidable_duplicates` (shapes as there)."""
+    return duplicate_pairs(phy2log, num_gpus) - unavoidable_duplicates(phy2log, logcnt, num_gpus, num_nodes, num_groups)

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 
 from ray_eplb.controller.bench.cases import Case, case_windows, select_cases
-from ray_eplb.solver import balancedness, duplicate_pairs
+from ray_eplb.solver import balancedness, duplicate_pairs, metrics
 from ray_eplb.solver.baseline import greedy_rebalance_experts
 
 SPEED_CASE = "dsv2lite_puffin 288,8,4,32"
@@ -64,24 +64,9 @@ Solver = Callable[[torch.Tensor, int, int, int, int], tuple[torch.Tensor, torch.
 
 
 def unavoidable_duplicates(phy2log: torch.Tensor, logcnt: torch.Tensor, case: Case) -> int:
-    """Duplicates no placement with these counts can avoid: ``sum max(0, count - GPUs available)``.
-
-    ``phy2log [L, R]``, ``logcnt [L, E]``. An expert may use every GPU, or only its node's GPUs in a
-    layer whose placement keeps every expert group whole on one node (the hierarchical policy).
-    """
-    num_layers, num_slots = phy2log.shape
-    num_experts = logcnt.shape[1]
-    avail = torch.full((num_layers,), case.num_gpus, dtype=torch.int64)  # [L]
-    if case.num_nodes > 1 and case.num_groups % case.num_nodes == 0 and num_experts % case.num_groups == 0:
-        node = (torch.arange(num_slots) // (num_slots // case.num_nodes)).expand(num_layers, -1)  # [L, R]
-        group = phy2log.cpu() // (num_experts // case.num_groups)  # [L, R]
-        lo = torch.full((num_layers, case.num_groups), case.num_nodes, dtype=torch.int64)  # [L, G]
-        hi = torch.full((num_layers, case.num_groups), -1, dtype=torch.int64)  # [L, G]
-        lo.scatter_reduce_(1, group, node, "amin")
-        hi.scatter_reduce_(1, group, node, "amax")
-        whole = (lo == hi).all(dim=1)  # [L] every group on one node
-        avail = torch.where(whole, case.num_gpus // case.num_nodes, avail)
-    return int((logcnt.cpu() - avail.unsqueeze(1)).clamp(min=0).sum())
+    """:func:`ray_eplb.solver.metrics.unavoidable_duplicates` for ``case``'s shape
+    (``phy2log [L, R]``, ``logcnt [L, E]``)."""
+    return metrics.unavoidable_duplicates(phy2log, logcnt, case.num_gpus, case.num_nodes, case.num_groups)
 
 
 def _score(case: Case, windows: torch.Tensor, plans: list, times: list[float], repeats: int) -> SolverResult:

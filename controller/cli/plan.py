@@ -148,14 +148,10 @@ def _old_placement(path: str, topology: Topology) -> Placement:
 def avoidable_duplicates(placement: Placement) -> int:
     """Surplus replicas on a GPU that holds another replica of the same expert, beyond what the replica
     counts force (an expert with more replicas than the GPUs it may use must double up)."""
-    from ray_eplb.controller.bench.cases import Case
-    from ray_eplb.controller.bench.solver import unavoidable_duplicates
+    from ray_eplb.solver.metrics import avoidable_duplicates as count
 
     t = placement.topology
-    case = Case(trace="", num_replicas=t.num_slots, num_groups=t.num_groups, num_nodes=t.num_nodes,
-                num_gpus=t.num_gpus)
-    return duplicate_pairs(placement.phy2log, t.num_gpus) - unavoidable_duplicates(placement.phy2log, placement.logcnt,
-                                                                                    case)
+    return count(placement.phy2log, placement.logcnt, t.num_gpus, t.num_nodes, t.num_groups)
 
 
 def summarize(before: Placement, after: Placement, weight: torch.Tensor) -> dict:

@@ -76,3 +76,15 @@ def test_balancedness_of_nan_inf_or_negative_load_raises():
     with pytest.raises(ValueError, match="4 such entries"):
         balancedness(phy2log, logcnt, torch.full((1, 4), float("nan")), 2)
     assert balancedness(phy2log, logcnt, torch.zeros(1, 4), 2) == 1.0
+
+
+def test_avoidable_duplicates_leave_out_what_the_counts_force():
+    from ray_eplb.solver.metrics import avoidable_duplicates, unavoidable_duplicates
+
+    # 2 GPUs x 3 slots; expert 0 has 3 replicas (one must double up), expert 1 two on GPU 0 (avoidable)
+    phy2log = torch.tensor([[0, 1, 1, 0, 0, 2]])
+    logcnt = torch.tensor([[3, 2, 1]])
+    assert duplicate_pairs(phy2log, 2) == 2
+    assert unavoidable_duplicates(phy2log, logcnt, 2) == 1
+    assert avoidable_duplicates(phy2log, logcnt, 2) == 1
+    assert avoidable_duplicates(torch.tensor([[0, 1, 0, 0, 1, 2]]), logcnt, 2) == 0
