@@ -90,11 +90,10 @@ class Recovery:
         an empty store, the placement given (recorded as committed). A pending map in the store
         means the last commit was cut short: it is rolled forward. Never waits for a worker."""
         try:
-            rec = None if self._fresh_start else self.store.load()
-            if self._fresh_start:
-                old = self.store.load()
-                if old is not None:  # a new deployment never reuses an earlier one's numbers
-                    self._next_epoch = max(self._next_epoch, int(old.get("next_epoch", 0)))
+            stored = self.store.load()
+            rec = None if self._fresh_start else stored
+            if self._fresh_start and stored is not None:  # a new deployment never reuses an earlier one's numbers
+                self._next_epoch = max(self._next_epoch, int(stored.get("next_epoch", 0)))
             if rec is not None and Topology.model_validate(rec["topology"]) != self.topology:
                 raise ValueError(f"the store holds a map for another topology: {rec['topology']}")
             if rec is None:
