@@ -168,8 +168,7 @@ class EplbController(Recovery, Operations, Publishing):
             self._rounds += 1
             self.metrics.refresh()  # keep the last gauge values on the Prometheus endpoint
             try:
-                if not self._recovered:
-                    await self.recover()
+                await self._ready()
                 await self.telemetry()
                 rec["missing"] = list(self._missing)
                 if self._rejected:
@@ -321,13 +320,11 @@ class EplbController(Recovery, Operations, Publishing):
         """Push an explicit placement ``phy2log [L, R]`` (operators, benchmarks)."""
         lock, _ = self._sync()
         async with lock:
-            if not self._recovered:
-                await self.recover()
+            await self._ready()
             return await self.apply(Placement.from_phy2log(self.topology, phy2log))
 
     async def status(self) -> dict:
-        if not self._recovered:
-            await self.recover()
+        await self._ready()
         window = self.window_load()
         return {
             "epoch": self.placement.epoch,
@@ -381,8 +378,7 @@ class EplbController(Recovery, Operations, Publishing):
     async def start(self) -> str:
         """Start the control loop (``step()`` every ``interval_s``) as a background task (idempotent).
         The intent is stored: a controller Ray restarts runs its loop again (:meth:`resume`)."""
-        if not self._recovered:
-            await self.recover()
+        await self._ready()
         self._loop_intent = "running"
         self._save()
         return await self._loop.start()
@@ -390,16 +386,14 @@ class EplbController(Recovery, Operations, Publishing):
     async def stop(self) -> str:
         """Stop the loop after the current step (the actor stays up for status/history); stored,
         so a restarted controller stays stopped."""
-        if not self._recovered:
-            await self.recover()
+        await self._ready()
         self._loop_intent = "stopped"
         self._save()
         return await self._loop.stop()
 
     async def resume(self) -> str:
         """After a restart: recover from the store and run the loop again if it was running."""
-        if not self._recovered:
-            await self.recover()
+        await self._ready()
         if self._loop_intent == "running":
             log.info("restarted controller: resuming the control loop")
             return await self._loop.start()

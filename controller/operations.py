@@ -93,8 +93,7 @@ class Operations:
 
         lock, _ = self._sync()
         async with lock:
-            if not self._recovered:
-                await self.recover()
+            await self._ready()
             forecast = self.forecast  # [L, E]
             if forecast is None:
                 return {"action": "no_load", "why": "no load seen yet: the workers have routed no token"}

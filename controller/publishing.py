@@ -26,8 +26,7 @@ class Publishing:
     async def wait_map(self, known_epoch: int, router_id: str | None = None, timeout_s: float = 10.0) -> Placement | None:
         """Long poll for routers: the current placement as soon as its epoch is newer than
         ``known_epoch``, or ``None`` after ``timeout_s``. Polling with ``known_epoch`` acks that map."""
-        if not self._recovered:
-            await self.recover()
+        await self._ready()
         if router_id is not None:
             self._routers[router_id] = (known_epoch, time.monotonic())
             self._maybe_release()
@@ -44,8 +43,7 @@ class Publishing:
         read). Operators and tests ask for it; a restarted worker reads the store itself."""
         lock, _ = self._sync()
         async with lock:
-            if not self._recovered:
-                await self.recover()
+            await self._ready()
             return self.placement if self._recovered else None
 
     def _maybe_release(self) -> None:

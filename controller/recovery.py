@@ -118,6 +118,10 @@ class Recovery:
         log.info("controller ready on epoch %d (%s), next epoch %d", self.placement.epoch, self._recovery, self._next_epoch)
         return True
 
+    async def _ready(self) -> bool:
+        """Recovered already, or :meth:`recover` now (every entry point calls this first)."""
+        return self._recovered or await self.recover()
+
     # ------------------------------------------------------------------ healing
     def _off_map(self, reports: dict[int, dict]) -> dict[int, MapId]:
         """Ranks whose ``collect`` reply says they serve another map than the one in force."""
