@@ -5,7 +5,7 @@ import hashlib
 from typing import Any, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from ray_eplb.solver.maps import logical_maps
 from ray_eplb.topology.shape import Topology
@@ -38,6 +38,7 @@ class Placement(BaseModel):
     phy2log: torch.Tensor
     log2phy: torch.Tensor
     logcnt: torch.Tensor
+    _digest: str | None = PrivateAttr(default=None)  # digest() computed once (phy2log never changes)
 
     @model_validator(mode="after")
     def _check(self) -> "Placement":
@@ -103,11 +104,13 @@ class Placement(BaseModel):
         """Fingerprint of the slot map (16 hex digits of BLAKE2b over ``phy2log``'s shape and
         values): two placements with the same digest hold the same expert in every slot. With the
         epoch it names one map exactly; workers serve a dispatch only if both match their table."""
-        p = self.phy2log.detach().to("cpu", torch.int64).contiguous()
-        h = hashlib.blake2b(digest_size=8)
-        h.update(repr(tuple(p.shape)).encode())
-        h.update(p.numpy().tobytes())
-        return h.hexdigest()
+        if self._digest is None:
+            p = self.phy2log.detach().to("cpu", torch.int64).contiguous()
+            h = hashlib.blake2b(digest_size=8)
+            h.update(repr(tuple(p.shape)).encode())
+            h.update(p.numpy().tobytes())
+            self._digest = h.hexdigest()
+        return self._digest
 
     def map_id(self) -> "MapId":
         """``(epoch, digest)``: what a dispatch carries to name the map it was routed by."""
