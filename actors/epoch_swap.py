@@ -202,7 +202,9 @@ class EpochSwap:
                 if e <= epoch and e != self.epoch:
                     t.releasable = True
             freed = self._drop_released()
-            return {"status": "released", "rank": self.rank, "freed": freed, "held": sorted(self._tables)}
+            in_use, held = self._weights_in_use(), sorted(self._tables)
+        self._release_store_pages(in_use)  # outside the lock: serving never waits on the unmapping
+        return {"status": "released", "rank": self.rank, "freed": freed, "held": held}
 
     def _drop_released(self) -> list[int]:
         gone = [e for e, t in self._tables.items() if t.releasable and t.in_flight == 0 and e != self.epoch]

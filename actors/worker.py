@@ -16,6 +16,7 @@ re-routes), so a token never meets the wrong expert.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ import torch
 
 from ray_eplb.actors.epoch_swap import EpochSwap
 from ray_eplb.actors.protocol import Fetcher, StaleEpochError, Transfer, decode_counts, local_fetcher
+from ray_eplb.actors.shared_pages import release_unused, store_resident_bytes
 from ray_eplb.actors.staging import Staging
 from ray_eplb.actors.tables import Partial, Table
 from ray_eplb.actors.weights import WeightSource, swiglu
@@ -40,6 +42,7 @@ class _Stats:
     max_lock_wait_s: float = 0.0
     moved: int = 0
     stale_dispatches: int = 0
+    store_pages_released: int = 0  # bytes of object-store address space unmapped (see shared_pages)
 
 
 class ExpertWorker(EpochSwap):
@@ -130,6 +133,17 @@ class ExpertWorker(EpochSwap):
         live = {id(w) for t in [*self._tables.values(), self._staged, self._partial] if t is not None
                 for row in t.weights for w in row}
         self.staging.recycle((w for t in dropped for row in t.weights for w in row), live)
+
+    def _weights_in_use(self) -> list[torch.Tensor]:
+        """Under the lock: every weight tensor of the served, sealed and partial tables."""
+        return [w for t in [*self._tables.values(), self._staged, self._partial] if t is not None
+                for row in t.weights for w in row]
+
+    def _release_store_pages(self, in_use: list[torch.Tensor]) -> None:
+        """Unmap the object-store pages no table uses (peers' replies already copied, retired borrowed
+        weights, replies written for peers), so RSS tracks what is served. Safe without the lock: a
+        page unmapped while a new staging reads it is faulted back in with the same bytes."""
+        self.stats.store_pages_released += release_unused(in_use)
 
     def _fault(self, method: str) -> None:
         delay = self._faults.get(method, 0.0)
@@ -247,8 +261,20 @@ class ExpertWorker(EpochSwap):
                 "borrowed_bytes": self.staging.borrowed_bytes,
                 "borrow_cap": self.staging.borrow_bytes,
                 "borrowed_total": self.staging.borrowed_total,
+                "store_pages_released": self.stats.store_pages_released,
                 "expert_bytes": w0.numel() * w0.element_size(),
             }
+
+    def memory(self) -> dict:
+        """This process's memory as an operator sees it: RSS, the part of it that is object-store pages
+        (shared, counted once mapped), and the object-store address space released so far (bytes)."""
+        try:
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # not Linux
+            rss = 0
+        return {"rank": self.rank, "rss": rss, "store_resident": store_resident_bytes(),
+                "store_pages_released": self.stats.store_pages_released}
 
     def verify(self, epoch: int | None = None) -> list[tuple[int, int, int]]:
         """Identity check: ``(layer, local slot, expert)`` of every slot whose weights differ from the

@@ -97,6 +97,25 @@ def test_forced_rebalance_moves_weights_and_every_slot_holds_its_expert(runtime)
     assert runtime.router.placement.epoch == rec["epoch"]
 
 
+def test_workers_unmap_object_store_pages_no_table_uses_and_still_serve_exactly(runtime):
+    """After a swap and the release of the old epoch, a worker's RSS holds of the object store only
+    the weights it serves from there (borrowed replies): what it copied, and what it wrote for
+    peers, is unmapped; and serving afterwards is still exact."""
+    import ray
+
+    rec = ray.get(runtime.controller.rebalance_now.remote(fresh=True))
+    assert rec["action"] == "committed" and rec["moved"] > 0, rec
+    ray.get([w.release.remote(rec["epoch"] - 1) for w in runtime.workers])
+    mem = ray.get([w.memory.remote() for w in runtime.workers])
+    after = states(runtime)
+    assert all(m["store_pages_released"] > 0 for m in mem), mem
+    page_slack = 2 * 4096 * runtime.topology.num_layers * runtime.topology.slots_per_gpu  # rounding per tensor
+    for m, s in zip(mem, after):
+        assert m["store_resident"] <= s["borrowed_bytes"] + page_slack, (m, s)
+    assert drive(runtime, seed=30) == 0
+    assert ray.get([w.verify.remote() for w in runtime.workers]) == [[]] * runtime.topology.num_gpus
+
+
 def test_tokens_routed_during_swaps_all_match_the_dense_reference(runtime):
     import ray
 
