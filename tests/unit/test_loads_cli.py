@@ -1,0 +1,68 @@
+"""``ray-eplb loads`` without a cluster: the format a file gets, and the controller's record written
+in each format and read back by the records readers; a record that does not fit names the problem."""
+import pytest
+import torch
+
+from ray_eplb.controller.cli.loads import export, resolve_format
+from ray_eplb.topology import Placement, Topology
+from ray_eplb.topology.records import read_loads, read_placement
+
+TOPO = Topology(num_nodes=1, gpus_per_node=2, slots_per_gpu=3, num_experts=4, num_layers=2)
+
+
+def record(window):
+    p = Placement.identity(TOPO, epoch=7)
+    w = torch.as_tensor(window, dtype=torch.float64)
+    return {"window": w.tolist(), "total": (w.sum(0) if w.numel() else torch.zeros(2, 4)).tolist(), "rounds": 9,
+            "epoch": p.epoch, "phy2log": p.phy2log.tolist(), "topology": TOPO.model_dump()}
+
+
+@pytest.mark.parametrize("name,placement,fmt,want", [
+    ("a.json", False, None, "ours"), ("a.npz", False, None, "npz"), ("a.pt", False, None, "sglang"),
+    ("a.json", True, None, "ours"), ("a.pt", True, None, "sglang-pt"), ("a.json", True, "sglang", "sglang-json"),
+    ("a.pt", True, "triple", "triple"),
+])
+def test_format_follows_the_flag_or_the_suffix(name, placement, fmt, want):
+    assert resolve_format(name, fmt, placement) == want
+
+
+@pytest.mark.parametrize("name,placement,fmt,words", [
+    ("a.txt", False, None, "give --format"), ("a.npz", True, None, "give --format"),
+    ("a.pt", False, "triple", "does not write loads"), ("a.json", True, "npz", "does not write a placement"),
+])
+def test_bad_format_is_named(name, placement, fmt, words):
+    with pytest.raises(ValueError, match=words):
+        resolve_format(name, fmt, placement)
+
+
+def test_window_and_total_round_trip_in_every_format(tmp_path):
+    rounds = torch.arange(2 * 2 * 4, dtype=torch.float64).reshape(2, 2, 4)  # [T, L, E]
+    for fmt, suffix in (("ours", "json"), ("npz", "npz"), ("sglang", "pt")):
+        path = tmp_path / f"w.{suffix}"
+        assert "2 window(s)" in export(record(rounds), str(path), fmt, placement=False, total=False)
+        assert torch.equal(read_loads(path), rounds)
+        export(record(rounds), str(path), fmt, placement=False, total=True)
+        assert torch.equal(read_loads(path), rounds.sum(0, keepdim=True))
+
+
+def test_placement_round_trips_with_its_epoch(tmp_path):
+    path = tmp_path / "p.json"
+    export(record([[[1, 0, 0, 0], [0, 1, 0, 0]]]), str(path), "ours", placement=False, total=False)
+    export(record([[[1, 0, 0, 0], [0, 1, 0, 0]]]), str(path), "ours", placement=True, total=False)
+    got = read_placement(path)
+    assert got.epoch == 7 and torch.equal(got.phy2log, Placement.identity(TOPO).phy2log)
+
+
+def test_a_record_that_does_not_fit_is_refused_with_its_shape(tmp_path):
+    bad = record(torch.ones(2, 2, 4))
+    bad["window"] = torch.ones(2, 3, 4).tolist()
+    with pytest.raises(ValueError, match=r"shape \(2, 3, 4\), expected \[T, 2, 4\]"):
+        export(bad, str(tmp_path / "x.json"), "ours", placement=False, total=False)
+    with pytest.raises(ValueError, match="recorded no round yet"):
+        export(record(torch.zeros(0, 2, 4)), str(tmp_path / "x.json"), "ours", placement=False, total=False)
+    with pytest.raises(ValueError, match="no token yet"):
+        export(record(torch.zeros(1, 2, 4)), str(tmp_path / "x.json"), "ours", placement=False, total=False)
+    missing = record(torch.ones(1, 2, 4))
+    del missing["phy2log"]
+    with pytest.raises(ValueError, match="no 'phy2log'"):
+        export(missing, str(tmp_path / "x.json"), "ours", placement=True, total=False)
