@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import tempfile
 import threading
 import time
@@ -198,6 +199,8 @@ def main() -> None:
         group.shutdown()
     finally:
         ray.shutdown()
+        if a.model is None:  # the tiny model written for this run
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
