@@ -3,11 +3,13 @@ force (``--placement``), written in the engine record formats of :mod:`ray_eplb.
 
     ray-eplb loads -o FILE [--format ours|npz|sglang] [--total] [--address A] [--namespace NS]
     ray-eplb loads --placement -o FILE [--format ours|sglang|sglang-json|sglang-pt|triple]
+    ... [--model DIR]: one row per decoder layer of the model in DIR, as SGLang counts them
 
 Loads: by default the rounds of the controller's recent window (``[T, L, E]``, one row per control
 round, what it plans on); ``--total``: everything it counted since it started (``[1, L, E]``; a
-restarted controller starts again from zero). Rows are the balancer's MoE layers (a model with dense
-first layers has no rows for those). ``ray-eplb plan FILE`` reads either file back, and
+restarted controller starts again from zero). Rows are the balancer's MoE layers; with ``--model DIR``
+they are the decoder layers of that Hugging Face model, as SGLang's recorder and ``--init-expert-location``
+count them (dense layers: zero loads; in placements, round-robin rows). ``ray-eplb plan FILE`` reads either file back, and
 ``--placement`` files are what ``plan --old`` takes. The format follows the suffix when not given:
 ``.json`` ours, ``.npz`` npz, ``.pt`` sglang (loads) or sglang-pt (placements).
 Exit codes as for ``ray-eplb status``: 2 bad input, 3 no balancer running.
@@ -37,8 +39,11 @@ def resolve_format(path: str, fmt: str | None, placement: bool) -> str:
     return format_for(path, fmt) if placement else fmt
 
 
-def export(record: dict, path: str, fmt: str, *, placement: bool, total: bool) -> str:
-    """Write ``record`` (the controller's ``recorded_loads()``) to ``path`` as ``fmt``; one summary line."""
+def export(record: dict, path: str, fmt: str, *, placement: bool, total: bool, spec=None) -> str:
+    """Write ``record`` (the controller's ``recorded_loads()``) to ``path`` as ``fmt``; one summary line.
+
+    ``spec``: the served model's :class:`~ray_eplb.actors.hf_checkpoint.MoeSpec`: rows are then its
+    decoder layers, as SGLang counts them (dense layers: zero loads, round-robin placement rows)."""
     import torch
 
     from ray_eplb.topology import Placement, Topology
@@ -48,26 +53,42 @@ def export(record: dict, path: str, fmt: str, *, placement: bool, total: bool) -
         if key not in record:
             raise ValueError(f"the controller's record has no {key!r}")
     topo = Topology.model_validate(record["topology"])
+    if spec is not None and (spec.num_layers, spec.num_experts) != (topo.num_layers, topo.num_experts):
+        raise ValueError(f"--model has {spec.num_layers} MoE layers x {spec.num_experts} experts, the balancer "
+                         f"{topo.num_layers} x {topo.num_experts}")
+    rows = topo.num_layers if spec is None else spec.num_hidden_layers
     if placement:
+        if spec is not None and fmt == "ours":
+            raise ValueError("--model gives SGLang's decoder-layer rows; format 'ours' keeps the balancer's topology")
         phy2log = torch.tensor(record["phy2log"], dtype=torch.int64)  # [L, R]
+        if tuple(phy2log.shape) != (topo.num_layers, topo.num_slots):
+            raise ValueError(f"the controller's phy2log has shape {tuple(phy2log.shape)}, expected "
+                             f"[{topo.num_layers}, {topo.num_slots}]")
+        if spec is not None:
+            full = Placement.identity(topo.model_copy(update={"num_layers": rows})).phy2log.clone()  # [L_dec, R]
+            full[list(spec.moe_layers)] = phy2log
+            topo, phy2log = topo.model_copy(update={"num_layers": rows}), full
         p = Placement.from_phy2log(topo, phy2log, int(record["epoch"]))
         write_placement(path, p, fmt)
-        return f"wrote {path} ({fmt}): placement epoch {p.epoch}, {topo.num_layers} layers x {topo.num_slots} slots"
+        return f"wrote {path} ({fmt}): placement epoch {p.epoch}, {rows} layers x {topo.num_slots} slots"
+    load = torch.tensor(record["total"] if total else record["window"], dtype=torch.float64)
     if total:
-        load = torch.tensor(record["total"], dtype=torch.float64).reshape(1, topo.num_layers, topo.num_experts)
-    else:
-        load = torch.tensor(record["window"], dtype=torch.float64)
-        if load.numel() == 0:
-            raise ValueError("the balancer has recorded no round yet (its loop is not running?); try again later")
-    if float(load.sum()) <= 0:
-        raise ValueError("the balancer has recorded no token yet: nothing to export")
+        load = load.unsqueeze(0)  # [1, L, E]
+    elif load.numel() == 0:
+        raise ValueError("the balancer has recorded no round yet (its loop is not running?); try again later")
     want = (topo.num_layers, topo.num_experts)
     if load.dim() != 3 or tuple(load.shape[1:]) != want:
         raise ValueError(f"the controller's loads have shape {tuple(load.shape)}, expected [T, {want[0]}, {want[1]}]")
+    if float(load.sum()) <= 0:
+        raise ValueError("the balancer has recorded no token yet: nothing to export")
+    if spec is not None:
+        full = torch.zeros(load.shape[0], rows, topo.num_experts, dtype=torch.float64)  # [T, L_dec, E]
+        full[:, list(spec.moe_layers)] = load
+        load = full
     meta = {} if fmt == "sglang" else {"note": f"ray-eplb balancer, epoch {record['epoch']}, "
                                                 f"{'total since start' if total else 'recent window rounds'}"}
     write_loads(path, load, fmt, **meta)
-    return (f"wrote {path} ({fmt}): {load.shape[0]} window(s) x {want[0]} layers x {want[1]} experts, "
+    return (f"wrote {path} ({fmt}): {load.shape[0]} window(s) x {rows} layers x {topo.num_experts} experts, "
             f"{int(load.sum())} routed tokens")
 
 
@@ -83,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--placement", action="store_true", help="write the placement in force instead of the loads")
         ap.add_argument("--total", action="store_true",
                         help="loads counted since the controller started (one row) instead of the recent window's rounds")
+        ap.add_argument("--model", default=None, metavar="DIR",
+                        help="the served Hugging Face model's folder: one row per decoder layer, as SGLang counts "
+                             "them (dense layers: zero loads, round-robin placement rows)")
 
     def body(a: argparse.Namespace) -> int:
         import ray
@@ -95,9 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         if out.is_dir() or not out.resolve().parent.is_dir():
             raise BadInput(f"-o {a.output}: not a file in an existing folder")
         fmt = resolve_format(a.output, a.fmt, a.placement)  # before touching the cluster
+        spec = None
+        if a.model is not None:
+            from ray_eplb.actors.hf_checkpoint import MoeSpec
+
+            spec = MoeSpec.from_folder(a.model)
         bal = attach(a.address, a.namespace)
         record = ray.get(bal.controller.recorded_loads.remote())
-        print(export(record, a.output, fmt, placement=a.placement, total=a.total))
+        print(export(record, a.output, fmt, placement=a.placement, total=a.total, spec=spec))
         return 0
 
     return run("loads", list(sys.argv[1:] if argv is None else argv), build, body)

@@ -66,3 +66,24 @@ def test_a_record_that_does_not_fit_is_refused_with_its_shape(tmp_path):
     del missing["phy2log"]
     with pytest.raises(ValueError, match="no 'phy2log'"):
         export(missing, str(tmp_path / "x.json"), "ours", placement=True, total=False)
+
+
+def test_model_rows_are_its_decoder_layers_as_sglang_counts_them(tmp_path):
+    from ray_eplb.actors.hf_checkpoint import MoeSpec
+
+    spec = MoeSpec(model_type="qwen3_moe", num_hidden_layers=3, moe_layers=(1, 2), num_experts=4, top_k=2,
+                   hidden_size=8, ffn_size=4)  # decoder layer 0 dense
+    rounds = torch.arange(1, 1 + 2 * 2 * 4, dtype=torch.float64).reshape(2, 2, 4)  # [T, L, E]
+    export(record(rounds), str(tmp_path / "l.pt"), "sglang", placement=False, total=False, spec=spec)
+    got = torch.load(tmp_path / "l.pt", weights_only=True)["logical_count"]
+    assert got.shape == (2, 3, 4) and not got[:, 0].any() and torch.equal(got[:, 1:], rounds.long())
+    p = record(rounds)
+    p["phy2log"] = torch.tensor([[3, 2, 1, 0, 0, 1], [0, 1, 2, 3, 3, 3]]).tolist()
+    export(p, str(tmp_path / "p.pt"), "sglang-pt", placement=True, total=False, spec=spec)
+    m = torch.load(tmp_path / "p.pt", weights_only=True)["physical_to_logical_map"]
+    assert m.tolist() == [[0, 1, 2, 3, 0, 1], [3, 2, 1, 0, 0, 1], [0, 1, 2, 3, 3, 3]]
+    with pytest.raises(ValueError, match="format 'ours' keeps"):
+        export(p, str(tmp_path / "p.json"), "ours", placement=True, total=False, spec=spec)
+    with pytest.raises(ValueError, match="--model has 2 MoE layers x 8 experts, the balancer 2 x 4"):
+        export(p, str(tmp_path / "p.pt"), "sglang-pt", placement=True, total=False,
+               spec=spec.model_copy(update={"num_experts": 8}))
