@@ -5,7 +5,9 @@ Every family of :data:`~ray_eplb.actors.hf_checkpoint.FAMILIES` builds from its 
 config class: 8 routed experts, top-2, hidden 64, expert FFN 32, 3 decoder layers, a 128-token
 vocabulary (families with dense first layers keep decoder layer 0 dense; DeepSeek has 2 expert
 groups and a shared expert, Qwen2-MoE a gated shared expert). The folder holds ``config.json``
-and ``model.safetensors`` with per-expert keys, no tokenizer (see :func:`encode`).
+and ``model.safetensors`` with per-expert keys, and a character-level tokenizer of printable ASCII
+(:func:`save_tiny_tokenizer`: ``<pad>`` 0, ``<s>`` 1, ``<unk>`` 2, then one id per character), so
+prompts go in and text comes out. Folders without a tokenizer get byte-level ids (:func:`encode`).
 """
 from __future__ import annotations
 
@@ -49,10 +51,27 @@ def tiny_config(family: str) -> Any:
     raise ValueError(f"family={family!r} is not one of {FAMILIES}")
 
 
+def save_tiny_tokenizer(folder: str | os.PathLike) -> Path:
+    """Write a character-level tokenizer of the printable ASCII characters into ``folder`` (98 ids,
+    within the tiny vocabulary; any other character is ``<unk>``). Returns the folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)]
+    vocab = {"<pad>": 0, "<s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # every character a token
+    tok.decoder = decoders.Fuse()  # and back without separators
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    return Path(folder)
+
+
 def save_tiny_model(folder: str | os.PathLike, family: str = "qwen3_moe", *, seed: int = 0,
-                    dtype: torch.dtype = torch.float32) -> Path:
+                    dtype: torch.dtype = torch.float32, tokenizer: bool = True) -> Path:
     """Build a tiny random ``family`` model (weights from ``seed``) and ``save_pretrained`` it into
-    ``folder`` (created if absent; an existing ``config.json`` there is refused). Returns the folder."""
+    ``folder`` (created if absent; an existing ``config.json`` there is refused), with
+    :func:`save_tiny_tokenizer`'s tokenizer unless ``tokenizer=False``. Returns the folder."""
     import transformers
 
     folder = Path(folder)
@@ -65,6 +84,8 @@ def save_tiny_model(folder: str | os.PathLike, family: str = "qwen3_moe", *, see
     model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
+    if tokenizer:
+        save_tiny_tokenizer(folder)
     return folder
 
 

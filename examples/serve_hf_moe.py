@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import shutil
 import tempfile
@@ -38,13 +39,18 @@ def prompt_ids(folder: str, prompt: str, vocab_size: int, length: int = 16) -> t
     from pathlib import Path
 
     if any((Path(folder) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(folder)
+        tok = _tokenizer(folder)
         return tok(prompt)["input_ids"], tok
     from ray_eplb.actors.hf_tiny import encode
 
     return encode(prompt, vocab_size, length), None
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(folder: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:

@@ -89,7 +89,8 @@ class CountingDispatcher:
 
 
 class Prompts:
-    """Batches of token ids ``[B, T]`` (and attention masks) drawn by phase from :data:`PROMPT_GROUPS`."""
+    """Batches of token ids ``[B, T]`` (and attention masks) drawn by phase from :data:`PROMPT_GROUPS`:
+    the folder's tokenizer (left padding; pad = eos when it has no pad token), else byte-level ids."""
 
     def __init__(self, folder: str, vocab_size: int, length: int, seed: int):
         self.rng = random.Random(seed)
@@ -101,6 +102,8 @@ class Prompts:
             self.tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
+            if self.tokenizer.pad_token is None:  # nothing to pad a batch with: byte-level ids instead
+                self.tokenizer = None
 
     def batch(self, phase: int, size: int, skew: float) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """Phase ``phase``'s batch: (texts, ids ``[B, T]``, attention mask ``[B, T]``)."""
@@ -227,9 +230,11 @@ def _generate(a, ref, served, counter, router, ctl, p0) -> tuple[list[dict], int
             tw = time.monotonic()
             epoch0 = router.placement.epoch
             counts0, rank0 = counter.counts.clone(), router.rank_tokens.clone()  # [L, E], [L, G]
-            _, ids, mask = prompts.batch(phase, a.batch, a.skew)
+            texts, ids, mask = prompts.batch(phase, a.batch, a.skew)
             got = generate(served, ids, mask, a.new_tokens, pad)  # [B, N]
             want = generate(ref, ids, mask, a.new_tokens, pad)  # [B, N]
+            if w == 0 and prompts.tokenizer is not None:
+                print(f"[demo] e.g. {texts[0]!r} -> {prompts.tokenizer.decode(got[0])!r}")
             tokens += want.numel()
             bad += int((got != want).sum())
             rest = a.interval - (time.monotonic() - tw)

@@ -1,5 +1,5 @@
 """``ray-eplb tiny-model DIR [--family F] [--dtype D] [--seed S]``: write a tiny random-weight
-Hugging Face MoE model (``config.json`` + ``model.safetensors``) into ``DIR``, no hub needed, to try
+Hugging Face MoE model (``config.json``, ``model.safetensors``, a character-level tokenizer) into ``DIR``, no hub needed, to try
 ``ray-eplb demo --model DIR`` and the Serve example on (:mod:`ray_eplb.actors.hf_tiny`)."""
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", choices=FAMILIES, default="qwen3_moe", help="architecture (default qwen3_moe)")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weight dtype (default float32)")
     ap.add_argument("--seed", type=nonneg_int, default=0, help="random seed of the weights (default 0)")
+    ap.add_argument("--no-tokenizer", action="store_true",
+                    help="write no tokenizer (default: a character-level one of printable ASCII)")
     a = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         import transformers  # noqa: F401
@@ -28,12 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     from ray_eplb.actors.hf_tiny import save_tiny_model
 
     try:
-        folder = save_tiny_model(a.folder, a.family, seed=a.seed, dtype=DTYPES[a.dtype])
+        folder = save_tiny_model(a.folder, a.family, seed=a.seed, dtype=DTYPES[a.dtype], tokenizer=not a.no_tokenizer)
     except (ValueError, OSError) as exc:
         ap.error(str(exc))
     spec = MoeSpec.from_folder(folder)
     print(f"wrote {folder}: {a.family} ({a.dtype}), {spec.num_hidden_layers} decoder layers, MoE layers "
-          f"{list(spec.moe_layers)}, {spec.num_experts} experts, top-{spec.top_k}, hidden {spec.hidden_size}")
+          f"{list(spec.moe_layers)}, {spec.num_experts} experts, top-{spec.top_k}, hidden {spec.hidden_size}, "
+          f"{'no tokenizer' if a.no_tokenizer else 'a character-level tokenizer'}")
     return 0
 
 

@@ -74,9 +74,13 @@ def test_http_generation_matches_the_unpatched_model_during_a_rebalance(ray_sess
         prompts = PROMPT_GROUPS["numbers"] * 2 + PROMPT_GROUPS["prose"][:1]  # skewed toward one group
         want = {p: ex.greedy(ref, ex.prompt_ids(folder, p, ref.config.vocab_size)[0], NEW) for p in prompts}
 
+        tok = ex.prompt_ids(folder, prompts[0], ref.config.vocab_size)[1]
+        assert tok is not None  # tiny-model folders carry a character-level tokenizer
+
         def ask(prompt):
             out = ex.post(url, {"prompt": prompt, "max_new_tokens": NEW})
             assert out["ids"] == want[prompt], (prompt, out)  # token by token, the unpatched model's
+            assert out["text"] == tok.decode(want[prompt])
             return out["epochs"]
 
         assert [ask(p) for p in prompts] == [[0]] * len(prompts)

@@ -7,14 +7,15 @@ transformers = pytest.importorskip("transformers")
 
 from ray_eplb.actors import HFCheckpointSource  # noqa: E402
 from ray_eplb.actors.hf_checkpoint import FAMILIES  # noqa: E402
-from ray_eplb.actors.hf_tiny import TINY_VOCAB, encode, save_tiny_model  # noqa: E402
+from ray_eplb.actors.hf_tiny import TINY_VOCAB, encode, save_tiny_model, save_tiny_tokenizer  # noqa: E402
 from ray_eplb.controller.cli import tiny_model  # noqa: E402
 from ray_eplb.controller.cli.model_demo import PROMPT_GROUPS, CountingDispatcher, Prompts  # noqa: E402
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_saves_a_folder_its_weight_source_reads(tmp_path, family):
-    folder = save_tiny_model(tmp_path / family, family, seed=1)
+    folder = save_tiny_model(tmp_path / family, family, seed=1, tokenizer=False)
+    assert not (folder / "tokenizer.json").exists()
     source = HFCheckpointSource(folder)
     spec = source.spec
     assert spec.model_type == family and spec.num_experts == 8 and spec.top_k == 2 and spec.hidden_size == 64
@@ -47,7 +48,8 @@ def test_refusals_name_the_problem(tmp_path):
 def test_the_command_writes_the_folder_and_says_what(tmp_path, capsys):
     assert tiny_model.main([str(tmp_path / "m"), "--family", "deepseek_v3", "--dtype", "bfloat16"]) == 0
     out = capsys.readouterr().out
-    assert "deepseek_v3 (bfloat16)" in out and "MoE layers [1, 2]" in out
+    assert "deepseek_v3 (bfloat16)" in out and "MoE layers [1, 2]" in out and "character-level tokenizer" in out
+    assert (tmp_path / "m" / "tokenizer.json").is_file()
     assert HFCheckpointSource(tmp_path / "m").expert(0, 0).dtype == torch.bfloat16
     with pytest.raises(SystemExit) as exc:
         tiny_model.main([str(tmp_path / "m")])
@@ -60,6 +62,23 @@ def test_byte_ids_stay_in_the_vocabulary_and_have_the_length():
     assert ids[:6] == [2 + b % (TINY_VOCAB - 2) for b in "héllo".encode()]  # 6 UTF-8 bytes
     assert ids[6:] == ids[:5]  # then repeated
     assert encode("", TINY_VOCAB, 3) == [2 + ord(" ") % (TINY_VOCAB - 2)] * 3
+
+
+def test_the_tiny_tokenizer_round_trips_printable_text_and_pads_left(tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = save_tiny_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(folder)
+    text = "def add(a, b): return a + b  # 100%!"
+    ids = tok(text)["input_ids"]
+    assert len(ids) == len(text) and max(ids) < TINY_VOCAB and tok.decode(ids) == text
+    assert tok("é")["input_ids"] == [tok.unk_token_id]
+    prompts = Prompts(str(folder), TINY_VOCAB, 12, seed=0)
+    texts, ids, mask = prompts.batch(1, 16, 1.0)
+    lengths = mask.sum(1)
+    assert lengths.tolist() == [len(t) for t in texts] and ids.shape[1] == max(lengths)
+    for row, n in zip(ids, lengths.tolist()):  # left padding: pads first, then the prompt
+        assert row[: ids.shape[1] - n].eq(tok.pad_token_id).all() and tok.decode(row[ids.shape[1] - n:]) in texts
 
 
 def test_a_phase_draws_its_share_from_its_favoured_group(tmp_path):
