@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import shutil
 import tempfile
@@ -46,11 +45,15 @@ def prompt_ids(folder: str, prompt: str, vocab_size: int, length: int = 16) -> t
     return encode(prompt, vocab_size, length), None
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(folder: str) -> Any:
-    from transformers import AutoTokenizer
+_TOKENIZERS: dict[str, Any] = {}  # folder -> its tokenizer, loaded once per process
 
-    return AutoTokenizer.from_pretrained(folder)
+
+def _tokenizer(folder: str) -> Any:
+    if folder not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        _TOKENIZERS[folder] = AutoTokenizer.from_pretrained(folder)
+    return _TOKENIZERS[folder]
 
 
 def greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
@@ -193,6 +196,8 @@ def main() -> None:
         for i in range(a.requests):
             prompt = prompts[i % len(prompts)]
             out = post(url, {"prompt": prompt, "max_new_tokens": a.new_tokens})
+            if i == 0:
+                print(f"[serve_hf_moe] POST {{'prompt': {prompt!r}}} -> ids {out['ids']}, text {out['text']!r}")
             want = greedy(ref, prompt_ids(folder, prompt, ref.config.vocab_size)[0], a.new_tokens)
             bad += sum(x != y for x, y in zip(out["ids"], want)) + abs(len(out["ids"]) - len(want))
             tokens += len(want)
