@@ -80,6 +80,9 @@ def export(record: dict, path: str, fmt: str, *, placement: bool, total: bool, s
     if load.dim() != 3 or tuple(load.shape[1:]) != want:
         raise ValueError(f"the controller's loads have shape {tuple(load.shape)}, expected [T, {want[0]}, {want[1]}]")
     if float(load.sum()) <= 0:
+        if not total and float(torch.tensor(record["total"], dtype=torch.float64).sum()) > 0:
+            raise ValueError(f"the recent window's {load.shape[0]} rounds saw no token (idle traffic); "
+                             "--total exports everything counted since the controller started")
         raise ValueError("the balancer has recorded no token yet: nothing to export")
     if spec is not None:
         full = torch.zeros(load.shape[0], rows, topo.num_experts, dtype=torch.float64)  # [T, L_dec, E]

@@ -62,6 +62,11 @@ def test_a_record_that_does_not_fit_is_refused_with_its_shape(tmp_path):
         export(record(torch.zeros(0, 2, 4)), str(tmp_path / "x.json"), "ours", placement=False, total=False)
     with pytest.raises(ValueError, match="no token yet"):
         export(record(torch.zeros(1, 2, 4)), str(tmp_path / "x.json"), "ours", placement=False, total=False)
+    idle = record(torch.zeros(3, 2, 4))
+    idle["total"] = torch.ones(2, 4).tolist()  # tokens long ago, none in the window
+    with pytest.raises(ValueError, match="window's 3 rounds saw no token .* --total"):
+        export(idle, str(tmp_path / "x.json"), "ours", placement=False, total=False)
+    assert "8 routed tokens" in export(idle, str(tmp_path / "x.json"), "ours", placement=False, total=True)
     missing = record(torch.ones(1, 2, 4))
     del missing["phy2log"]
     with pytest.raises(ValueError, match="no 'phy2log'"):
