@@ -161,6 +161,19 @@ class Operations:
         loads = self._ops_state()["loads"]
         return [loads[e] for e in sorted(loads)]
 
+    async def recorded_loads(self) -> dict:
+        """What the balancer has recorded, for export as engine records: ``window`` (the recent
+        window's rounds, ``[T, L, E]`` nested lists, oldest first), ``total`` (every round since this
+        controller started, ``[L, E]``), ``rounds``, and the placement in force (``epoch``,
+        ``phy2log [L, R]``, ``topology`` fields)."""
+        await self._ready()
+        total = self.load.total
+        if total is None:
+            total = torch.zeros(self.topology.num_layers, self.topology.num_experts, dtype=torch.float64)
+        return {"window": self.load.window_rounds().tolist(), "total": total.tolist(), "rounds": self._rounds,
+                "epoch": self.placement.epoch, "phy2log": self.placement.phy2log.tolist(),
+                "topology": self.topology.model_dump()}
+
 
 def tensor_free(value: Any) -> Any:
     """``value`` with tensors turned into nested lists (for JSON output of history records)."""

@@ -34,6 +34,7 @@ class LoadTracker:
         self._seen: dict[tuple[int, int], tuple[str | None, torch.Tensor]] = {}
         self._window: deque[torch.Tensor] = deque(maxlen=window)  # rounds of [L, E]
         self.tokens = 0.0
+        self.total: torch.Tensor | None = None  # [L, E] every round since this tracker started
         self.unmapped = 0.0
         self.rejected: dict[int, str] = {}  # rank -> why its reply was left out of the last round
 
@@ -117,6 +118,7 @@ class LoadTracker:
         """Add one round ``delta [L, E]`` to the window and, if it saw tokens, to the forecaster
         (an idle round says nothing about which experts the next tokens will need)."""
         self._window.append(delta)
+        self.total = delta.clone() if self.total is None else self.total + delta
         if float(delta.sum()) > 0:
             self.forecaster.update(delta)
 
@@ -130,3 +132,9 @@ class LoadTracker:
         if not self._window:
             return torch.zeros(self.topology.num_layers, self.topology.num_experts, dtype=torch.float64)
         return torch.stack(list(self._window)).sum(0)
+
+    def window_rounds(self) -> torch.Tensor:
+        """``[T, L, E]`` float64: the rounds of the recent window, oldest first (``T`` may be 0)."""
+        if not self._window:
+            return torch.zeros(0, self.topology.num_layers, self.topology.num_experts, dtype=torch.float64)
+        return torch.stack(list(self._window))

@@ -74,6 +74,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                     help="where experts compute: cuda when the cluster has GPUs (auto, the default), or forced")
     ap.add_argument("--checkpoint", default=None, help="write (if absent) and serve weights from this .safetensors file")
     ap.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    ap.add_argument("--model", metavar="DIR", help="generate with a local Hugging Face MoE model instead "
+                    "(its own options: ray-eplb demo --model DIR --help)")
     ap.add_argument("--seed", type=nonneg_int, default=0, help="random seed of the gate and the token stream (default 0)")
     ap.add_argument("--json", action="store_true", help="end with one line of JSON")
     ap.add_argument("--out", default=None, metavar="DIR",

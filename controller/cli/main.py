@@ -10,6 +10,10 @@ COMMANDS = {
     "bench": ("ray_eplb.controller.bench.solver", "solver benchmark on real traces (synthetic fallback); "
               "--migration: migration-aware; --scale: production-scale shapes"),
     "bench-runtime": ("ray_eplb.controller.bench.runtime", "runtime benchmark: telemetry, swap, transfer"),
+    "tiny-model": ("ray_eplb.controller.cli.tiny_model", "write a tiny random-weight Hugging Face MoE model "
+                   "(demo --model, the Serve example)"),
+    "loads": ("ray_eplb.controller.cli.loads", "export the running balancer's recorded loads (or --placement) "
+              "as SGLang / trace / JSON records"),
     "plan": ("ray_eplb.controller.cli.plan", "plan a placement offline from engine load records (SGLang, trace, JSON)"),
     "start": ("ray_eplb.controller.cli.ops:start", "start a standing balancer on a Ray cluster (detached; outlives this shell)"),
     "status": ("ray_eplb.controller.cli.ops:status", "the running balancer: epoch, balancedness, last rebalance, workers"),
@@ -21,6 +25,7 @@ COMMANDS = {
 }
 
 SCALE_BENCH = "ray_eplb.controller.bench.scale"
+MODEL_DEMO = "ray_eplb.controller.cli.model_demo"
 
 
 def version() -> str:
@@ -57,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name == "bench" and "--scale" in rest:  # the production-scale shapes: a benchmark of its own
         return int(importlib.import_module(SCALE_BENCH).main([a for a in rest if a != "--scale"]) or 0)
+    if name == "demo" and any(x == "--model" or x.startswith("--model=") for x in rest):  # a Hugging Face folder
+        return int(importlib.import_module(MODEL_DEMO).main(rest) or 0)
     path, _, function = COMMANDS[name][0].partition(":")
     return int(getattr(importlib.import_module(path), function or "main")(rest) or 0)
 
