@@ -10,9 +10,11 @@ import numpy as np
 from ray_eplb.solver.counts import counts_np
 from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts, per_slot
 from ray_eplb.solver.packing import refine_swaps
+from ray_eplb.solver.peaks import lower_peaks
 from ray_eplb.solver.repair import separate_copies_batched
 
 BATCHES = 8  # relocations of a layer are made in about this many rounds when there are many
+GOAL_SWEEPS = 32
 TABLE_LIMIT = 1 << 21  # largest [L, P, E] copies-per-GPU table kept (else copies are counted per GPU)
 
 
@@ -24,6 +26,7 @@ def incremental(
     method: str = "hybrid_tail",
     pairs: int | None = 4,
     sweeps: int | None = None,
+    goal: np.ndarray | None = None,
 ) -> np.ndarray:
     """Improve ``old`` for load ``w`` by at most ``budget`` slot changes per layer.
 
@@ -78,7 +81,10 @@ def incremental(
         fits = cost <= budget[dup]
         own[dup[fits]] = fixed[fits]
         budget[dup[fits]] -= cost[fits]
-    own, _ = refine_swaps(own, per, cap, pairs=pairs, sweeps=sweeps, budget=budget)
+    if goal is not None:
+        own = lower_peaks(own, per, cap, goal, budget, GOAL_SWEEPS)
+    else:
+        own, _ = refine_swaps(own, per, cap, pairs=pairs, sweeps=sweeps, budget=budget)
     return own.reshape(num_layers, num_slots)
 
 

@@ -317,9 +317,10 @@ def migrate(
                 out[rows] = migrate(w[rows], old[rows], num_gpus, budget[rows], total, min_gain, method, fresh[rows])
             return out
     cand = None if fresh is None else FreshCandidate(old, fresh, w, num_gpus)
+    goal = None if cand is None else cand.peak.copy()
 
     def plan(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        new = incremental(w, old, num_gpus, b, method)
+        new = incremental(w, old, num_gpus, b, method, goal=goal)
         peak, moves = peak_load(new, w, num_gpus), moved_slots(old, new)
         if cand is not None:
             new, peak, moves = cand.pick(new, peak, moves)
