@@ -11,6 +11,7 @@ from ray_eplb.solver.counts import counts_np
 from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts, per_slot
 from ray_eplb.solver.packing import refine_swaps
 from ray_eplb.solver.peaks import lower_peaks
+from ray_eplb.solver.relocate import relocate
 from ray_eplb.solver.repair import separate_copies_batched
 
 BATCHES = 8  # relocations of a layer are made in about this many rounds when there are many
@@ -27,6 +28,7 @@ def incremental(
     pairs: int | None = 4,
     sweeps: int | None = None,
     goal: np.ndarray | None = None,
+    target: np.ndarray | None = None,
 ) -> np.ndarray:
     """Improve ``old`` for load ``w`` by at most ``budget`` slot changes per layer.
 
@@ -67,8 +69,12 @@ def incremental(
         pairs = max(4, num_gpus // 2)
     own = old.reshape(num_layers, num_gpus, slots).copy()  # [L, P, S] expert per slot
     cnt = bin_counts(old, 1, num_experts)[:, 0]  # [L, E] current replicas
-    target = counts_np(w, num_slots, method)  # [L, E]
-    _relocate(w, own, cnt, target, budget)
+    if target is None:
+        target = counts_np(w, num_slots, method)  # [L, E]
+    if goal is not None:
+        relocate(w, own, cnt, target, budget)
+    else:
+        _relocate(w, own, cnt, target, budget)
     per = w / cnt
     cap = -(-cnt // num_gpus)
     # Avoidable duplicates left (a foreign old plan's, or a thinned expert's) are swapped apart
@@ -82,7 +88,7 @@ def incremental(
         own[dup[fits]] = fixed[fits]
         budget[dup[fits]] -= cost[fits]
     if goal is not None:
-        own = lower_peaks(own, per, cap, goal, budget, GOAL_SWEEPS)
+        own = lower_peaks(own, per, cap, goal, budget, GOAL_SWEEPS, old.reshape(own.shape))
     else:
         own, _ = refine_swaps(own, per, cap, pairs=pairs, sweeps=sweeps, budget=budget)
     return own.reshape(num_layers, num_slots)

@@ -318,9 +318,10 @@ def migrate(
             return out
     cand = None if fresh is None else FreshCandidate(old, fresh, w, num_gpus)
     goal = None if cand is None else cand.peak.copy()
+    target = None if fresh is None else bin_counts(fresh, 1, num_experts)[:, 0]
 
     def plan(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        new = incremental(w, old, num_gpus, b, method, goal=goal)
+        new = incremental(w, old, num_gpus, b, method, goal=goal, target=target)
         peak, moves = peak_load(new, w, num_gpus), moved_slots(old, new)
         if cand is not None:
             new, peak, moves = cand.pick(new, peak, moves)

@@ -9,13 +9,22 @@ so every swap it makes lowers a bin that is above the goal, and it stops once no
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ray_eplb.solver.maps import bin_counts, per_slot
 from ray_eplb.solver.packing import SORTED_SWAPS_FROM, best_swaps
 
 TABLE_LIMIT = 1 << 22  # largest [B, P, n] copies table kept
-QUIET_SWEEPS = 3  # sweeps in a row without a swap before a row's search ends (pairings rotate)
+LIGHT = 8  # the lightest bins each heavy bin tries per sweep
+try:  # numba is optional: without it the vectorised sweeps below run instead of the kernel
+    if os.environ.get("RAY_EPLB_NUMBA", "1") == "0":
+        raise ImportError("disabled by RAY_EPLB_NUMBA=0")
+    from numba import njit
+except ImportError:
+    njit = None
+QUIET_SWEEPS = 3  # sweeps in a row without a swap before a row's search ends (it looks further each time)
 
 
 def lower_peaks(
@@ -25,18 +34,20 @@ def lower_peaks(
     goal: np.ndarray,
     budget: np.ndarray,
     sweeps: int,
+    orig: np.ndarray | None = None,
 ) -> np.ndarray:
     """Swap replicas between bins above ``goal`` and the lightest bins until none is above it.
 
-    Each sweep sorts every row's bins by load; the ``h`` bins above the row's goal (heaviest
-    first) are paired with the ``h`` lightest (lightest first; later sweeps pair them one or two
-    further along, so a pair without a useful swap is not tried forever), and each pair makes the
-    one swap that best evens it (replica ``a`` of the heavy bin for ``b`` of the light bin with
-    ``0 < load_a - load_b < gap``: the pair's max falls). A swap must take no owner over its cap
+    Each sweep takes every row's bins above its goal, heaviest first, and for each the swap with
+    one of the ``LIGHT`` lightest bins that brings it to the goal without taking the light bin
+    past it; where none does, the swap that evens the pair most (replica ``a`` of the heavy bin
+    for ``b`` of the light one with ``0 < load_a - load_b < gap``: the pair's max falls). A light
+    bin chosen by several heavy bins goes to the heaviest. A swap must take no owner over its cap
     in its new bin, and may put an owner on a bin that holds it only if the bin it leaves keeps a
-    copy (no avoidable duplicate is made). A swap changes two slots: a row stops when its budget
-    cannot pay for one, when no bin is above its goal, or after ``QUIET_SWEEPS`` sweeps without a
-    swap; all stop after ``sweeps`` sweeps.
+    copy (no avoidable duplicate is made). A swap changes two slots, paid heaviest bin first: a
+    row stops when its budget cannot pay for one, when no bin is above its goal, or after
+    ``QUIET_SWEEPS`` sweeps without a swap (each looks ``LIGHT`` bins further along); all stop
+    after ``sweeps`` sweeps.
 
     Shapes: ``slot_owner [B, P, S]`` (a changed copy is returned), ``per_replica``/``cap``
     ``[B, n]``, ``goal [B]`` float64, ``budget [B]`` int64 (updated in place).
@@ -45,6 +56,13 @@ def lower_peaks(
     if num_bins < 2 or not num_rows:
         return slot_owner
     n = per_replica.shape[1]
+    limit = goal * (1 + 1e-9) + 1e-12
+    if peaks_kernel is not None:
+        io = slot_owner.copy()
+        il = per_slot(per_replica, slot_owner)
+        ic = per_slot(cap, slot_owner)
+        peaks_kernel(io, il, ic, slot_owner if orig is None else orig, il.sum(-1), n, limit, budget, LIGHT)
+        return io
     io = slot_owner.reshape(num_rows * num_bins, slots).copy()  # [B*P, S] owner per slot, flat bins
     il = per_slot(per_replica, slot_owner).reshape(io.shape)  # [B*P, S] load per slot
     ic = per_slot(cap, slot_owner).reshape(io.shape)  # [B*P, S] the slot owner's cap
@@ -52,51 +70,73 @@ def lower_peaks(
     # held[bin * n + owner]: copies per (bin, owner), where that table is small; else counted per pair.
     held = bin_counts(io.reshape(num_rows, -1), num_bins, n).ravel() if num_rows * num_bins * n <= TABLE_LIMIT else None
     first = np.arange(num_rows)[:, None] * num_bins  # [B, 1] flat bin of each row's bin 0
-    limit = goal * (1 + 1e-9) + 1e-12
     quiet = np.zeros(num_rows, dtype=np.int64)
     for sweep in range(sweeps):
         over = (bin_load > limit[:, None]).sum(1)  # [B] bins above the goal
         live = np.nonzero((over > 0) & (budget >= 2) & (quiet < QUIET_SWEEPS))[0]
         if not live.size:
             break
-        shift = sweep % 3
-        kk = int(min(over[live].max(), (num_bins - shift) // 2))
-        if kk < 1:
-            break
+        heavy = np.minimum(over[live], num_bins // 2)  # [n] heavy bins paired per row
         by_load = np.argsort(bin_load[live], axis=1) + first[live]  # [n, P] flat bins, lightest first
-        hb, lb = by_load[:, : -kk - 1 : -1], by_load[:, shift : shift + kk]  # [n, kk] paired bins
-        oa, ob = io[hb], io[lb]  # [n, kk, S]
+        # Flat list of the heavy bins (row-major, heaviest first); each tries the LIGHT lightest
+        # bins (a row without a swap last sweep looks LIGHT further along).
+        at = np.repeat(np.arange(live.size), heavy)  # [F] index into live
+        rank = np.arange(at.size) - np.repeat(np.cumsum(heavy) - heavy, heavy)  # [F]
+        hb = by_load[at, num_bins - 1 - rank]  # [F] flat heavy bin
+        q = (quiet[live] * LIGHT)[at][:, None] + np.arange(min(num_bins, LIGHT))  # [F, C] light ranks
+        cand_ok = q < num_bins - heavy[at][:, None]
+        lb = by_load[at[:, None], np.minimum(q, num_bins - 1)]  # [F, C] flat light bins
+        oa, ob = io[hb][:, None, :], io[lb]  # [F, 1, S], [F, C, S]
         if held is not None:
-            a_there, a_here = held[(lb * n)[..., None] + oa], held[(hb * n)[..., None] + oa]  # [n, kk, S]
-            b_there, b_here = held[(hb * n)[..., None] + ob], held[(lb * n)[..., None] + ob]
+            a_there, a_here = held[(lb * n)[..., None] + oa], held[(hb * n)[:, None, None] + oa]
+            b_there, b_here = held[(hb * n)[:, None, None] + ob], held[(lb * n)[..., None] + ob]
         else:
-            cross = oa[..., :, None] == ob[..., None, :]  # [n, kk, S, S]
+            cross = oa[..., :, None] == ob[..., None, :]  # [F, C, S, S]
             a_there, b_there = cross.sum(-1), cross.sum(-2)
             a_here = (oa[..., :, None] == oa[..., None, :]).sum(-1)
             b_here = (ob[..., :, None] == ob[..., None, :]).sum(-1)
-        ok_a = (a_there < ic[hb]) & ((a_there == 0) | (a_here >= 2))
+        ok_a = (a_there < ic[hb][:, None, :]) & ((a_there == 0) | (a_here >= 2))  # [F, C, S]
         ok_b = (b_there < ic[lb]) & ((b_there == 0) | (b_here >= 2))
-        la = np.where(ok_a, il[hb], -np.inf)  # [n, kk, S] a blocked replica cannot leave
-        lbl = np.where(ok_b, il[lb], np.inf)
-        gap = bin_load.ravel()[hb] - bin_load.ravel()[lb]  # [n, kk]
+        la = np.where(ok_a, il[hb][:, None, :], -np.inf)  # a blocked replica cannot leave
+        lbl = np.where(ok_b & cand_ok[..., None], il[lb], np.inf)
+        load_h = bin_load.ravel()[hb][:, None]  # [F, 1]
+        gap = load_h - bin_load.ravel()[lb]  # [F, C]
+        room = limit[live][at][:, None]  # [F, 1]
         if slots < SORTED_SWAPS_FROM:
-            d = la[..., :, None] - lbl[..., None, :]  # [n, kk, S, S] what the heavy bin sheds
-            score = np.minimum(d, gap[..., None, None] - d).reshape(live.size * kk, -1)
-            best = score.argmax(-1)
-            top = score[np.arange(best.size), best]
+            d = la[..., :, None] - lbl[..., None, :]  # [F, C, S, S] what the heavy bin sheds
+            score = np.minimum(d, gap[..., None, None] - d)  # how much the pair's max falls
+            # A swap that brings the heavy bin to the goal without taking the light one past it
+            # comes first; among those, and else, the one that evens the pair most.
+            fix = (load_h[..., None, None] - d <= room[..., None, None]) & (
+                bin_load.ravel()[lb][..., None, None] + d <= room[..., None, None])
+            score = score.reshape(at.size, -1)
+            fixed = np.where(fix.reshape(at.size, -1) & (score > 0), score, -np.inf)
+            best = np.where(np.isfinite(fixed.max(1)), fixed.argmax(1), score.argmax(1))  # [F]
+            top = score[np.arange(at.size), best]
+            pick, best = best // (slots * slots), best % (slots * slots)
         else:
-            best, top = best_swaps(la.reshape(-1, slots), lbl.reshape(-1, slots), gap.ravel())
-        do = (top > 1e-12 * gap.ravel()).reshape(live.size, kk)
-        do &= np.arange(kk) < over[live, None]  # only bins above the goal
-        do &= np.cumsum(do, 1) <= (budget[live] // 2)[:, None]  # heaviest first, within the budget
-        made = do.sum(1)
+            b_all, t_all = best_swaps(np.broadcast_to(la, lbl.shape).reshape(-1, slots), lbl.reshape(-1, slots),
+                                      gap.ravel())
+            t_all = t_all.reshape(at.size, -1)
+            pick = t_all.argmax(1)
+            best = b_all.reshape(at.size, -1)[np.arange(at.size), pick]
+            top = t_all[np.arange(at.size), pick]
+        do = top > 1e-12 * gap[np.arange(at.size), pick]  # [F] the pair's max falls
+        # A light bin chosen by several heavy bins goes to the heaviest; the others wait a sweep.
+        key = np.where(do, lb[np.arange(at.size), pick], -1 - np.arange(at.size))
+        keep = np.zeros(at.size, dtype=bool)
+        keep[np.unique(key, return_index=True)[1]] = True
+        do &= keep
+        before = np.repeat(np.cumsum(heavy) - heavy, heavy)
+        used = np.cumsum(do) - np.r_[0, np.cumsum(do)][before]  # [F] swaps so far in the row, this one included
+        do &= used <= (budget[live] // 2)[at]  # heaviest first, within the budget
+        made = np.bincount(at[do], minlength=live.size)
         budget[live] -= 2 * made
         quiet[live] = np.where(made > 0, 0, quiet[live] + 1)
-        do = do.ravel()
         if not do.any():
             continue
-        h, lo, best = hb.ravel()[do], lb.ravel()[do], best[do]
-        sa, sb = best // slots, best % slots
+        h, lo = hb[do], lb[do, pick[do]]
+        sa, sb = best[do] // slots, best[do] % slots
         if held is not None:  # the paired bins of a sweep are distinct: no index repeats
             a_own, b_own = io[h, sa], io[lo, sb]
             held[h * n + a_own] -= 1
@@ -109,3 +149,81 @@ def lower_peaks(
         for arr in (io, il, ic):
             arr[h, sa], arr[lo, sb] = arr[lo, sb], arr[h, sa].copy()
     return io.reshape(num_rows, num_bins, slots)
+
+
+def _peaks_kernel(io, il, ic, orig, bin_load, num_owners, limit, budget, light):  # pragma: no cover (compiled)
+    """One row at a time, the heaviest bin first, until it is at its goal: see :func:`lower_peaks`.
+
+    ``io``/``il``/``ic``/``orig`` ``[B, P, S]`` (owner, load, the owner's cap, owner in the
+    starting plan), ``bin_load [B, P]``, ``limit [B]``,
+    ``budget [B]`` (slots that may still differ from ``orig``; updated), all in place. A swap
+    costs the slots it makes differ from ``orig`` less those it makes equal again.
+    """
+    num_rows, num_bins, slots = io.shape
+    held_r = np.zeros((num_bins, num_owners), dtype=np.int32)  # copies per (bin, owner) of row r
+    for r in range(num_rows):
+        for g in range(num_bins):
+            for s in range(slots):
+                held_r[g, io[r, g, s]] += 1
+        for _ in range(4 * num_bins * slots):
+            order = np.argsort(bin_load[r])
+            h = order[num_bins - 1]
+            if bin_load[r, h] <= limit[r] or budget[r] < 1:
+                break
+            best_fix, best_any = -1.0, 0.0
+            pick_fix, pick_any = -1, -1
+            top = min(light, num_bins - 1)
+            for q in range(top):
+                lo = order[q]
+                gap = bin_load[r, h] - bin_load[r, lo]
+                if gap <= 0:
+                    break
+                for sa in range(slots):
+                    a = io[r, h, sa]
+                    a_there = held_r[lo, a]
+                    if a_there >= ic[r, h, sa] or (a_there > 0 and held_r[h, a] < 2):
+                        continue
+                    for sb in range(slots):
+                        b = io[r, lo, sb]
+                        if a == b:
+                            continue
+                        d = il[r, h, sa] - il[r, lo, sb]
+                        if d <= 1e-12 * gap or d >= gap:
+                            continue
+                        b_there = held_r[h, b]
+                        if b_there >= ic[r, lo, sb] or (b_there > 0 and held_r[lo, b] < 2):
+                            continue
+                        cost = (int(b != orig[r, h, sa]) - int(a != orig[r, h, sa])
+                                + int(a != orig[r, lo, sb]) - int(b != orig[r, lo, sb]))
+                        if cost > budget[r]:
+                            continue
+                        score = min(d, gap - d)
+                        if bin_load[r, h] - d <= limit[r] and bin_load[r, lo] + d <= limit[r]:
+                            if score > best_fix:
+                                best_fix, pick_fix = score, (q * slots + sa) * slots + sb
+                        elif score > best_any:
+                            best_any, pick_any = score, (q * slots + sa) * slots + sb
+            pick = pick_fix if pick_fix >= 0 else pick_any
+            if pick < 0:
+                break  # the heaviest bin cannot be lowered: neither can the peak
+            lo = order[pick // (slots * slots)]
+            sa, sb = (pick // slots) % slots, pick % slots
+            a, b = io[r, h, sa], io[r, lo, sb]
+            budget[r] -= (int(b != orig[r, h, sa]) - int(a != orig[r, h, sa])
+                          + int(a != orig[r, lo, sb]) - int(b != orig[r, lo, sb]))
+            held_r[h, a] -= 1
+            held_r[lo, a] += 1
+            held_r[lo, b] -= 1
+            held_r[h, b] += 1
+            shed = il[r, h, sa] - il[r, lo, sb]
+            bin_load[r, h] -= shed
+            bin_load[r, lo] += shed
+            io[r, h, sa], io[r, lo, sb] = b, a
+            il[r, h, sa], il[r, lo, sb] = il[r, lo, sb], il[r, h, sa]
+            ic[r, h, sa], ic[r, lo, sb] = ic[r, lo, sb], ic[r, h, sa]
+        for g in range(num_bins):  # clear the row's copies for the next row
+            for s in range(slots):
+                held_r[g, io[r, g, s]] = 0
+
+
+peaks_kernel = njit(cache=True, nogil=True)(_peaks_kernel) if njit is not None else None

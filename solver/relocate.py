@@ -1,0 +1,142 @@
+"""Relocations in one batch: bring a deployed plan's replica counts to new ones, one slot each.
+
+A relocation replaces one replica of an over-replicated expert (a *loser*) by one of an
+under-replicated expert (a *gainer*). :func:`relocate` makes all of a layer's relocations at once:
+
+1. which units move (within the budget): the gainers' units largest per-replica load first,
+   ``w / (c + t)`` for the ``t``-th replica an expert gains; the losers' units cheapest first,
+   ``w / (c - 1 - t)`` (:func:`ranked_units`);
+2. which slot each loser gives up: a stacked copy first (an expert twice on a GPU), then the
+   copy on the heaviest GPU;
+3. where each gainer goes: the freed slots, lightest GPU first, the heaviest gainer units first
+   (a longest-processing-time deal, one batch), never onto a GPU that already holds it; the few
+   units such a deal would double up are placed one at a time.
+
+Its cost is a few sorts of the slots that change, not a pass per relocation.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def ranked_units(
+    w: np.ndarray, cnt: np.ndarray, units: np.ndarray, k: int, gains: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, the first ``k`` of the experts' gain (or loss) units in the order above.
+
+    ``w``, ``cnt``, ``units``: ``[n, E]`` (units: replicas each expert gains, or sheds). Returns
+    ``expert [n, k]``, ``index [n, k]`` (the unit's ``t`` within its expert) and ``valid [n, k]``
+    (rows with fewer units leave the rest invalid). Ties go to the lower expert id.
+    """
+    num_rows, num_experts = w.shape
+    d = units.ravel()
+    owner = np.repeat(np.arange(d.size), d)  # [U] flat (row, expert) of each unit
+    t = np.arange(owner.size) - np.repeat(np.cumsum(d) - d, d)  # [U] index of the unit within its expert
+    c = cnt.ravel()[owner]
+    wo = w.ravel()[owner]
+    row, expert = owner // num_experts, owner % num_experts
+    if gains:
+        order = np.lexsort((expert, -(wo / (c + t)), row))  # per row: largest quotient first
+    else:
+        order = np.lexsort((expert, wo / np.maximum(c - 1 - t, 1), row))  # smallest first
+    per_row = np.bincount(row, minlength=num_rows)
+    pos = np.arange(owner.size) - np.repeat(np.cumsum(per_row) - per_row, per_row)  # rank within row
+    keep = order[pos < k]
+    at = pos[pos < k]
+    out = np.zeros((num_rows, k), dtype=np.int64)
+    index = np.zeros((num_rows, k), dtype=np.int64)
+    valid = np.zeros((num_rows, k), dtype=bool)
+    out[row[keep], at], index[row[keep], at], valid[row[keep], at] = expert[keep], t[keep], True
+    return out, index, valid
+
+
+def relocate(w: np.ndarray, own: np.ndarray, cnt: np.ndarray, target: np.ndarray, budget: np.ndarray) -> None:
+    """Relocations toward ``target`` (see the module docstring), in place on ``own [L, P, S]``,
+    ``cnt [L, E]`` and ``budget [L]`` (one per relocation); ``w [L, E]`` float64."""
+    num_layers, num_experts = w.shape
+    _, num_gpus, slots = own.shape
+    surplus = np.maximum(cnt - target, 0)  # [L, E] replicas each loser sheds
+    moves = np.minimum(surplus.sum(1), np.maximum(budget, 0))  # [L]
+    k = int(moves.max(initial=0))
+    if k == 0:
+        return
+    col = np.arange(k)
+    gain, _, ok_g = ranked_units(w, cnt, np.maximum(target - cnt, 0), k, gains=True)
+    lose, t_lose, ok_l = ranked_units(w, cnt, surplus, k, gains=False)
+    valid = ok_g & ok_l & (col < moves[:, None])  # [L, k]
+    n_move = valid.sum(1)
+    rows = np.nonzero(n_move)[0]
+    if not rows.size:
+        return
+    flat = own.reshape(num_layers, -1)  # a view: writes go to own
+    per_old = w / cnt  # [L, E]
+    new_cnt = cnt.copy()
+    r_v, j_v = np.nonzero(valid)
+    np.add.at(new_cnt, (r_v, gain[r_v, j_v]), 1)
+    np.subtract.at(new_cnt, (r_v, lose[r_v, j_v]), 1)
+    # 2. The slots the losers give up: the losers' slots sorted by (layer, expert, stacked first,
+    # heaviest GPU first); the t-th unit of loser y takes the t-th of y's slots.
+    gpu_load = per_old[np.arange(num_layers)[:, None, None], own].sum(-1)  # [L, P]
+    is_loser = surplus > 0
+    sl_r, sl_s = np.nonzero(is_loser[np.arange(num_layers)[:, None], flat])  # the losers' slots
+    sl_e = flat[sl_r, sl_s]
+    sl_g = sl_s // slots
+    if slots > 1:
+        stacked = (own[sl_r, sl_g] == sl_e[:, None]).sum(1) > 1
+    else:
+        stacked = np.zeros(sl_r.size, dtype=bool)
+    order = np.lexsort((-gpu_load[sl_r, sl_g], ~stacked, sl_e, sl_r))
+    key = (sl_r * num_experts + sl_e)[order]  # sorted
+    unit_key = r_v * num_experts + lose[r_v, j_v]
+    freed = sl_s[order][np.searchsorted(key, unit_key) + t_lose[r_v, j_v]]  # [V] flat slot in its layer
+    flat[r_v, freed] = -1
+    # 3. The freed slots, lightest GPU first (a GPU's second free slot counts one gainer later),
+    # take the gainers' units, heaviest first.
+    per_new = w / new_cnt
+    layer_of = np.arange(num_layers)[:, None, None]
+    load = np.where(own >= 0, per_new[layer_of, np.maximum(own, 0)], 0.0).sum(-1)  # [L, P]
+    x = gain[r_v, j_v]
+    unit_load = per_new[r_v, x]
+    mean_unit = np.bincount(r_v, weights=unit_load, minlength=num_layers) / np.maximum(n_move, 1)
+    g_free = freed // slots
+    # rank of a freed slot among its GPU's freed slots
+    o = np.lexsort((freed, g_free, r_v))
+    grp = r_v[o] * num_gpus + g_free[o]
+    start = np.flatnonzero(np.r_[True, grp[1:] != grp[:-1]])
+    rank = np.empty(o.size, dtype=np.int64)
+    rank[o] = np.arange(o.size) - np.repeat(start, np.diff(np.r_[start, o.size]))
+    slot_key = load[r_v, g_free] + rank * mean_unit[r_v]
+    slot_order = np.lexsort((slot_key, r_v))  # per layer, the freed slots lightest first
+    unit_order = np.lexsort((-unit_load, r_v))  # per layer, the units heaviest first
+    dest = freed[slot_order]  # the i-th unit of a layer (by load) takes its i-th freed slot
+    ux = x[unit_order]
+    ur = r_v[unit_order]
+    dg = dest // slots
+    # A unit may not join a GPU that already holds its expert, nor one another unit of it joins.
+    if slots > 1:
+        there = (own[ur, dg] == ux[:, None]).any(1)
+        pair = (ur * num_gpus + dg) * num_experts + ux
+        srt = np.sort(pair)
+        repeated = np.zeros(pair.size, dtype=bool)
+        dup_keys = srt[1:][srt[1:] == srt[:-1]]
+        if dup_keys.size:
+            first = np.unique(pair, return_index=True)[1]
+            repeated = np.isin(pair, dup_keys)
+            repeated[first] = False
+        clash = there | repeated
+    else:
+        clash = np.zeros(ur.size, dtype=bool)
+    fine = ~clash
+    flat[ur[fine], dest[fine]] = ux[fine]
+    for i in np.nonzero(clash)[0]:  # few: each to the lightest GPU with a free slot, fewest copies
+        layer, e = ur[i], ux[i]
+        free = (own[layer] < 0).any(1)  # [P]
+        copies = (own[layer] == e).sum(1)
+        copies = np.where(free, copies, np.iinfo(np.int64).max)
+        cand = free & (copies == copies.min())
+        lay_load = np.where(own[layer] >= 0, per_new[layer, np.maximum(own[layer], 0)], 0.0).sum(1)
+        g = int(np.argmin(np.where(cand, lay_load, np.inf)))
+        s = int(np.argmax(own[layer, g] < 0))
+        own[layer, g, s] = e
+    cnt[:] = new_cnt
+    budget -= n_move
