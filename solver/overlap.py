@@ -14,6 +14,8 @@ matrix. Everything here works on those pairs, so its cost follows the slots, not
 from __future__ import annotations
 
 import numpy as np
+
+from ray_eplb.solver.peaks import njit
 from scipy.optimize import linear_sum_assignment
 
 from ray_eplb.solver.maps import bin_counts
@@ -75,6 +77,8 @@ def kept_upper_bound(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.n
     than ``min(sum_i max_j shared, sum_j max_i shared)`` (from :func:`sparse_overlap`), or than
     that bound with the shared slots of very replicated experts replaced by their copies per bin."""
     num_rows, num_bins, slots = old.shape
+    if kept_kernel is not None and num_bins <= 256:  # the exact sums (no hot experts left out): a bound as tight or tighter
+        return kept_kernel(old, new, num_experts)
     # An expert on most bins of both plans adds ~c_old * c_new pairs; such "hot" experts are left
     # out of the pairs and bounded instead by their copies in each bin (still an upper bound).
     c_old = bin_counts(old.reshape(num_rows, -1), 1, num_experts)[:, 0]  # [K, E]
@@ -159,3 +163,66 @@ def match_gpus(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarray
         rows_l, pos_l = np.nonzero(left)
         perm[rows_l, pos_l] = free_new[rows_l, rank[rows_l, pos_l]]
     return perm
+
+
+def _kept_kernel(old, new, num_experts):  # pragma: no cover (compiled)
+    """``min(sum_i max_j shared, sum_j max_i shared)`` per row of ``old``, ``new`` ``[K, m, S]``,
+    with ``shared`` the multiset overlap of old bin ``i`` and new bin ``j``."""
+    num_rows, num_bins, slots = old.shape
+    out = np.zeros(num_rows, dtype=np.int64)
+    shared = np.zeros((num_bins, num_bins), dtype=np.int64)
+    where = np.full((num_experts, num_bins * slots), -1, dtype=np.int64)  # old bins holding each expert
+    many = np.zeros(num_experts, dtype=np.int64)
+    left = np.zeros((num_bins, slots), dtype=np.int64)  # copies per old (bin, slot) still unmatched
+    for r in range(num_rows):
+        for i in range(num_bins):
+            for s in range(slots):
+                e = old[r, i, s]
+                where[e, many[e]] = i
+                many[e] += 1
+        for j in range(num_bins):
+            for s in range(slots):
+                e = new[r, j, s]
+                # each copy in new bin j meets one not yet met copy of e per old bin
+                for k in range(many[e]):
+                    i = where[e, k]
+                    taken = False
+                    for kk in range(k):  # an old bin listed twice (two copies) counts once per copy here
+                        if where[e, kk] == i:
+                            taken = True
+                            break
+                    if not taken:
+                        copies_old = 0
+                        for k2 in range(many[e]):
+                            if where[e, k2] == i:
+                                copies_old += 1
+                        copies_new = 0
+                        for s2 in range(s):
+                            if new[r, j, s2] == e:
+                                copies_new += 1
+                        if copies_new < copies_old:
+                            shared[i, j] += 1
+        rows_best, cols_best = 0, 0
+        for i in range(num_bins):
+            m = 0
+            for j in range(num_bins):
+                if shared[i, j] > m:
+                    m = shared[i, j]
+            rows_best += m
+        for j in range(num_bins):
+            m = 0
+            for i in range(num_bins):
+                if shared[i, j] > m:
+                    m = shared[i, j]
+            cols_best += m
+        out[r] = min(rows_best, cols_best)
+        for i in range(num_bins):  # reset for the next row (only what was touched)
+            for s in range(slots):
+                e = old[r, i, s]
+                many[e] = 0
+            for j in range(num_bins):
+                shared[i, j] = 0
+    return out
+
+
+kept_kernel = njit(cache=True, nogil=True)(_kept_kernel) if njit is not None else None

@@ -165,16 +165,35 @@ def _peaks_kernel(io, il, ic, orig, bin_load, num_owners, limit, budget, light):
         for g in range(num_bins):
             for s in range(slots):
                 held_r[g, io[r, g, s]] += 1
+        top = min(light, num_bins - 1)
+        cand = np.empty(top, dtype=np.int64)  # the lightest bins, lightest first
         for _ in range(4 * num_bins * slots):
-            order = np.argsort(bin_load[r])
-            h = order[num_bins - 1]
+            h = 0
+            for g in range(1, num_bins):
+                if bin_load[r, g] > bin_load[r, h]:
+                    h = g
             if bin_load[r, h] <= limit[r] or budget[r] < 1:
                 break
+            m = 0  # insertion into the sorted candidate list (top is small)
+            for g in range(num_bins):
+                if g == h:
+                    continue
+                x = bin_load[r, g]
+                if m == top and x >= bin_load[r, cand[m - 1]]:
+                    continue
+                j = m if m < top else top - 1
+                while j > 0 and bin_load[r, cand[j - 1]] > x:
+                    cand[j] = cand[j - 1]
+                    j -= 1
+                cand[j] = g
+                if m < top:
+                    m += 1
             best_fix, best_any = -1.0, 0.0
             pick_fix, pick_any = -1, -1
-            top = min(light, num_bins - 1)
-            for q in range(top):
-                lo = order[q]
+            for q in range(m):
+                if pick_fix >= 0:
+                    break  # a fixing swap with a lighter bin was found
+                lo = cand[q]
                 gap = bin_load[r, h] - bin_load[r, lo]
                 if gap <= 0:
                     break
@@ -206,7 +225,7 @@ def _peaks_kernel(io, il, ic, orig, bin_load, num_owners, limit, budget, light):
             pick = pick_fix if pick_fix >= 0 else pick_any
             if pick < 0:
                 break  # the heaviest bin cannot be lowered: neither can the peak
-            lo = order[pick // (slots * slots)]
+            lo = cand[pick // (slots * slots)]
             sa, sb = (pick // slots) % slots, pick % slots
             a, b = io[r, h, sa], io[r, lo, sb]
             budget[r] -= (int(b != orig[r, h, sa]) - int(a != orig[r, h, sa])
