@@ -69,6 +69,7 @@ def relocate(w: np.ndarray, own: np.ndarray, cnt: np.ndarray, target: np.ndarray
     if not rows.size:
         return
     flat = own.reshape(num_layers, -1)  # a view: writes go to own
+    old_flat = flat.copy()
     per_old = w / cnt  # [L, E]
     new_cnt = cnt.copy()
     r_v, j_v = np.nonzero(valid)
@@ -81,8 +82,9 @@ def relocate(w: np.ndarray, own: np.ndarray, cnt: np.ndarray, target: np.ndarray
     sl_r, sl_s = np.nonzero(is_loser[np.arange(num_layers)[:, None], flat])  # the losers' slots
     sl_e = flat[sl_r, sl_s]
     sl_g = sl_s // slots
-    if slots > 1:
-        stacked = (own[sl_r, sl_g] == sl_e[:, None]).sum(1) > 1
+    if slots > 1:  # a copy after the first of its expert on its GPU
+        stacked = own[sl_r, sl_g] == sl_e[:, None]  # [M, S]
+        stacked = (stacked & (np.arange(slots) < (sl_s % slots)[:, None])).any(1)
     else:
         stacked = np.zeros(sl_r.size, dtype=bool)
     order = np.lexsort((-gpu_load[sl_r, sl_g], ~stacked, sl_e, sl_r))
@@ -114,7 +116,13 @@ def relocate(w: np.ndarray, own: np.ndarray, cnt: np.ndarray, target: np.ndarray
     dg = dest // slots
     # A unit may not join a GPU that already holds its expert, nor one another unit of it joins.
     if slots > 1:
-        there = (own[ur, dg] == ux[:, None]).any(1)
+        # (an expert on every GPU already may join one holding the fewest copies of it)
+        there = (own[ur, dg] == ux[:, None]).sum(1)
+        wide = np.nonzero(new_cnt[ur, ux] > num_gpus)[0]
+        least = np.zeros(ur.size, dtype=np.int64)
+        if wide.size:
+            least[wide] = (own[ur[wide]] == ux[wide][:, None, None]).sum(-1).min(1)
+        there = there > least
         pair = (ur * num_gpus + dg) * num_experts + ux
         srt = np.sort(pair)
         repeated = np.zeros(pair.size, dtype=bool)
@@ -128,15 +136,36 @@ def relocate(w: np.ndarray, own: np.ndarray, cnt: np.ndarray, target: np.ndarray
         clash = np.zeros(ur.size, dtype=bool)
     fine = ~clash
     flat[ur[fine], dest[fine]] = ux[fine]
-    for i in np.nonzero(clash)[0]:  # few: each to the lightest GPU with a free slot, fewest copies
+    placed = np.nonzero(fine)[0]
+    for i in np.nonzero(clash)[0]:  # few: each to the lightest free GPU without its expert, else trade
         layer, e = ur[i], ux[i]
-        free = (own[layer] < 0).any(1)  # [P]
-        copies = (own[layer] == e).sum(1)
-        copies = np.where(free, copies, np.iinfo(np.int64).max)
-        cand = free & (copies == copies.min())
-        lay_load = np.where(own[layer] >= 0, per_new[layer, np.maximum(own[layer], 0)], 0.0).sum(1)
-        g = int(np.argmin(np.where(cand, lay_load, np.inf)))
-        s = int(np.argmax(own[layer, g] < 0))
-        own[layer, g, s] = e
+        mine = own[layer]  # [P, S] a view
+        free = (mine < 0).any(1)  # [P]
+        lay_load = np.where(mine >= 0, per_new[layer, np.maximum(mine, 0)], 0.0).sum(1)
+        copies = (mine == e).sum(1)
+        clean = free & (copies == copies.min())
+        if clean.any():
+            g = int(np.argmin(np.where(clean, lay_load, np.inf)))
+            own[layer, g, int(np.argmax(mine[g] < 0))] = e
+            continue
+        # No free GPU may take e: trade places with a unit placed in this batch (e to its GPU, it
+        # to the free one) where that spreads both experts; else the slot keeps its old expert.
+        g = int(np.argmax(free))
+        s = int(np.argmax(mine[g] < 0))
+        mates = placed[ur[placed] == layer]
+        d_g = dest[mates] // slots
+        y = ux[mates]
+        ok = ((mine[d_g] == e).sum(1) < copies[g]) & ((mine[g][None, :] == y[:, None]).sum(1)
+                                                      < (mine[d_g] == y[:, None]).sum(1))
+        if ok.any():
+            j = mates[np.argmax(ok)]
+            own[layer, g, s] = ux[j]
+            flat[layer, dest[j]] = e
+        else:
+            back = old_flat[layer, g * slots + s]
+            own[layer, g, s] = back
+            new_cnt[layer, back] += 1
+            new_cnt[layer, e] -= 1
+            n_move[layer] -= 1
     cnt[:] = new_cnt
     budget -= n_move
