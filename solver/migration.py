@@ -23,7 +23,6 @@ import math
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from ray_eplb.solver.counts import counts_np
 from ray_eplb.solver.incremental import incremental
 from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts
 from ray_eplb.solver.overlap import kept_upper_bound, match_gpus, sparse_overlap
@@ -297,25 +296,26 @@ def migrate(
     Shapes: ``w [L, E]`` float64, ``old [L, R]`` int64, ``fresh [L, R]`` int64. Returns ``[L, R]``.
     """
     num_layers, num_experts = w.shape
-    peak_old = peak_load(old, w, num_gpus)  # [L]
-    dup_old = avoidable_duplicates_np(old, num_gpus, num_experts)  # [L]
+    one_slot = old.shape[1] == num_gpus
     if fresh is not None:
-        # Cheap exit for layers where nothing can pay: ``old`` is the fresh plan itself, or (one
-        # slot per GPU: the peak is set by the replica counts alone) ``old`` already has the
-        # counts the incremental plan aims at and a peak no higher than the fresh plan's.
-        # (Exiting wherever the peak is no higher than fresh cost llama4 144 in ``bench
-        # --migration`` 0.17% next-window balance: refining such a layer still pays there.)
+        # Cheap exit for layers where nothing can pay, before any other work: ``old`` is the
+        # fresh plan itself, or (one slot per GPU: the peak is set by the replica counts alone)
+        # ``old`` already has the fresh plan's counts. (Exiting wherever the peak is no higher
+        # than fresh cost llama4 144 in ``bench --migration`` 0.17% next-window balance:
+        # refining such a layer still pays there.)
         settled = (old == fresh).all(1)  # [L]
-        if old.shape[1] == num_gpus:
-            same_counts = (bin_counts(old, 1, num_experts)[:, 0] == counts_np(w, num_gpus, method)).all(1)
-            settled |= same_counts & (peak_old <= peak_load(fresh, w, num_gpus) * (1 + 1e-9))
-        settled &= dup_old == 0
+        if one_slot:
+            settled |= (bin_counts(old, 1, num_experts) == bin_counts(fresh, 1, num_experts)).all((1, 2))
+        elif settled.any():  # (one slot per GPU holds no duplicate)
+            settled[settled] = avoidable_duplicates_np(old[settled], num_gpus, num_experts) == 0
         if settled.any():
             out = old.copy()
             rows = np.nonzero(~settled)[0]
             if rows.size:
                 out[rows] = migrate(w[rows], old[rows], num_gpus, budget[rows], total, min_gain, method, fresh[rows])
             return out
+    peak_old = peak_load(old, w, num_gpus)  # [L]
+    dup_old = np.zeros(num_layers, dtype=np.int64) if one_slot else avoidable_duplicates_np(old, num_gpus, num_experts)
     cand = None if fresh is None else FreshCandidate(old, fresh, w, num_gpus)
     goal = None if cand is None else cand.peak.copy()
     target = None if fresh is None else bin_counts(fresh, 1, num_experts)[:, 0]
@@ -327,7 +327,9 @@ def migrate(
             new, peak, moves = cand.pick(new, peak, moves)
         gain = peak_old - peak  # [L] absolute peak reduction
         # Removing an avoidable duplicate frees a slot: always worth it, whatever the hysteresis.
-        worth = (gain > min_gain * peak_old) | (avoidable_duplicates_np(new, num_gpus, num_experts) < dup_old)
+        worth = gain > min_gain * peak_old
+        if dup_old.any():
+            worth |= avoidable_duplicates_np(new, num_gpus, num_experts) < dup_old
         return np.where(worth[:, None], new, old), np.where(worth, gain, 0.0), np.where(worth, moves, 0)
 
     new, gain, moves = plan(budget)

@@ -14,11 +14,10 @@ matrix. Everything here works on those pairs, so its cost follows the slots, not
 from __future__ import annotations
 
 import numpy as np
-
-from ray_eplb.solver.peaks import njit
 from scipy.optimize import linear_sum_assignment
 
 from ray_eplb.solver.maps import bin_counts
+from ray_eplb.solver.peaks import njit
 
 
 def _entries(bins: np.ndarray, num_experts: int, keep: np.ndarray | None) -> tuple[np.ndarray, ...]:
@@ -44,8 +43,8 @@ def sparse_overlap(
 
     ``old``, ``new``: ``[K, m, S]`` expert per slot. A pair shares ``sum_e min(old copies, new
     copies)`` slots. ``keep_old``, ``keep_new`` (``[K, m]`` bool, optional): only these bins; ``skip``
-    (``[K, E]`` bool, optional): experts left out. Returns ``(row, i, j, shared)``, each ``[Q]`` int64, one entry per pair with
-    ``shared > 0``, sorted by ``(row, i, j)``.
+    (``[K, E]`` bool, optional): experts left out. Returns ``(row, i, j, shared)``, each ``[Q]``
+    int64, one entry per pair with ``shared > 0``, sorted by ``(row, i, j)``.
     """
     num_rows, num_bins, _ = old.shape
     ka, ia, ma = _entries(old, num_experts, keep_old)
@@ -77,7 +76,7 @@ def kept_upper_bound(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.n
     than ``min(sum_i max_j shared, sum_j max_i shared)`` (from :func:`sparse_overlap`), or than
     that bound with the shared slots of very replicated experts replaced by their copies per bin."""
     num_rows, num_bins, slots = old.shape
-    if kept_kernel is not None and num_bins <= 256:  # the exact sums (no hot experts left out): a bound as tight or tighter
+    if kept_kernel is not None and num_bins <= 256:  # exact sums, no hot experts left out: as tight or tighter
         return kept_kernel(old, new, num_experts)
     # An expert on most bins of both plans adds ~c_old * c_new pairs; such "hot" experts are left
     # out of the pairs and bounded instead by their copies in each bin (still an upper bound).
@@ -173,7 +172,6 @@ def _kept_kernel(old, new, num_experts):  # pragma: no cover (compiled)
     shared = np.zeros((num_bins, num_bins), dtype=np.int64)
     where = np.full((num_experts, num_bins * slots), -1, dtype=np.int64)  # old bins holding each expert
     many = np.zeros(num_experts, dtype=np.int64)
-    left = np.zeros((num_bins, slots), dtype=np.int64)  # copies per old (bin, slot) still unmatched
     for r in range(num_rows):
         for i in range(num_bins):
             for s in range(slots):

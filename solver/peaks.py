@@ -71,7 +71,7 @@ def lower_peaks(
     held = bin_counts(io.reshape(num_rows, -1), num_bins, n).ravel() if num_rows * num_bins * n <= TABLE_LIMIT else None
     first = np.arange(num_rows)[:, None] * num_bins  # [B, 1] flat bin of each row's bin 0
     quiet = np.zeros(num_rows, dtype=np.int64)
-    for sweep in range(sweeps):
+    for _ in range(sweeps):
         over = (bin_load > limit[:, None]).sum(1)  # [B] bins above the goal
         live = np.nonzero((over > 0) & (budget >= 2) & (quiet < QUIET_SWEEPS))[0]
         if not live.size:
