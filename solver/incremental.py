@@ -11,7 +11,7 @@ from ray_eplb.solver.counts import counts_np
 from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts, per_slot
 from ray_eplb.solver.packing import refine_swaps
 from ray_eplb.solver.peaks import lower_peaks
-from ray_eplb.solver.relocate import relocate
+from ray_eplb.solver.relocate import relocate_kernel
 from ray_eplb.solver.repair import separate_copies_batched
 
 BATCHES = 8  # relocations of a layer are made in about this many rounds when there are many
@@ -71,10 +71,7 @@ def incremental(
     cnt = bin_counts(old, 1, num_experts)[:, 0]  # [L, E] current replicas
     if target is None:
         target = counts_np(w, num_slots, method)  # [L, E]
-    if goal is not None:
-        relocate(w, own, cnt, target, budget)
-    else:
-        _relocate(w, own, cnt, target, budget)
+    relocate(w, own, cnt, target, budget)
     per = w / cnt
     cap = -(-cnt // num_gpus)
     # Avoidable duplicates left (a foreign old plan's, or a thinned expert's) are swapped apart
@@ -92,6 +89,16 @@ def incremental(
     else:
         own, _ = refine_swaps(own, per, cap, pairs=pairs, sweeps=sweeps, budget=budget)
     return own.reshape(num_layers, num_slots)
+
+
+def relocate(w: np.ndarray, own: np.ndarray, cnt: np.ndarray, target: np.ndarray, budget: np.ndarray) -> None:
+    """Relocations toward ``target``, in place on ``own [L, P, S]``, ``cnt [L, E]``, ``budget [L]``:
+    the compiled kernel (:mod:`ray_eplb.solver.relocate`) where numba is installed, else
+    :func:`_relocate` (the same rule; a layer with many to make takes them in rounds)."""
+    if relocate_kernel is not None:
+        relocate_kernel(w, own, cnt, target, budget)
+    else:
+        _relocate(w, own, cnt, target, budget)
 
 
 def _slot_table(own: np.ndarray, cnt: np.ndarray, width: int) -> np.ndarray:

@@ -9,7 +9,7 @@ import torch
 
 import ray_eplb.solver.overlap as overlap_mod
 import ray_eplb.solver.peaks as peaks_mod
-import ray_eplb.solver.relocate as relocate_mod
+import ray_eplb.solver.incremental as incremental_mod
 from ray_eplb.controller.bench.workload import synthetic_trace
 from ray_eplb.solver import balancedness, rebalance_experts
 from ray_eplb.solver.baseline import greedy_rebalance_experts
@@ -24,7 +24,7 @@ def path(request, monkeypatch):
     """Run a test with the compiled kernels, and again with the numpy fallbacks."""
     if request.param == "numpy":
         monkeypatch.setattr(peaks_mod, "peaks_kernel", None)
-        monkeypatch.setattr(relocate_mod, "relocate_kernel", None)
+        monkeypatch.setattr(incremental_mod, "relocate_kernel", None)
         monkeypatch.setattr(overlap_mod, "kept_kernel", None)
     return request.param
 
@@ -92,7 +92,7 @@ def test_relocations_reach_the_target_counts_within_the_budget(path, seed, slots
     for allowed in (0, 1, 3, 1000):
         o, c = own.copy(), cnt.copy()
         budget = np.full(num_layers, allowed, dtype=np.int64)
-        relocate_mod.relocate(w, o, c, target, budget)
+        incremental_mod.relocate(w, o, c, target, budget)
         moved = (o != own).reshape(num_layers, -1).sum(1)
         assert np.array_equal(c, bin_counts(o.reshape(num_layers, -1), 1, num_experts)[:, 0])
         assert (moved == allowed - budget).all() and (moved <= np.minimum(need, allowed)).all()
