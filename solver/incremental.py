@@ -62,6 +62,7 @@ def incremental(
     num_layers, num_experts = w.shape
     num_slots = old.shape[1]
     slots = num_slots // num_gpus
+    fix_first = budget < num_slots  # a binding budget: prefer swaps that bring a GPU to the goal at once
     budget = budget.astype(np.int64).copy()
     if sweeps is None:
         sweeps = 3 if slots < 12 else slots // 2
@@ -85,7 +86,7 @@ def incremental(
         own[dup[fits]] = fixed[fits]
         budget[dup[fits]] -= cost[fits]
     if goal is not None:
-        own = lower_peaks(own, per, cap, goal, budget, GOAL_SWEEPS, old.reshape(own.shape))
+        own = lower_peaks(own, per, cap, goal, budget, GOAL_SWEEPS, old.reshape(own.shape), fix_first)
     else:
         own, _ = refine_swaps(own, per, cap, pairs=pairs, sweeps=sweeps, budget=budget)
     return own.reshape(num_layers, num_slots)

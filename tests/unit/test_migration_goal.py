@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+import ray_eplb.solver.incremental as incremental_mod
 import ray_eplb.solver.overlap as overlap_mod
 import ray_eplb.solver.peaks as peaks_mod
-import ray_eplb.solver.incremental as incremental_mod
 from ray_eplb.controller.bench.workload import synthetic_trace
 from ray_eplb.solver import balancedness, rebalance_experts
 from ray_eplb.solver.baseline import greedy_rebalance_experts
