@@ -33,27 +33,26 @@ def incremental(
 ) -> np.ndarray:
     """Improve ``old`` for load ``w`` by at most ``budget`` slot changes per layer.
 
-    1. *Relocations* (one slot each) toward the water-filling counts of ``w``: the
-       under-replicated expert with the highest per-replica load gains a replica in place of one
-       of the over-replicated expert that loses least (lowest ``w / (c - 1)``), on the GPU that
-       ends up lightest among those not already holding the gainer. Up to 64 relocations per
-       layer (16 with one slot per GPU) are made one at a time; beyond that, in about eight
-       rounds of ``k`` (the next ``k`` pairs of that same rule on running counts, each on its
-       own GPU), so a layer with hundreds of slots to change (1024 GPUs) does not take hundreds
-       of passes.
+    1. *Relocations* (one slot each) toward ``target`` (default: the water-filling counts of
+       ``w``): the under-replicated expert with the highest per-replica load gains a replica in
+       place of one of the over-replicated expert that loses least (lowest ``w / (c - 1)``), on
+       the GPU holding the loser that ends up lightest (:func:`relocate`). Given a ``goal``,
+       layers whose peak is more than ``SHIFTED`` above it have their relocations dealt instead
+       (the losers' copies on the heaviest GPUs freed, the gainers dealt onto them lightest GPU
+       first; :mod:`ray_eplb.solver.relocate`).
     2. *Duplicate repair*: avoidable duplicates still there (a foreign old plan's) are swapped
        apart (:func:`~ray_eplb.solver.repair.separate_copies_batched`), two slots each.
-    3. *Swaps* (two slots each): :func:`~ray_eplb.solver.packing.refine_swaps` with what is left,
-       as many sweeps as a fresh solve uses (3 below 12 slots per GPU). More sweeps fit the load
-       planned for more tightly but generalise worse: measured on dsv2lite 288 (plan on the EMA
-       forecast, score on the next window), 8 sweeps gave -0.54% against a fresh solve, 3 gave
-       -0.13% and moved 11% of slots instead of 23%.
+    3. *Swaps* (two slots each) with what is left. Given a ``goal [L]`` (the peak a fresh solve
+       reaches; :func:`~ray_eplb.solver.migration.migrate` passes it): swaps that lower the
+       GPUs above it, heaviest first, until none is (:func:`~ray_eplb.solver.peaks.lower_peaks`;
+       where the budget binds, the swap that brings a GPU to the goal at once is preferred).
+       Without one: :func:`~ray_eplb.solver.packing.refine_swaps` with ``pairs`` GPU pairs per
+       sweep and as many sweeps as a fresh solve uses (3 below 12 slots per GPU).
 
-    ``pairs``: GPU pairs per swap sweep (``None``: every GPU, as a fresh solve does). Kept at 4:
-    pairing every GPU measured (scale benchmark, synthetic load, previous window's plan) in-window
-    0.944 -> 0.992 and next-window 0.834 -> 0.840 at the Kimi-K2-like shape, but moved 31% of the
-    slots instead of 6% (DeepSeek-V3 prefill: 0.976 -> 0.995, 9% -> 26%); a caller that wants that
-    trade passes ``pairs=None`` with a ``budget``.
+    Measured (scale benchmark, previous window's plan, synthetic load): 4 fixed pairs stopped at
+    in-window 0.943 at the Kimi-K2-like shape (fresh 0.996), pairing every GPU reached 0.992 but
+    moved 31% of the slots; the goal reaches the fresh plan's in-window balance with 21% moved,
+    and within 0.3% of it under a 25% budget.
 
     Every expert keeps at least one replica, and no expert is put twice on a GPU.
 

@@ -7,14 +7,17 @@ balance *and* by how many slots it changes relative to the current one (``old``)
   to keep as many slots as possible, without changing any GPU's expert set, so its balance is
   exactly the same. Matching is a maximum-weight assignment (scipy's ``linear_sum_assignment``).
 * :func:`incremental` starts from ``old`` and moves only what pays: first *relocations* that bring
-  the replica counts to the water-filling counts of the new load (one slot each: a replica of an
-  over-replicated expert is replaced by one of an under-replicated expert, on the GPU where that
-  helps most), then the swap refinement (two slots each), all under a per-layer budget.
+  the replica counts to the fresh plan's (one slot each: a replica of an over-replicated expert
+  is replaced by one of an under-replicated expert, on the GPU where that helps most), then swaps
+  (two slots each) that lower every GPU above the fresh plan's peak, all under a per-layer budget.
 * :func:`migrate` runs it per layer (or under a total budget, spent where it gains most per moved
   slot) and, given the fresh plan, takes that plan aligned wherever it dominates the incremental
   one: no higher peak with no more moved slots.
 
-Everything here is numpy, vectorised over layers (the assignment solver runs once per layer).
+Its cost follows the slots that change: a layer already at the fresh plan is left before any
+other work, relocations and swaps are compiled loops (numba; numpy code without it) whose work
+is per move, and the fresh alternative is ruled out by a bound from sparse GPU overlaps before
+any assignment solve (which then runs only on GPUs whose expert sets differ).
 """
 from __future__ import annotations
 
@@ -283,8 +286,9 @@ def migrate(
     11% per rebalance) for a predicted 0.1-3% lower peak that did not show on the next window.
 
     Given ``fresh``, a layer where nothing can pay is kept as it is without any planning: its
-    ``old`` is ``fresh`` itself, or, with one slot per GPU, ``old`` has the water-filling counts
-    and a peak no higher than the fresh plan's.
+    ``old`` is ``fresh`` itself (and holds no avoidable duplicate), or, with one slot per GPU,
+    ``old`` has the fresh plan's replica counts (then the same peak). The fresh plan's counts are
+    the relocations' target and its peak the swaps' goal (:func:`incremental`).
 
     A layer changes only if its max GPU load falls by more than ``min_gain`` (relative), or if it
     sheds avoidable duplicates of ``old`` (always done where the budget allows): else it keeps
