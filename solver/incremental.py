@@ -11,12 +11,11 @@ from ray_eplb.solver.counts import counts_np
 from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts, per_slot
 from ray_eplb.solver.packing import refine_swaps
 from ray_eplb.solver.peaks import lower_peaks
-from ray_eplb.solver.relocate import deal_kernel, relocate_kernel
+from ray_eplb.solver.relocate import relocate_kernel
 from ray_eplb.solver.repair import separate_copies_batched
 
 BATCHES = 8  # relocations of a layer are made in about this many rounds when there are many
 GOAL_SWEEPS = 32
-SHIFTED = 1.05  # a layer whose peak is this far above the goal has its relocations dealt (solver/relocate.py)
 TABLE_LIMIT = 1 << 21  # largest [L, P, E] copies-per-GPU table kept (else copies are counted per GPU)
 
 
@@ -36,10 +35,7 @@ def incremental(
     1. *Relocations* (one slot each) toward ``target`` (default: the water-filling counts of
        ``w``): the under-replicated expert with the highest per-replica load gains a replica in
        place of one of the over-replicated expert that loses least (lowest ``w / (c - 1)``), on
-       the GPU holding the loser that ends up lightest (:func:`relocate`). Given a ``goal``,
-       layers whose peak is more than ``SHIFTED`` above it have their relocations dealt instead
-       (the losers' copies on the heaviest GPUs freed, the gainers dealt onto them lightest GPU
-       first; :mod:`ray_eplb.solver.relocate`).
+       the GPU holding the loser that ends up lightest (:func:`relocate`).
     2. *Duplicate repair*: avoidable duplicates still there (a foreign old plan's) are swapped
        apart (:func:`~ray_eplb.solver.repair.separate_copies_batched`), two slots each.
     3. *Swaps* (two slots each) with what is left. Given a ``goal [L]`` (the peak a fresh solve
@@ -62,7 +58,7 @@ def incremental(
     num_layers, num_experts = w.shape
     num_slots = old.shape[1]
     slots = num_slots // num_gpus
-    fix_first = budget < num_slots  # a binding budget: prefer swaps that bring a GPU to the goal at once
+    fix_first = 2 * budget < num_slots  # a tight budget: prefer swaps that bring a GPU to the goal at once
     budget = budget.astype(np.int64).copy()
     if sweeps is None:
         sweeps = 3 if slots < 12 else slots // 2
@@ -72,10 +68,7 @@ def incremental(
     cnt = bin_counts(old, 1, num_experts)[:, 0]  # [L, E] current replicas
     if target is None:
         target = counts_np(w, num_slots, method)  # [L, E]
-    shifted = None
-    if goal is not None:  # layers whose load moved far from the plan: relocations also rebalance
-        shifted = per_slot(w / cnt, own).sum(-1).max(1) > SHIFTED * goal
-    relocate(w, own, cnt, target, budget, shifted)
+    relocate(w, own, cnt, target, budget)
     per = w / cnt
     cap = -(-cnt // num_gpus)
     # Avoidable duplicates left (a foreign old plan's, or a thinned expert's) are swapped apart
@@ -95,28 +88,14 @@ def incremental(
     return own.reshape(num_layers, num_slots)
 
 
-def relocate(
-    w: np.ndarray, own: np.ndarray, cnt: np.ndarray, target: np.ndarray, budget: np.ndarray,
-    deal: np.ndarray | None = None,
-) -> None:
+def relocate(w: np.ndarray, own: np.ndarray, cnt: np.ndarray, target: np.ndarray, budget: np.ndarray) -> None:
     """Relocations toward ``target``, in place on ``own [L, P, S]``, ``cnt [L, E]``, ``budget [L]``:
-    the compiled kernels (:mod:`ray_eplb.solver.relocate`) where numba is installed, the layers
-    where ``deal [L]`` is true dealt at once, the others one at a time; without numba
-    :func:`_relocate` for all (the one-at-a-time rule; a layer with many to make takes them in
-    rounds)."""
-    if relocate_kernel is None:
-        _relocate(w, own, cnt, target, budget)
-        return
-    rows = np.nonzero(deal)[0] if deal is not None else np.zeros(0, dtype=np.int64)
-    if not rows.size:
+    the compiled kernel (:mod:`ray_eplb.solver.relocate`) where numba is installed, else
+    :func:`_relocate` (the same rule; a layer with many to make takes them in rounds)."""
+    if relocate_kernel is not None:
         relocate_kernel(w, own, cnt, target, budget)
-        return
-    rest = np.nonzero(~deal)[0]
-    for kernel, sel in ((deal_kernel, rows), (relocate_kernel, rest)):
-        if sel.size:
-            o, c, b = own[sel], cnt[sel], budget[sel]
-            kernel(w[sel], o, c, target[sel], b)
-            own[sel], cnt[sel], budget[sel] = o, c, b
+    else:
+        _relocate(w, own, cnt, target, budget)
 
 
 def _slot_table(own: np.ndarray, cnt: np.ndarray, width: int) -> np.ndarray:

@@ -17,8 +17,7 @@ from ray_eplb.solver.maps import bin_counts, per_slot
 from ray_eplb.solver.packing import SORTED_SWAPS_FROM, best_swaps
 
 TABLE_LIMIT = 1 << 22  # largest [B, P, n] copies table kept
-LIGHT = 8  # the lightest bins the heaviest bin tries (where the budget binds)
-LIGHT_FREE = 2  # the same where moves are free (the evening swap with the lightest bins)
+LIGHT = 8  # the lightest bins the heaviest bin tries
 try:  # numba is optional: without it the vectorised sweeps below run instead of the kernel
     if os.environ.get("RAY_EPLB_NUMBA", "1") == "0":
         raise ImportError("disabled by RAY_EPLB_NUMBA=0")
@@ -179,7 +178,7 @@ def _peaks_kernel(io, il, ic, orig, bin_load, num_owners, limit, budget, light, 
         for g in range(num_bins):
             for s in range(slots):
                 held_r[g, io[r, g, s]] += 1
-        top = min(light if fix_first[r] else LIGHT_FREE, num_bins - 1)
+        top = min(light, num_bins - 1)
         cand = np.empty(top, dtype=np.int64)  # the lightest bins, lightest first
         for _ in range(4 * num_bins * slots):
             h = 0
