@@ -23,10 +23,18 @@ def _relocate_kernel(w, own, cnt, target, budget):  # pragma: no cover (compiled
     the hottest gainer takes the slot of the cheapest loser, on a GPU that holds the loser
     (stacked there first), that holds the fewest copies of the gainer, and that ends up
     lightest. A layer stops at its budget, at its target, or when no GPU may take the pair.
-    Same arguments as :func:`relocate`, in place; ``own [L, P, S]`` int64."""
+    Each expert's slots are listed, so a relocation costs the two experts' replicas, not the
+    layer's slots. Same arguments as :func:`ray_eplb.solver.incremental.relocate`, in place;
+    ``own [L, P, S]`` int64."""
     num_layers, num_gpus, slots = own.shape
     num_experts = w.shape[1]
     load = np.zeros(num_gpus)
+    width = 1
+    for r in range(num_layers):
+        for e in range(num_experts):
+            width = max(width, cnt[r, e], target[r, e])
+    where = np.empty((num_experts, width + 1), dtype=np.int64)  # flat slots of each expert
+    many = np.zeros(num_experts, dtype=np.int64)
     for r in range(num_layers):
         surplus = 0
         for e in range(num_experts):
@@ -35,11 +43,15 @@ def _relocate_kernel(w, own, cnt, target, budget):  # pragma: no cover (compiled
         k = min(surplus, max(budget[r], 0))
         if k == 0:
             continue
+        for e in range(num_experts):
+            many[e] = 0
         for g in range(num_gpus):
             load[g] = 0.0
             for s in range(slots):
                 e = own[r, g, s]
                 load[g] += w[r, e] / cnt[r, e]
+                where[e, many[e]] = g * slots + s
+                many[e] += 1
         for _ in range(k):
             x, xq, y, yq = -1, -1.0, -1, np.inf
             for e in range(num_experts):
@@ -63,35 +75,43 @@ def _relocate_kernel(w, own, cnt, target, budget):  # pragma: no cover (compiled
                     least = min(least, c)
             per_y, joins = w[r, y] / cnt[r, y], w[r, x] / (cnt[r, x] + 1)
             best, best_copies, best_after = -1, 0, np.inf
-            for g in range(num_gpus):
+            for i in range(many[y]):
+                g = where[y, i] // slots
                 cy, cx = 0, 0
                 for s in range(slots):
                     cy += own[r, g, s] == y
                     cx += own[r, g, s] == x
-                if cy == 0 or cx > least:
+                if cx > least:
                     continue
                 after = load[g] - per_y + joins
-                if cy > best_copies or (cy == best_copies and after < best_after):
+                tie = after == best_after and g < best
+                if cy > best_copies or (cy == best_copies and (after < best_after or tie)):
                     best, best_copies, best_after = g, cy, after
             if best < 0:
                 break  # no GPU may take this pair: the layer stops relocating
-            for s in range(slots):
-                if own[r, best, s] == y:
-                    own[r, best, s] = x
+            for i in range(many[y]):  # the first slot of y on that GPU
+                if where[y, i] // slots == best:
+                    pick = i
                     break
+            for i in range(many[y]):
+                if where[y, i] // slots == best and where[y, i] < where[y, pick]:
+                    pick = i
+            slot = where[y, pick]
+            own[r, best, slot % slots] = x
+            many[y] -= 1
+            where[y, pick] = where[y, many[y]]
+            where[x, many[x]] = slot
+            many[x] += 1
             budget[r] -= 1
             # Loads: every replica of x and y changes its share.
             old_x, old_y = w[r, x] / cnt[r, x], per_y
             cnt[r, x] += 1
             cnt[r, y] -= 1
             new_x, new_y = w[r, x] / cnt[r, x], w[r, y] / cnt[r, y]
-            for g in range(num_gpus):
-                for s in range(slots):
-                    e = own[r, g, s]
-                    if e == x:
-                        load[g] += new_x - old_x
-                    elif e == y:
-                        load[g] += new_y - old_y
+            for i in range(many[x]):
+                load[where[x, i] // slots] += new_x - old_x
+            for i in range(many[y]):
+                load[where[y, i] // slots] += new_y - old_y
             load[best] += old_x - old_y  # the changed slot held y's old share, not x's
 
 
