@@ -176,6 +176,8 @@ def budget_per_layer(max_moves, num_layers: int, num_replicas: int, scope: str) 
 def _within_cap(plan: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
     """``[L]``: no GPU of ``plan [L, R]`` holds more than ``ceil(count / P)`` of an expert."""
     num_layers = plan.shape[0]
+    if plan.shape[1] == num_gpus:  # one slot per GPU: nothing can stack
+        return np.ones(num_layers, dtype=bool)
     srt = np.sort(plan.reshape(num_layers, num_gpus, -1), axis=-1)
     ok = ~(srt[..., 1:] == srt[..., :-1]).any((1, 2))  # [L] no expert twice on a GPU at all
     rows = np.nonzero(~ok)[0]
@@ -286,7 +288,7 @@ def migrate(
     11% per rebalance) for a predicted 0.1-3% lower peak that did not show on the next window.
 
     Given ``fresh``, a layer where nothing can pay is kept as it is without any planning: its
-    ``old`` is ``fresh`` itself (and holds no avoidable duplicate), or, with one slot per GPU,
+    ``old`` is ``fresh`` itself, or, with one slot per GPU,
     ``old`` has the fresh plan's replica counts (then the same peak). The fresh plan's counts are
     the relocations' target and its peak the swaps' goal (:func:`incremental`).
 
@@ -307,11 +309,9 @@ def migrate(
         # ``old`` already has the fresh plan's counts. (Exiting wherever the peak is no higher
         # than fresh cost llama4 144 in ``bench --migration`` 0.17% next-window balance:
         # refining such a layer still pays there.)
-        settled = (old == fresh).all(1)  # [L]
+        settled = (old == fresh).all(1)  # [L] (the fresh plan is the answer for its own layers)
         if one_slot:
             settled |= (bin_counts(old, 1, num_experts) == bin_counts(fresh, 1, num_experts)).all((1, 2))
-        elif settled.any():  # (one slot per GPU holds no duplicate)
-            settled[settled] = avoidable_duplicates_np(old[settled], num_gpus, num_experts) == 0
         if settled.any():
             out = old.copy()
             rows = np.nonzero(~settled)[0]
