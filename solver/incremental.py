@@ -12,7 +12,7 @@ from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts, per_slot
 from ray_eplb.solver.packing import refine_swaps
 from ray_eplb.solver.peaks import lower_peaks
 from ray_eplb.solver.relocate import relocate_kernel
-from ray_eplb.solver.repair import separate_copies_batched
+from ray_eplb.solver.repair import separate_copies_batched, separate_kernel
 
 BATCHES = 8  # relocations of a layer are made in about this many rounds when there are many
 GOAL_SWEEPS = 32
@@ -37,7 +37,8 @@ def incremental(
        place of one of the over-replicated expert that loses least (lowest ``w / (c - 1)``), on
        the GPU holding the loser that ends up lightest (:func:`relocate`).
     2. *Duplicate repair*: avoidable duplicates still there (a foreign old plan's) are swapped
-       apart (:func:`~ray_eplb.solver.repair.separate_copies_batched`), two slots each.
+       apart, two slots each (:func:`~ray_eplb.solver.repair.separate_copies` compiled, where
+       numba is installed; else :func:`~ray_eplb.solver.repair.separate_copies_batched`).
     3. *Swaps* (two slots each) with what is left. Given a ``goal [L]`` (the peak a fresh solve
        reaches; :func:`~ray_eplb.solver.migration.migrate` passes it): swaps that lower the
        GPUs above it, heaviest first, until none is (:func:`~ray_eplb.solver.peaks.lower_peaks`;
@@ -76,7 +77,8 @@ def incremental(
     # keeps them.
     dup = np.nonzero(avoidable_duplicates_np(own.reshape(num_layers, -1), num_gpus, num_experts) > 0)[0]
     if dup.size:
-        fixed = separate_copies_batched(own[dup], per[dup], cap[dup])
+        repair = separate_copies_batched if separate_kernel is None else separate_kernel
+        fixed = repair(own[dup], per[dup], cap[dup])
         cost = (fixed != own[dup]).sum((1, 2))  # [D] slots each repair changes
         fits = cost <= budget[dup]
         own[dup[fits]] = fixed[fits]

@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from ray_eplb.solver.jit import njit
 from ray_eplb.solver.maps import bin_counts
-from ray_eplb.solver.peaks import njit
 
 
 def _entries(bins: np.ndarray, num_experts: int, keep: np.ndarray | None) -> tuple[np.ndarray, ...]:

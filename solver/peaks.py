@@ -9,21 +9,14 @@ so every swap it makes lowers a bin that is above the goal, and it stops once no
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
+from ray_eplb.solver.jit import njit
 from ray_eplb.solver.maps import bin_counts, per_slot
 from ray_eplb.solver.packing import SORTED_SWAPS_FROM, best_swaps
 
 TABLE_LIMIT = 1 << 22  # largest [B, P, n] copies table kept
 LIGHT = 8  # the lightest bins the heaviest bin tries
-try:  # numba is optional: without it the vectorised sweeps below run instead of the kernel
-    if os.environ.get("RAY_EPLB_NUMBA", "1") == "0":
-        raise ImportError("disabled by RAY_EPLB_NUMBA=0")
-    from numba import njit
-except ImportError:
-    njit = None
 QUIET_SWEEPS = 3  # sweeps in a row without a swap before a row's search ends (it looks further each time)
 
 

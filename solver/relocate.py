@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ray_eplb.solver.peaks import njit
+from ray_eplb.solver.jit import njit
 
 
 def _relocate_kernel(w, own, cnt, target, budget):  # pragma: no cover (compiled)

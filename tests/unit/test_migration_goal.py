@@ -16,7 +16,7 @@ from ray_eplb.solver.baseline import greedy_rebalance_experts
 from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts, per_slot
 from ray_eplb.solver.migration import align, moved_slots
 
-PATHS = ["kernel", "numpy"] if peaks_mod.njit is not None else ["numpy"]
+PATHS = ["kernel", "numpy"] if peaks_mod.peaks_kernel is not None else ["numpy"]
 
 
 @pytest.fixture(params=PATHS)
@@ -158,3 +158,21 @@ def test_a_quarter_of_the_slots_buys_near_fresh_balance(path):
     assert moved_slots(old.numpy(), ph.numpy()).max() <= 32
     fresh_bal = balancedness(fresh_ph, fresh_cnt, load[2], 16)
     assert balancedness(ph, cnt, load[2], 16) >= fresh_bal - 0.005
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_compiled_duplicate_repair_equals_separate_copies(seed):
+    from ray_eplb.solver.repair import separate_copies, separate_kernel, surplus_copies
+
+    if separate_kernel is None:
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(seed)
+    num_experts, num_gpus, slots = int(rng.integers(3, 16)), int(rng.integers(2, 8)), int(rng.integers(2, 6))
+    if num_gpus * slots < num_experts:
+        num_gpus = -(-num_experts // slots)
+    w, own = _problem(seed, 3, num_experts, num_gpus, slots)
+    cnt = bin_counts(own.reshape(3, -1), 1, num_experts)[:, 0]
+    per, cap = w / cnt, -(-cnt // num_gpus)
+    got = separate_kernel(own, per, cap)
+    assert np.array_equal(got, separate_copies(own, per, cap))
+    assert surplus_copies(got, cap).sum() <= surplus_copies(own, cap).sum()
