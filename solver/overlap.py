@@ -166,57 +166,49 @@ def match_gpus(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarray
 
 def _kept_kernel(old, new, num_experts):  # pragma: no cover (compiled)
     """``min(sum_i max_j shared, sum_j max_i shared)`` per row of ``old``, ``new`` ``[K, m, S]``,
-    with ``shared`` the multiset overlap of old bin ``i`` and new bin ``j``."""
+    with ``shared`` the multiset overlap of old bin ``i`` and new bin ``j`` (each copy of an
+    expert in new bin ``j`` meets the old bins still holding an unmatched copy of it)."""
     num_rows, num_bins, slots = old.shape
     out = np.zeros(num_rows, dtype=np.int64)
     shared = np.zeros((num_bins, num_bins), dtype=np.int64)
-    where = np.full((num_experts, num_bins * slots), -1, dtype=np.int64)  # old bins holding each expert
+    held = np.zeros((num_bins, num_experts), dtype=np.int64)  # copies per old bin
+    bins_of = np.empty((num_experts, num_bins * slots), dtype=np.int64)  # distinct old bins of each expert
     many = np.zeros(num_experts, dtype=np.int64)
+    seen = np.zeros(num_experts, dtype=np.int64)  # copies met so far in the current new bin
     for r in range(num_rows):
         for i in range(num_bins):
             for s in range(slots):
                 e = old[r, i, s]
-                where[e, many[e]] = i
-                many[e] += 1
+                if held[i, e] == 0:
+                    bins_of[e, many[e]] = i
+                    many[e] += 1
+                held[i, e] += 1
         for j in range(num_bins):
             for s in range(slots):
                 e = new[r, j, s]
-                # each copy in new bin j meets one not yet met copy of e per old bin
                 for k in range(many[e]):
-                    i = where[e, k]
-                    taken = False
-                    for kk in range(k):  # an old bin listed twice (two copies) counts once per copy here
-                        if where[e, kk] == i:
-                            taken = True
-                            break
-                    if not taken:
-                        copies_old = 0
-                        for k2 in range(many[e]):
-                            if where[e, k2] == i:
-                                copies_old += 1
-                        copies_new = 0
-                        for s2 in range(s):
-                            if new[r, j, s2] == e:
-                                copies_new += 1
-                        if copies_new < copies_old:
-                            shared[i, j] += 1
+                    i = bins_of[e, k]
+                    if seen[e] < held[i, e]:
+                        shared[i, j] += 1
+                seen[e] += 1
+            for s in range(slots):
+                seen[new[r, j, s]] = 0
         rows_best, cols_best = 0, 0
         for i in range(num_bins):
             m = 0
             for j in range(num_bins):
-                if shared[i, j] > m:
-                    m = shared[i, j]
+                m = max(m, shared[i, j])
             rows_best += m
         for j in range(num_bins):
             m = 0
             for i in range(num_bins):
-                if shared[i, j] > m:
-                    m = shared[i, j]
+                m = max(m, shared[i, j])
             cols_best += m
         out[r] = min(rows_best, cols_best)
         for i in range(num_bins):  # reset for the next row (only what was touched)
             for s in range(slots):
                 e = old[r, i, s]
+                held[i, e] = 0
                 many[e] = 0
             for j in range(num_bins):
                 shared[i, j] = 0

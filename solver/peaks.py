@@ -17,6 +17,7 @@ from ray_eplb.solver.packing import SORTED_SWAPS_FROM, best_swaps
 
 TABLE_LIMIT = 1 << 22  # largest [B, P, n] copies table kept
 LIGHT = 8  # the lightest bins the heaviest bin tries
+PAIRS_PER_SWAP = 512  # fewer (at least 2) where bins hold many slots: the kernel tries ~this many replica pairs
 QUIET_SWEEPS = 3  # sweeps in a row without a swap before a row's search ends (it looks further each time)
 
 
@@ -171,7 +172,7 @@ def _peaks_kernel(io, il, ic, orig, bin_load, num_owners, limit, budget, light, 
         for g in range(num_bins):
             for s in range(slots):
                 held_r[g, io[r, g, s]] += 1
-        top = min(light, num_bins - 1)
+        top = min(light, max(2, PAIRS_PER_SWAP // (slots * slots)), num_bins - 1)
         cand = np.empty(top, dtype=np.int64)  # the lightest bins, lightest first
         for _ in range(4 * num_bins * slots):
             h = 0
