@@ -138,7 +138,7 @@ def check_old(old, num_layers: int, num_replicas: int, num_experts: int) -> np.n
     if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() >= num_experts):
         raise ValueError(f"old_phy2log must hold expert ids in [0, {num_experts}), got {arr.dtype} "
                          f"in [{arr.min()}, {arr.max()}]")
-    arr = arr.astype(np.int64)
+    arr = arr.astype(np.int64, copy=False)
     cnt = bin_counts(arr, 1, num_experts)[:, 0]  # [L, E]
     if num_layers and (cnt == 0).any():
         layer, expert = np.argwhere(cnt == 0)[0]
@@ -310,7 +310,7 @@ def migrate(
         # than fresh cost llama4 144 in ``bench --migration`` 0.17% next-window balance:
         # refining such a layer still pays there.)
         settled = (old == fresh).all(1)  # [L] (the fresh plan is the answer for its own layers)
-        if one_slot:
+        if one_slot and not settled.all():
             settled |= (bin_counts(old, 1, num_experts) == bin_counts(fresh, 1, num_experts)).all((1, 2))
         if settled.any():
             out = old.copy()

@@ -110,7 +110,10 @@ def test_the_no_move_exit_returns_the_old_plan_unchanged(num_gpus, slots):
     load = synthetic_trace(2, 4, 16, top_k=4, seed=1).load
     args = (num_gpus * slots, 1, 1, num_gpus)
     fresh = rebalance_experts(load[1], *args)[0]
-    assert torch.equal(rebalance_experts(load[1], *args, old_phy2log=fresh)[0], fresh)
+    kept = fresh.clone()
+    out = rebalance_experts(load[1], *args, old_phy2log=fresh)[0]
+    assert torch.equal(out, kept) and torch.equal(fresh, kept)
+    assert not np.shares_memory(out.numpy(), fresh.numpy())  # a new tensor, the caller's is untouched
     if slots == 1:  # same counts on other GPUs: nothing pays, the old plan is kept as it is
         old = fresh[:, torch.randperm(fresh.shape[1], generator=torch.Generator().manual_seed(0))]
         assert torch.equal(rebalance_experts(load[1], *args, old_phy2log=old)[0], old)
