@@ -202,8 +202,8 @@ def _peaks_kernel(io, il, ic, orig, bin_load, num_owners, limit, budget, light, 
                     break  # a fixing swap with a lighter bin was found
                 lo = cand[q]
                 gap = bin_load[r, h] - bin_load[r, lo]
-                if gap <= 0:
-                    break
+                if gap <= 0 or best_any >= 0.5 * gap:
+                    break  # (lighter bins first: no later pair can even more than gap / 2)
                 for sa in range(slots):
                     a = io[r, h, sa]
                     a_there = held_r[lo, a]
