@@ -10,7 +10,7 @@ import numpy as np
 from ray_eplb.solver.counts import counts_np
 from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts, per_slot
 from ray_eplb.solver.packing import refine_swaps
-from ray_eplb.solver.peaks import lower_peaks
+from ray_eplb.solver.peaks import lower_peaks, peaks_kernel
 from ray_eplb.solver.relocate import relocate_kernel
 from ray_eplb.solver.repair import separate_copies_batched, separate_kernel
 
@@ -43,8 +43,10 @@ def incremental(
        reaches; :func:`~ray_eplb.solver.migration.migrate` passes it): swaps that lower the
        GPUs above it, heaviest first, until none is (:func:`~ray_eplb.solver.peaks.lower_peaks`;
        where the budget binds, the swap that brings a GPU to the goal at once is preferred).
-       Without one: :func:`~ray_eplb.solver.packing.refine_swaps` with ``pairs`` GPU pairs per
-       sweep and as many sweeps as a fresh solve uses (3 below 12 slots per GPU).
+       Without one, or without numba (that search is a sequential loop; its numpy sweeps cost
+       10-25x a fresh solve at the production shapes):
+       :func:`~ray_eplb.solver.packing.refine_swaps` with ``pairs`` GPU pairs per sweep and as
+       many sweeps as a fresh solve uses (3 below 12 slots per GPU).
 
     Measured (scale benchmark, previous window's plan, synthetic load): 4 fixed pairs stopped at
     in-window 0.943 at the Kimi-K2-like shape (fresh 0.996), pairing every GPU reached 0.992 but
@@ -83,7 +85,7 @@ def incremental(
         fits = cost <= budget[dup]
         own[dup[fits]] = fixed[fits]
         budget[dup[fits]] -= cost[fits]
-    if goal is not None:
+    if goal is not None and peaks_kernel is not None:
         own = lower_peaks(own, per, cap, goal, budget, GOAL_SWEEPS, old.reshape(own.shape), fix_first)
     else:
         own, _ = refine_swaps(own, per, cap, pairs=pairs, sweeps=sweeps, budget=budget)
