@@ -150,7 +150,7 @@ def budget_per_layer(max_moves, num_layers: int, num_replicas: int, scope: str) 
     """Turn ``max_moves`` into per-layer budgets ``[L]`` and, for ``scope="total"``, a total.
 
     ``max_moves``: ``None`` (no limit), an int (slots), or a float in ``(0, 1]`` (fraction of the
-    slots of a layer, or of all layers for ``scope="total"``; rounded down, at least one slot).
+    slots of a layer, or of all layers for ``scope="total"``).
     """
     if scope not in ("layer", "total"):
         raise ValueError(f"budget_scope={scope!r} must be 'layer' or 'total'")
@@ -162,9 +162,8 @@ def budget_per_layer(max_moves, num_layers: int, num_replicas: int, scope: str) 
     if isinstance(max_moves, (float, np.floating)):
         if not 0 < max_moves <= 1:
             raise ValueError(f"max_moves={max_moves!r}: a float budget is a fraction in (0, 1]")
-        # At most that fraction of the slots (rounded down), but a positive fraction allows one move.
-        per = max(1, math.floor(max_moves * num_replicas + 1e-9))
-        total = max(1, math.floor(max_moves * num_replicas * num_layers + 1e-9))
+        per = math.ceil(max_moves * num_replicas - 1e-9)  # a positive fraction allows >= 1 move
+        total = math.ceil(max_moves * num_replicas * num_layers - 1e-9)
     else:
         if max_moves < 0:
             raise ValueError(f"max_moves={max_moves!r} must be >= 0")
