@@ -10,9 +10,12 @@ import numpy as np
 from ray_eplb.solver.counts import counts_np
 from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts, per_slot
 from ray_eplb.solver.packing import refine_swaps
-from ray_eplb.solver.repair import separate_copies_batched
+from ray_eplb.solver.peaks import lower_peaks, peaks_kernel
+from ray_eplb.solver.relocate import relocate_kernel
+from ray_eplb.solver.repair import separate_copies_batched, separate_kernel
 
 BATCHES = 8  # relocations of a layer are made in about this many rounds when there are many
+GOAL_SWEEPS = 32
 TABLE_LIMIT = 1 << 21  # largest [L, P, E] copies-per-GPU table kept (else copies are counted per GPU)
 
 
@@ -24,30 +27,31 @@ def incremental(
     method: str = "hybrid_tail",
     pairs: int | None = 4,
     sweeps: int | None = None,
+    goal: np.ndarray | None = None,
+    target: np.ndarray | None = None,
 ) -> np.ndarray:
     """Improve ``old`` for load ``w`` by at most ``budget`` slot changes per layer.
 
-    1. *Relocations* (one slot each) toward the water-filling counts of ``w``: the
-       under-replicated expert with the highest per-replica load gains a replica in place of one
-       of the over-replicated expert that loses least (lowest ``w / (c - 1)``), on the GPU that
-       ends up lightest among those not already holding the gainer. Up to 64 relocations per
-       layer (16 with one slot per GPU) are made one at a time; beyond that, in about eight
-       rounds of ``k`` (the next ``k`` pairs of that same rule on running counts, each on its
-       own GPU), so a layer with hundreds of slots to change (1024 GPUs) does not take hundreds
-       of passes.
+    1. *Relocations* (one slot each) toward ``target`` (default: the water-filling counts of
+       ``w``): the under-replicated expert with the highest per-replica load gains a replica in
+       place of one of the over-replicated expert that loses least (lowest ``w / (c - 1)``), on
+       the GPU holding the loser that ends up lightest (:func:`relocate`).
     2. *Duplicate repair*: avoidable duplicates still there (a foreign old plan's) are swapped
-       apart (:func:`~ray_eplb.solver.repair.separate_copies_batched`), two slots each.
-    3. *Swaps* (two slots each): :func:`~ray_eplb.solver.packing.refine_swaps` with what is left,
-       as many sweeps as a fresh solve uses (3 below 12 slots per GPU). More sweeps fit the load
-       planned for more tightly but generalise worse: measured on dsv2lite 288 (plan on the EMA
-       forecast, score on the next window), 8 sweeps gave -0.54% against a fresh solve, 3 gave
-       -0.13% and moved 11% of slots instead of 23%.
+       apart, two slots each (:func:`~ray_eplb.solver.repair.separate_copies` compiled, where
+       numba is installed; else :func:`~ray_eplb.solver.repair.separate_copies_batched`).
+    3. *Swaps* (two slots each) with what is left. Given a ``goal [L]`` (the peak a fresh solve
+       reaches; :func:`~ray_eplb.solver.migration.migrate` passes it): swaps that lower the
+       GPUs above it, heaviest first, until none is (:func:`~ray_eplb.solver.peaks.lower_peaks`;
+       where the budget binds, the swap that brings a GPU to the goal at once is preferred).
+       Without one, or without numba (that search is a sequential loop; its numpy sweeps cost
+       10-25x a fresh solve at the production shapes):
+       :func:`~ray_eplb.solver.packing.refine_swaps` with ``pairs`` GPU pairs per sweep and as
+       many sweeps as a fresh solve uses (3 below 12 slots per GPU).
 
-    ``pairs``: GPU pairs per swap sweep (``None``: every GPU, as a fresh solve does). Kept at 4:
-    pairing every GPU measured (scale benchmark, synthetic load, previous window's plan) in-window
-    0.944 -> 0.992 and next-window 0.834 -> 0.840 at the Kimi-K2-like shape, but moved 31% of the
-    slots instead of 6% (DeepSeek-V3 prefill: 0.976 -> 0.995, 9% -> 26%); a caller that wants that
-    trade passes ``pairs=None`` with a ``budget``.
+    Measured (scale benchmark, previous window's plan, synthetic load): 4 fixed pairs stopped at
+    in-window 0.943 at the Kimi-K2-like shape (fresh 0.996), pairing every GPU reached 0.992 but
+    moved 31% of the slots; the goal reaches the fresh plan's in-window balance with 21% moved,
+    and within 0.3% of it under a 25% budget.
 
     Every expert keeps at least one replica, and no expert is put twice on a GPU.
 
@@ -57,6 +61,7 @@ def incremental(
     num_layers, num_experts = w.shape
     num_slots = old.shape[1]
     slots = num_slots // num_gpus
+    fix_first = 2 * budget < num_slots  # a tight budget: prefer swaps that bring a GPU to the goal at once
     budget = budget.astype(np.int64).copy()
     if sweeps is None:
         sweeps = 3 if slots < 12 else slots // 2
@@ -64,8 +69,9 @@ def incremental(
         pairs = max(4, num_gpus // 2)
     own = old.reshape(num_layers, num_gpus, slots).copy()  # [L, P, S] expert per slot
     cnt = bin_counts(old, 1, num_experts)[:, 0]  # [L, E] current replicas
-    target = counts_np(w, num_slots, method)  # [L, E]
-    _relocate(w, own, cnt, target, budget)
+    if target is None:
+        target = counts_np(w, num_slots, method)  # [L, E]
+    relocate(w, own, cnt, target, budget)
     per = w / cnt
     cap = -(-cnt // num_gpus)
     # Avoidable duplicates left (a foreign old plan's, or a thinned expert's) are swapped apart
@@ -73,13 +79,27 @@ def incremental(
     # keeps them.
     dup = np.nonzero(avoidable_duplicates_np(own.reshape(num_layers, -1), num_gpus, num_experts) > 0)[0]
     if dup.size:
-        fixed = separate_copies_batched(own[dup], per[dup], cap[dup])
+        repair = separate_copies_batched if separate_kernel is None else separate_kernel
+        fixed = repair(own[dup], per[dup], cap[dup])
         cost = (fixed != own[dup]).sum((1, 2))  # [D] slots each repair changes
         fits = cost <= budget[dup]
         own[dup[fits]] = fixed[fits]
         budget[dup[fits]] -= cost[fits]
-    own, _ = refine_swaps(own, per, cap, pairs=pairs, sweeps=sweeps, budget=budget)
+    if goal is not None and peaks_kernel is not None:
+        own = lower_peaks(own, per, cap, goal, budget, GOAL_SWEEPS, old.reshape(own.shape), fix_first)
+    else:
+        own, _ = refine_swaps(own, per, cap, pairs=pairs, sweeps=sweeps, budget=budget)
     return own.reshape(num_layers, num_slots)
+
+
+def relocate(w: np.ndarray, own: np.ndarray, cnt: np.ndarray, target: np.ndarray, budget: np.ndarray) -> None:
+    """Relocations toward ``target``, in place on ``own [L, P, S]``, ``cnt [L, E]``, ``budget [L]``:
+    the compiled kernel (:mod:`ray_eplb.solver.relocate`) where numba is installed, else
+    :func:`_relocate` (the same rule; a layer with many to make takes them in rounds)."""
+    if relocate_kernel is not None:
+        relocate_kernel(w, own, cnt, target, budget)
+    else:
+        _relocate(w, own, cnt, target, budget)
 
 
 def _slot_table(own: np.ndarray, cnt: np.ndarray, width: int) -> np.ndarray:

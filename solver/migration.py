@@ -7,14 +7,17 @@ balance *and* by how many slots it changes relative to the current one (``old``)
   to keep as many slots as possible, without changing any GPU's expert set, so its balance is
   exactly the same. Matching is a maximum-weight assignment (scipy's ``linear_sum_assignment``).
 * :func:`incremental` starts from ``old`` and moves only what pays: first *relocations* that bring
-  the replica counts to the water-filling counts of the new load (one slot each: a replica of an
-  over-replicated expert is replaced by one of an under-replicated expert, on the GPU where that
-  helps most), then the swap refinement (two slots each), all under a per-layer budget.
+  the replica counts to the fresh plan's (one slot each: a replica of an over-replicated expert
+  is replaced by one of an under-replicated expert, on the GPU where that helps most), then swaps
+  (two slots each) that lower every GPU above the fresh plan's peak, all under a per-layer budget.
 * :func:`migrate` runs it per layer (or under a total budget, spent where it gains most per moved
   slot) and, given the fresh plan, takes that plan aligned wherever it dominates the incremental
   one: no higher peak with no more moved slots.
 
-Everything here is numpy, vectorised over layers (the assignment solver runs once per layer).
+Its cost follows the slots that change: a layer already at the fresh plan is left before any
+other work, relocations and swaps are compiled loops (numba; numpy code without it) whose work
+is per move, and the fresh alternative is ruled out by a bound from sparse GPU overlaps before
+any assignment solve (which then runs only on GPUs whose expert sets differ).
 """
 from __future__ import annotations
 
@@ -23,7 +26,6 @@ import math
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from ray_eplb.solver.counts import counts_np
 from ray_eplb.solver.incremental import incremental
 from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts
 from ray_eplb.solver.overlap import kept_upper_bound, match_gpus, sparse_overlap
@@ -136,7 +138,7 @@ def check_old(old, num_layers: int, num_replicas: int, num_experts: int) -> np.n
     if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() >= num_experts):
         raise ValueError(f"old_phy2log must hold expert ids in [0, {num_experts}), got {arr.dtype} "
                          f"in [{arr.min()}, {arr.max()}]")
-    arr = arr.astype(np.int64)
+    arr = arr.astype(np.int64, copy=False)
     cnt = bin_counts(arr, 1, num_experts)[:, 0]  # [L, E]
     if num_layers and (cnt == 0).any():
         layer, expert = np.argwhere(cnt == 0)[0]
@@ -174,6 +176,8 @@ def budget_per_layer(max_moves, num_layers: int, num_replicas: int, scope: str) 
 def _within_cap(plan: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
     """``[L]``: no GPU of ``plan [L, R]`` holds more than ``ceil(count / P)`` of an expert."""
     num_layers = plan.shape[0]
+    if plan.shape[1] == num_gpus:  # one slot per GPU: nothing can stack
+        return np.ones(num_layers, dtype=bool)
     srt = np.sort(plan.reshape(num_layers, num_gpus, -1), axis=-1)
     ok = ~(srt[..., 1:] == srt[..., :-1]).any((1, 2))  # [L] no expert twice on a GPU at all
     rows = np.nonzero(~ok)[0]
@@ -284,8 +288,9 @@ def migrate(
     11% per rebalance) for a predicted 0.1-3% lower peak that did not show on the next window.
 
     Given ``fresh``, a layer where nothing can pay is kept as it is without any planning: its
-    ``old`` is ``fresh`` itself, or, with one slot per GPU, ``old`` has the water-filling counts
-    and a peak no higher than the fresh plan's.
+    ``old`` is ``fresh`` itself, or, with one slot per GPU,
+    ``old`` has the fresh plan's replica counts (then the same peak). The fresh plan's counts are
+    the relocations' target and its peak the swaps' goal (:func:`incremental`).
 
     A layer changes only if its max GPU load falls by more than ``min_gain`` (relative), or if it
     sheds avoidable duplicates of ``old`` (always done where the budget allows): else it keeps
@@ -297,35 +302,38 @@ def migrate(
     Shapes: ``w [L, E]`` float64, ``old [L, R]`` int64, ``fresh [L, R]`` int64. Returns ``[L, R]``.
     """
     num_layers, num_experts = w.shape
-    peak_old = peak_load(old, w, num_gpus)  # [L]
-    dup_old = avoidable_duplicates_np(old, num_gpus, num_experts)  # [L]
+    one_slot = old.shape[1] == num_gpus
     if fresh is not None:
-        # Cheap exit for layers where nothing can pay: ``old`` is the fresh plan itself, or (one
-        # slot per GPU: the peak is set by the replica counts alone) ``old`` already has the
-        # counts the incremental plan aims at and a peak no higher than the fresh plan's.
-        # (Exiting wherever the peak is no higher than fresh cost llama4 144 in ``bench
-        # --migration`` 0.17% next-window balance: refining such a layer still pays there.)
-        settled = (old == fresh).all(1)  # [L]
-        if old.shape[1] == num_gpus:
-            same_counts = (bin_counts(old, 1, num_experts)[:, 0] == counts_np(w, num_gpus, method)).all(1)
-            settled |= same_counts & (peak_old <= peak_load(fresh, w, num_gpus) * (1 + 1e-9))
-        settled &= dup_old == 0
+        # Cheap exit for layers where nothing can pay, before any other work: ``old`` is the
+        # fresh plan itself, or (one slot per GPU: the peak is set by the replica counts alone)
+        # ``old`` already has the fresh plan's counts. (Exiting wherever the peak is no higher
+        # than fresh cost llama4 144 in ``bench --migration`` 0.17% next-window balance:
+        # refining such a layer still pays there.)
+        settled = (old == fresh).all(1)  # [L] (the fresh plan is the answer for its own layers)
+        if one_slot and not settled.all():
+            settled |= (bin_counts(old, 1, num_experts) == bin_counts(fresh, 1, num_experts)).all((1, 2))
         if settled.any():
             out = old.copy()
             rows = np.nonzero(~settled)[0]
             if rows.size:
                 out[rows] = migrate(w[rows], old[rows], num_gpus, budget[rows], total, min_gain, method, fresh[rows])
             return out
+    peak_old = peak_load(old, w, num_gpus)  # [L]
+    dup_old = np.zeros(num_layers, dtype=np.int64) if one_slot else avoidable_duplicates_np(old, num_gpus, num_experts)
     cand = None if fresh is None else FreshCandidate(old, fresh, w, num_gpus)
+    goal = None if cand is None else cand.peak.copy()
+    target = None if fresh is None else bin_counts(fresh, 1, num_experts)[:, 0]
 
     def plan(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        new = incremental(w, old, num_gpus, b, method)
+        new = incremental(w, old, num_gpus, b, method, goal=goal, target=target)
         peak, moves = peak_load(new, w, num_gpus), moved_slots(old, new)
         if cand is not None:
             new, peak, moves = cand.pick(new, peak, moves)
         gain = peak_old - peak  # [L] absolute peak reduction
         # Removing an avoidable duplicate frees a slot: always worth it, whatever the hysteresis.
-        worth = (gain > min_gain * peak_old) | (avoidable_duplicates_np(new, num_gpus, num_experts) < dup_old)
+        worth = gain > min_gain * peak_old
+        if dup_old.any():
+            worth |= avoidable_duplicates_np(new, num_gpus, num_experts) < dup_old
         return np.where(worth[:, None], new, old), np.where(worth, gain, 0.0), np.where(worth, moves, 0)
 
     new, gain, moves = plan(budget)

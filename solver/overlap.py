@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from ray_eplb.solver.jit import njit
 from ray_eplb.solver.maps import bin_counts
 
 
@@ -42,8 +43,8 @@ def sparse_overlap(
 
     ``old``, ``new``: ``[K, m, S]`` expert per slot. A pair shares ``sum_e min(old copies, new
     copies)`` slots. ``keep_old``, ``keep_new`` (``[K, m]`` bool, optional): only these bins; ``skip``
-    (``[K, E]`` bool, optional): experts left out. Returns ``(row, i, j, shared)``, each ``[Q]`` int64, one entry per pair with
-    ``shared > 0``, sorted by ``(row, i, j)``.
+    (``[K, E]`` bool, optional): experts left out. Returns ``(row, i, j, shared)``, each ``[Q]``
+    int64, one entry per pair with ``shared > 0``, sorted by ``(row, i, j)``.
     """
     num_rows, num_bins, _ = old.shape
     ka, ia, ma = _entries(old, num_experts, keep_old)
@@ -75,6 +76,8 @@ def kept_upper_bound(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.n
     than ``min(sum_i max_j shared, sum_j max_i shared)`` (from :func:`sparse_overlap`), or than
     that bound with the shared slots of very replicated experts replaced by their copies per bin."""
     num_rows, num_bins, slots = old.shape
+    if kept_kernel is not None and num_bins <= 256:  # exact sums, no hot experts left out: as tight or tighter
+        return kept_kernel(old, new, num_experts)
     # An expert on most bins of both plans adds ~c_old * c_new pairs; such "hot" experts are left
     # out of the pairs and bounded instead by their copies in each bin (still an upper bound).
     c_old = bin_counts(old.reshape(num_rows, -1), 1, num_experts)[:, 0]  # [K, E]
@@ -159,3 +162,57 @@ def match_gpus(old: np.ndarray, new: np.ndarray, num_experts: int) -> np.ndarray
         rows_l, pos_l = np.nonzero(left)
         perm[rows_l, pos_l] = free_new[rows_l, rank[rows_l, pos_l]]
     return perm
+
+
+def _kept_kernel(old, new, num_experts):  # pragma: no cover (compiled)
+    """``min(sum_i max_j shared, sum_j max_i shared)`` per row of ``old``, ``new`` ``[K, m, S]``,
+    with ``shared`` the multiset overlap of old bin ``i`` and new bin ``j`` (each copy of an
+    expert in new bin ``j`` meets the old bins still holding an unmatched copy of it)."""
+    num_rows, num_bins, slots = old.shape
+    out = np.zeros(num_rows, dtype=np.int64)
+    shared = np.zeros((num_bins, num_bins), dtype=np.int64)
+    held = np.zeros((num_bins, num_experts), dtype=np.int64)  # copies per old bin
+    bins_of = np.empty((num_experts, num_bins * slots), dtype=np.int64)  # distinct old bins of each expert
+    many = np.zeros(num_experts, dtype=np.int64)
+    seen = np.zeros(num_experts, dtype=np.int64)  # copies met so far in the current new bin
+    for r in range(num_rows):
+        for i in range(num_bins):
+            for s in range(slots):
+                e = old[r, i, s]
+                if held[i, e] == 0:
+                    bins_of[e, many[e]] = i
+                    many[e] += 1
+                held[i, e] += 1
+        for j in range(num_bins):
+            for s in range(slots):
+                e = new[r, j, s]
+                for k in range(many[e]):
+                    i = bins_of[e, k]
+                    if seen[e] < held[i, e]:
+                        shared[i, j] += 1
+                seen[e] += 1
+            for s in range(slots):
+                seen[new[r, j, s]] = 0
+        rows_best, cols_best = 0, 0
+        for i in range(num_bins):
+            m = 0
+            for j in range(num_bins):
+                m = max(m, shared[i, j])
+            rows_best += m
+        for j in range(num_bins):
+            m = 0
+            for i in range(num_bins):
+                m = max(m, shared[i, j])
+            cols_best += m
+        out[r] = min(rows_best, cols_best)
+        for i in range(num_bins):  # reset for the next row (only what was touched)
+            for s in range(slots):
+                e = old[r, i, s]
+                held[i, e] = 0
+                many[e] = 0
+            for j in range(num_bins):
+                shared[i, j] = 0
+    return out
+
+
+kept_kernel = njit(cache=True, nogil=True)(_kept_kernel) if njit is not None else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ray_eplb.solver.jit import njit
 from ray_eplb.solver.maps import bin_counts, per_slot
 
 
@@ -151,3 +152,81 @@ def separate_copies(slot_owner: np.ndarray, per_replica: np.ndarray, cap: np.nda
         py, sy = best // slots, best % slots
         own[r, pb, sb], own[r, py, sy] = own[r, py, sy], own[r, pb, sb].copy()
     return own
+
+
+def _separate_kernel(slot_owner, per_replica, cap):  # pragma: no cover (compiled)
+    """:func:`separate_copies`, compiled: the same repairs in the same order, one row at a time,
+    with copies per (bin, owner) kept up to date instead of recounted per pass."""
+    own = slot_owner.copy()
+    num_rows, num_bins, slots = own.shape
+    n = cap.shape[1]
+    held = np.zeros((num_bins, n), dtype=np.int64)
+    covered = np.zeros(n, dtype=np.int64)  # bins holding each owner
+    count = np.zeros(n, dtype=np.int64)
+    stuck = np.zeros((num_bins, slots), dtype=np.bool_)
+    for r in range(num_rows):
+        for e in range(n):
+            covered[e] = 0
+            count[e] = 0
+        for g in range(num_bins):
+            for s in range(slots):
+                e = own[r, g, s]
+                if held[g, e] == 0:
+                    covered[e] += 1
+                held[g, e] += 1
+                count[e] += 1
+        stuck[:, :] = False
+        for _ in range(2 * num_bins * slots):
+            pg, ps = -1, -1
+            for g in range(num_bins):  # the first surplus copy not marked stuck
+                for s in range(slots):
+                    if stuck[g, s]:
+                        continue
+                    e = own[r, g, s]
+                    earlier = 0
+                    for t in range(s):
+                        earlier += own[r, g, t] == e
+                    if earlier >= cap[r, e] or (earlier > 0 and covered[e] < min(count[e], num_bins)):
+                        pg, ps = g, s
+                        break
+                if pg >= 0:
+                    break
+            if pg < 0:
+                break
+            x = own[r, pg, ps]
+            over = held[pg, x] > cap[r, x]
+            best, best_cost = -1, np.inf
+            for b in range(num_bins):
+                if b == pg:
+                    continue
+                if not (held[b, x] < cap[r, x] and (held[b, x] == 0 or over)):
+                    continue
+                for t in range(slots):
+                    y = own[r, b, t]
+                    if y == x:
+                        continue
+                    if not (held[pg, y] < cap[r, y] and (held[pg, y] == 0 or held[b, y] >= 2)):
+                        continue
+                    cost = abs(per_replica[r, y] - per_replica[r, x])
+                    if cost < best_cost:
+                        best, best_cost = b * slots + t, cost
+            if best < 0:
+                stuck[pg, ps] = True
+                continue
+            b, t = best // slots, best % slots
+            y = own[r, b, t]
+            own[r, pg, ps], own[r, b, t] = y, x
+            for g, e, d in ((pg, x, -1), (b, x, 1), (b, y, -1), (pg, y, 1)):
+                if d < 0 and held[g, e] == 1:
+                    covered[e] -= 1
+                if d > 0 and held[g, e] == 0:
+                    covered[e] += 1
+                held[g, e] += d
+            stuck[:, :] = False
+        for g in range(num_bins):  # clear the row's copies
+            for s in range(slots):
+                held[g, own[r, g, s]] = 0
+    return own
+
+
+separate_kernel = njit(cache=True, nogil=True)(_separate_kernel) if njit is not None else None

@@ -1,0 +1,181 @@
+"""The migration-aware path's stages: batch relocations (solver/relocate.py), swaps aimed at the
+fresh plan's peak (solver/peaks.py), the compiled kept-slots bound (solver/overlap.py), the
+no-move exit. Each compiled kernel and its numpy fallback are checked on the same properties."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ray_eplb.solver.incremental as incremental_mod
+import ray_eplb.solver.overlap as overlap_mod
+import ray_eplb.solver.peaks as peaks_mod
+from ray_eplb.controller.bench.workload import synthetic_trace
+from ray_eplb.solver import balancedness, rebalance_experts
+from ray_eplb.solver.baseline import greedy_rebalance_experts
+from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts, per_slot
+from ray_eplb.solver.migration import align, moved_slots
+
+PATHS = ["kernel", "numpy"] if peaks_mod.peaks_kernel is not None else ["numpy"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """Run a test with the compiled kernels, and again with the numpy fallbacks."""
+    if request.param == "numpy":
+        monkeypatch.setattr(peaks_mod, "peaks_kernel", None)
+        monkeypatch.setattr(incremental_mod, "relocate_kernel", None)
+        monkeypatch.setattr(overlap_mod, "kept_kernel", None)
+    return request.param
+
+
+def _problem(seed: int, num_layers: int, num_experts: int, num_gpus: int, slots: int):
+    """Skewed loads ``w [L, E]`` and a random valid plan ``[L, P, S]`` (every expert at least once)."""
+    rng = np.random.default_rng(seed)
+    w = np.floor(rng.pareto(1.1, (num_layers, num_experts)) * 50) + 1
+    rows = []
+    for _ in range(num_layers):
+        extra = rng.integers(0, num_experts, num_gpus * slots - num_experts)
+        rows.append(rng.permutation(np.concatenate([np.arange(num_experts), extra])))
+    return w, np.stack(rows).reshape(num_layers, num_gpus, slots).astype(np.int64)
+
+
+def _over_cap(own: np.ndarray, cnt: np.ndarray) -> int:
+    """Copies of an expert on a GPU beyond ``ceil(count / P)``, summed (``own [L, P, S]``)."""
+    held = bin_counts(own.reshape(own.shape[0], -1), own.shape[1], cnt.shape[1])
+    return int(np.maximum(held - -(-cnt[:, None, :] // own.shape[1]), 0).sum())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_goal_swaps_keep_budget_caps_and_never_raise_the_peak(path, seed):
+    w, own = _problem(seed, 5, 12, 6, 3)
+    num_layers, num_experts = w.shape
+    # Spread the plan first so caps hold, then ask for a peak below what it has.
+    cnt = bin_counts(own.reshape(num_layers, -1), 1, num_experts)[:, 0]
+    per, cap = w / cnt, -(-cnt // own.shape[1])
+    before = per_slot(per, own).sum(-1)  # [L, P]
+    start_over = _over_cap(own, cnt)
+    goal = before.mean(1)
+    for allowed in (0, 1, 2, 5, 100):
+        budget = np.full(num_layers, allowed, dtype=np.int64)
+        out = peaks_mod.lower_peaks(own, per, cap, goal, budget, 64, own)
+        moved = (out != own).reshape(num_layers, -1).sum(1)
+        assert (moved <= allowed).all() and (budget >= 0).all()
+        assert (allowed - budget >= moved).all()  # what it paid covers what it changed
+        after = per_slot(per, out).sum(-1)
+        assert (after.max(1) <= before.max(1) + 1e-9).all()
+        assert _over_cap(out, cnt) <= start_over
+        assert np.array_equal(bin_counts(out.reshape(num_layers, -1), 1, num_experts)[:, 0], cnt)
+
+
+def test_goal_swaps_reach_a_goal_one_swap_away(path):
+    # Two GPUs evened by one swap: [9, 5] and [1, 5] -> peak 14 -> 10 after swapping 9 for a 5.
+    own = np.array([[[0, 2], [1, 3]]])
+    per = np.array([[9.0, 1.0, 5.0, 5.0]])
+    cap = np.ones((1, 4), dtype=np.int64)
+    budget = np.array([10])
+    out = peaks_mod.lower_peaks(own, per, cap, np.array([10.0]), budget, 8, own)
+    assert per_slot(per, out).sum(-1).max() == pytest.approx(10.0)
+    assert (out != own).sum() == 2 and budget[0] == 8
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("slots", [1, 3])
+def test_relocations_reach_the_target_counts_within_the_budget(path, seed, slots):
+    num_gpus = 12 if slots == 1 else 8
+    w, own = _problem(seed, 4, 10, num_gpus, slots)
+    num_layers, num_experts = w.shape
+    flat = own.reshape(num_layers, -1)
+    cnt = bin_counts(flat, 1, num_experts)[:, 0]
+    target = bin_counts(_problem(seed + 100, 4, 10, num_gpus, slots)[1].reshape(num_layers, -1), 1, num_experts)[:, 0]
+    need = np.maximum(target - cnt, 0).sum(1)  # [L] relocations to the target
+    for allowed in (0, 1, 3, 1000):
+        o, c = own.copy(), cnt.copy()
+        budget = np.full(num_layers, allowed, dtype=np.int64)
+        incremental_mod.relocate(w, o, c, target, budget)
+        moved = (o != own).reshape(num_layers, -1).sum(1)
+        assert np.array_equal(c, bin_counts(o.reshape(num_layers, -1), 1, num_experts)[:, 0])
+        assert (moved == allowed - budget).all() and (moved <= np.minimum(need, allowed)).all()
+        assert (c >= 1).all()
+        # every relocation takes a replica from an expert above its target to one below it
+        assert (np.abs(c - target).sum(1) == np.abs(cnt - target).sum(1) - 2 * moved).all()
+        if slots == 1 and allowed >= need.max():  # nothing blocks a relocation: the target is reached
+            assert np.array_equal(c, target)
+        if slots > 1:
+            assert _over_cap(o, c) <= _over_cap(own, c) + _over_cap(own, cnt)
+
+
+@pytest.mark.parametrize("num_gpus,slots", [(8, 3), (16, 1)])
+def test_the_no_move_exit_returns_the_old_plan_unchanged(num_gpus, slots):
+    load = synthetic_trace(2, 4, 16, top_k=4, seed=1).load
+    args = (num_gpus * slots, 1, 1, num_gpus)
+    fresh = rebalance_experts(load[1], *args)[0]
+    kept = fresh.clone()
+    out = rebalance_experts(load[1], *args, old_phy2log=fresh)[0]
+    assert torch.equal(out, kept) and torch.equal(fresh, kept)
+    assert not np.shares_memory(out.numpy(), fresh.numpy())  # a new tensor, the caller's is untouched
+    if slots == 1:  # same counts on other GPUs: nothing pays, the old plan is kept as it is
+        old = fresh[:, torch.randperm(fresh.shape[1], generator=torch.Generator().manual_seed(0))]
+        assert torch.equal(rebalance_experts(load[1], *args, old_phy2log=old)[0], old)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_compiled_kept_bound_equals_the_dense_overlaps(seed):
+    if overlap_mod.kept_kernel is None:
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(seed)
+    k, m, s, e = 3, int(rng.integers(2, 9)), int(rng.integers(1, 5)), int(rng.integers(3, 12))
+    old, new = rng.integers(0, e, (k, m, s)), rng.integers(0, e, (k, m, s))
+    co = np.stack([[np.bincount(old[r, i], minlength=e) for i in range(m)] for r in range(k)])  # [K, m, E]
+    cn = np.stack([[np.bincount(new[r, j], minlength=e) for j in range(m)] for r in range(k)])
+    shared = np.minimum(co[:, :, None, :], cn[:, None, :, :]).sum(-1)  # [K, m, m] dense overlaps
+    dense = np.minimum(shared.max(2).sum(1), shared.max(1).sum(1))
+    got = overlap_mod.kept_upper_bound(old, new, e)
+    assert np.array_equal(got, dense)
+    kernel = overlap_mod.kept_kernel
+    overlap_mod.kept_kernel = None
+    try:
+        assert (overlap_mod.kept_upper_bound(old, new, e) >= got).all()  # the sparse numpy bound is looser
+    finally:
+        overlap_mod.kept_kernel = kernel
+    # A bound: no matching keeps more slots.
+    kept = m * s - moved_slots(old.reshape(k, -1), align(old.reshape(k, -1), new.reshape(k, -1), 1, m))
+    assert (kept <= got).all()
+
+
+def test_a_foreign_plan_loses_every_avoidable_duplicate_in_one_call(path):
+    load = synthetic_trace(3, 6, 64, top_k=8, seed=3).load
+    args = (96, 1, 2, 16)
+    greedy = greedy_rebalance_experts(load[1], *args)[0]
+    assert avoidable_duplicates_np(greedy.numpy(), 16, 64).sum() > 0
+    out = rebalance_experts(load[2], *args, old_phy2log=greedy, max_moves=0.25)[0].numpy()
+    assert avoidable_duplicates_np(out, 16, 64).sum() == 0
+
+
+def test_a_quarter_of_the_slots_buys_near_fresh_balance(path):
+    load = synthetic_trace(3, 8, 64, top_k=8, skew=0.9, drift=0.15, seed=5).load
+    args = (128, 1, 2, 16)
+    old = rebalance_experts(load[1], *args)[0]
+    fresh_ph, _, fresh_cnt = rebalance_experts(load[2], *args)
+    ph, _, cnt = rebalance_experts(load[2], *args, old_phy2log=old, max_moves=0.25)
+    assert moved_slots(old.numpy(), ph.numpy()).max() <= 32
+    fresh_bal = balancedness(fresh_ph, fresh_cnt, load[2], 16)
+    assert balancedness(ph, cnt, load[2], 16) >= fresh_bal - 0.005
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_compiled_duplicate_repair_equals_separate_copies(seed):
+    from ray_eplb.solver.repair import separate_copies, separate_kernel, surplus_copies
+
+    if separate_kernel is None:
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(seed)
+    num_experts, num_gpus, slots = int(rng.integers(3, 16)), int(rng.integers(2, 8)), int(rng.integers(2, 6))
+    if num_gpus * slots < num_experts:
+        num_gpus = -(-num_experts // slots)
+    w, own = _problem(seed, 3, num_experts, num_gpus, slots)
+    cnt = bin_counts(own.reshape(3, -1), 1, num_experts)[:, 0]
+    per, cap = w / cnt, -(-cnt // num_gpus)
+    got = separate_kernel(own, per, cap)
+    assert np.array_equal(got, separate_copies(own, per, cap))
+    assert surplus_copies(got, cap).sum() <= surplus_copies(own, cap).sum()
