@@ -325,7 +325,7 @@ def _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start) -> di
         rows.append({"window": t, "epoch": epoch0, "epoch_end": router.placement.epoch, "actual": actual, "static": static})
         print(f"{tag} window {t:2d}  epoch {epoch0:2d}->{router.placement.epoch:2d}  balancedness {actual:.3f} "
               f"(static placement {static:.3f})  {a.batches_per_window * a.batch_tokens / busy:6.0f} tok/s  "
-              f"rebalances {st['rebalances']}  moved {st['experts_moved']} ({st['bytes_moved'] / 2**20:.1f} MiB)  "
+              f"rebalances {st.rebalances}  moved {st.experts_moved} ({st.bytes_moved / 2**20:.1f} MiB)  "
               f"mismatched {bad_tokens}")
     replay_s = time.monotonic() - t_replay
     from ray_eplb.controller.cli.dashboard import inspect
@@ -362,11 +362,11 @@ def _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start) -> di
         "balancedness_run": round(sum(r["actual"] for r in rows) / len(rows), 4),
         "planning": a.planning,
         "max_moves": a.max_moves,
-        "rebalance_period_s": float(st["config"]["rebalance_period_s"]),
-        "rebalances": st["rebalances"],
-        "experts_moved": st["experts_moved"],
-        "bytes_moved": st["bytes_moved"],
-        "transfer_batches": st["transfer_batches"],
+        "rebalance_period_s": float(st.config["rebalance_period_s"]),
+        "rebalances": st.rebalances,
+        "experts_moved": st.experts_moved,
+        "bytes_moved": st.bytes_moved,
+        "transfer_batches": st.transfer_batches,
         "aborted": sum(h.get("action") == "aborted" for h in hist),
         "swap_s_mean": round(sum(swaps) / len(swaps), 2) if swaps else None,
         "tokens": tokens,
@@ -378,15 +378,15 @@ def _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start) -> di
         "ok": bad_tokens == 0 and identity_bad == 0,
     }
     aborted = sum(h.get("action") == "aborted" for h in hist)
-    for err in st["errors"][-5:]:
+    for err in st.errors[-5:]:
         print(f"[demo] controller error: {err}")
     print(f"[demo] done in {time.monotonic() - t_start:.1f} s (replay {replay_s:.1f} s, {tokens / replay_s:.0f} tokens/s "
-          f"through {num_layers} layers); final epoch {st['epoch']}, {aborted} aborted rounds, "
+          f"through {num_layers} layers); final epoch {st.epoch}, {aborted} aborted rounds, "
           f"{router.retries} router re-routes, {identity_bad} slots with wrong weights")
     print(f"[demo] balancedness over {which}: "
           f"{summary['balancedness_before']:.3f} with the start placement -> {summary['balancedness_after']:.3f} measured")
-    print(f"{tag} rebalances {st['rebalances']}, moved {st['experts_moved']} slots ({st['bytes_moved'] / 2**20:.1f} MiB) "
-          f"in {st['transfer_batches']} transfer batches; mean balancedness over the run {summary['balancedness_run']:.3f}")
+    print(f"{tag} rebalances {st.rebalances}, moved {st.experts_moved} slots ({st.bytes_moved / 2**20:.1f} MiB) "
+          f"in {st.transfer_batches} transfer batches; mean balancedness over the run {summary['balancedness_run']:.3f}")
     print(f"[demo] tokens {tokens}, mismatched vs dense reference {bad_tokens}, max stall {summary['max_stall_ms']:.2f} ms")
     print(f"[demo] dashboard {dash['url'] or '(none)'}: Actors page lists {len(dash['actors'])} ray_eplb actors, e.g. "
           f"{dash['actors'].get('ray_eplb_controller', '(controller not listed)')}; Prometheus has "

@@ -218,7 +218,7 @@ def config(argv: list[str]) -> int:
         from ray_eplb.controller.config import ControllerConfig
 
         bal = attach(a.address, a.namespace)
-        cfg = ray.get(bal.controller.report.remote()).config
+        cfg = ray.get(bal.controller.status.remote()).config
         if a.action == "set":
             ControllerConfig.model_validate({**cfg, **changes})  # a bad value fails here, in one line
             try:
