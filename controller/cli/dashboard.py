@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -63,16 +62,67 @@ def inspect(wait_metrics: tuple[str, ...] = ("ray_eplb_epoch",), timeout_s: floa
         time.sleep(1.0)
 
 
-def free_port(preferred: int = 0) -> int:
-    """``preferred`` if nothing listens there on this machine, else a free port the OS picks."""
-    for port in (preferred, 0):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return s.getsockname()[1]
-            except OSError:
-                continue
-    return preferred
+def check_live(controller, screenshot: str | None = None) -> dict:
+    """The demo's look at the dashboard: :func:`inspect` while the controller's loop runs (its rounds
+    keep the gauges on the endpoint), then the loop stopped (no epoch after this, so the log page
+    is complete), then with ``screenshot`` the :func:`browser_check` (``"browser"``, or
+    ``"browser_error"`` naming what failed)."""
+    import ray
+
+    dash = inspect(("ray_eplb_epoch", "ray_eplb_balancedness", "ray_eplb_rebalances_total"))
+    ray.get(controller.stop.remote())
+    if screenshot:
+        try:
+            dash["browser"] = browser_check(dash["url"] or "127.0.0.1:8265", screenshot)
+        except (RuntimeError, OSError) as exc:
+            dash["browser_error"] = str(exc)
+            dash["errors"].append(f"browser: {exc}")
+    return dash
+
+
+def dashboard_summary(dash: dict, history: list[dict]) -> dict:
+    """The demo summary's ``dashboard``: what :func:`check_live` found, and the epochs the
+    controller's history holds (``epochs``), which its log page should show one line each."""
+    out = {"url": dash["url"], "actors": sorted(dash["actors"]), "metrics": dash["metrics"],
+           "epochs": {kind: sorted(h["epoch"] for h in history if h.get("action") == kind) for kind in ("committed", "aborted")}}
+    b = dash.get("browser")
+    if b is not None:
+        log = b["log"]
+        out["browser"] = {"actors": sorted(b["actors"]), "seconds": b["seconds"], "png": b["png"], "log_png": b["log_png"],
+                          "log": {"page": log["page"], "lines": len(log["lines"]), "filtered": log["filtered"],
+                                  "committed": log["committed"], "aborted": log["aborted"]}}
+    if "browser_error" in dash:
+        out["browser_error"] = dash["browser_error"]
+    return out
+
+
+def report_lines(dash: dict, epochs: dict) -> list[str]:
+    """What the demo prints about the dashboard."""
+    out = [f"[demo] dashboard {dash['url'] or '(none)'}: Actors page lists {len(dash['actors'])} ray_eplb actors, e.g. "
+           f"{dash['actors'].get('ray_eplb_controller', '(controller not listed)')}; Prometheus has "
+           f"{len(dash['metrics'])} ray_eplb metrics: {', '.join(m.removeprefix('ray_eplb_') for m in dash['metrics'])}"]
+    b = dash.get("browser")
+    if b is not None:
+        log = b["log"]
+
+        def found(kind: str) -> str:
+            return f"{len(set(log[kind]) & set(epochs[kind]))} of the {len(epochs[kind])} {kind} epochs"
+
+        out.append(f"[demo] headless Chromium ({'logged in with the token' if b['auth'] else 'no auth'}, {b['seconds']:.1f} s): "
+                   f"Actors page lists {len(b['actors'])} ray_eplb rows; the controller's Log link opens "
+                   f"{log['page']}, whose log shows {len(log['lines'])} balancer lines, naming {found('committed')} and "
+                   f"{found('aborted')}; screenshots {b['png'] or '-'}, {b['log_png'] or '-'}")
+    out += [f"[demo] dashboard check: {err}" for err in dash["errors"][:3]]
+    return out
+
+
+def dashboard_args() -> dict:
+    """``ray.init`` / ``Cluster`` head-node arguments for a dashboard on 8265, or the next port up when
+    that is taken. With no port given, Ray's dashboard process binds the port itself and, on a bind
+    failure, tries the next one (up to 50 more); the address it got is read back from the cluster
+    (``ray._private.worker.get_dashboard_url()``). A port we picked as free beforehand is checked by
+    Ray and bound later by the dashboard process: a program taking it in between failed the start."""
+    return {"include_dashboard": True, "dashboard_port": None}
 
 
 def _token() -> str | None:
@@ -92,16 +142,33 @@ def _token() -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
-def browser_check(url: str, screenshot: str | None = None, settle_s: float = 8.0, timeout_s: float = 60.0) -> dict:
-    """Open the dashboard's Actors page in headless Chromium (with the cluster's token as the
-    dashboard's own login would set it) and read what a person sees there.
+def browser_check(url: str, screenshot: str | None = None, settle_s: float = 20.0, timeout_s: float = 90.0,
+                  log_actor: str = "ray_eplb_controller") -> dict:
+    """Open the dashboard in headless Chromium (with the cluster's token, as the dashboard's own
+    login stores it) and read what a person sees: the Actors page, then the page behind the Log
+    link of ``log_actor``'s row (the actor's detail page, whose log viewer shows its stderr).
 
-    Returns ``{"actors": {name: the row's text}, "png": path or None}``; raises ``RuntimeError``
-    when Chromium is not installed or the page does not load."""
-    return asyncio.run(asyncio.wait_for(_browse(url, screenshot, settle_s), timeout_s))
+    Returns ``{"actors": {name: the row's text}, "log": {"page", "lines", "committed", "aborted"},
+    "png", "log_png", "auth", "login_dialog", "seconds"}``: ``log["lines"]`` are the balancer's
+    lines the log viewer rendered, ``committed`` / ``aborted`` the epochs they name. ``settle_s``
+    bounds each wait for a page to show what it should. Raises ``RuntimeError`` naming the step that
+    failed (no Chromium, no DevTools endpoint, a page that did not show its content in time, or the
+    whole check past ``timeout_s``). Chromium runs in a process group of its own, ended afterwards,
+    and its profile folder is removed, whatever happens."""
+    t0 = time.monotonic()
+
+    async def bounded() -> dict:
+        try:
+            return await asyncio.wait_for(_browse(url, screenshot, settle_s, log_actor), timeout_s)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"the browser check did not finish within {timeout_s:g} s") from None
+
+    out = asyncio.run(bounded())
+    out["seconds"] = round(time.monotonic() - t0, 2)
+    return out
 
 
-async def _browse(url: str, screenshot: str | None, settle_s: float) -> dict:
+async def _browse(url: str, screenshot: str | None, settle_s: float, log_actor: str) -> dict:
     import aiohttp  # comes with ray[default] (the dashboard's own server)
 
     exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
@@ -129,10 +196,10 @@ async def _browse(url: str, screenshot: str | None, settle_s: float) -> dict:
                 except aiohttp.ClientError:
                     await asyncio.sleep(0.2)
             else:
-                raise RuntimeError("chromium's DevTools endpoint did not come up")
+                raise RuntimeError("chromium's DevTools endpoint did not come up within 20 s")
             page = next(t for t in tabs if t["type"] == "page")["webSocketDebuggerUrl"]
             async with http.ws_connect(page, max_msg_size=0) as ws:
-                return await _read_actors_page(ws, base, screenshot, settle_s)
+                return await _read_pages(_Tab(ws), base, screenshot, settle_s, log_actor)
     finally:
         end_browser(proc, profile)
 
@@ -170,48 +237,158 @@ def end_browser(proc: subprocess.Popen, profile: str) -> None:
         time.sleep(0.1)
 
 
-async def _read_actors_page(ws, base: str, screenshot: str | None, settle_s: float) -> dict:
-    calls = iter(range(1, 1 << 30))
+class _Tab:
+    """One Chromium tab over the DevTools protocol: each call waits at most ``CALL_TIMEOUT_S``."""
 
-    async def call(method: str, **params) -> dict:
-        n = next(calls)
-        await ws.send_json({"id": n, "method": method, "params": params})
+    CALL_TIMEOUT_S = 15.0
+
+    def __init__(self, ws):
+        self.ws, self.n = ws, 0
+
+    async def call(self, method: str, **params) -> dict:
+        self.n += 1
+        n = self.n
+        await self.ws.send_json({"id": n, "method": method, "params": params})
+
+        async def answer() -> dict:
+            while True:
+                msg = await self.ws.receive_json()
+                if msg.get("id") == n:
+                    if "error" in msg:
+                        raise RuntimeError(f"chromium {method}: {msg['error']}")
+                    return msg.get("result", {})
+
+        try:
+            return await asyncio.wait_for(answer(), self.CALL_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"chromium did not answer {method} within {self.CALL_TIMEOUT_S:g} s") from None
+
+    async def js(self, expression: str, await_promise: bool = False):
+        got = await self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=await_promise)
+        if "exceptionDetails" in got:
+            raise RuntimeError(f"script on the page failed: {got['exceptionDetails'].get('text')}")
+        return got["result"].get("value")
+
+    async def until(self, expression: str, what: str, timeout_s: float):
+        """Poll ``expression`` until it is truthy; ``RuntimeError`` naming ``what`` after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
         while True:
-            msg = await ws.receive_json()
-            if msg.get("id") == n:
-                if "error" in msg:
-                    raise RuntimeError(f"chromium {method}: {msg['error']}")
-                return msg.get("result", {})
+            value = await self.js(expression)
+            if value:
+                return value
+            if time.monotonic() >= deadline:
+                shown = " ".join(str(await self.js("document.body.innerText")).split())[:300]
+                raise RuntimeError(f"{what} within {timeout_s:g} s (the page shows: {shown!r})")
+            await asyncio.sleep(0.5)
 
+    async def shot(self, path: str) -> str:
+        data = await self.call("Page.captureScreenshot", format="png")
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(data["data"]))
+        return path
+
+
+#: The balancer's per-epoch log lines, as the controller's handler formats them.
+EPOCH_LINE = re.compile(r"\b(?:INFO|WARNING)\s+ray_eplb\.controller(?:\.\w+)*:\s+epoch\s+(\d+)\s+(committed|aborted)\b")
+#: The rows of the visible log viewer (react-window renders only what is in view: scroll to read all).
+_LOG_LIST = ("Array.from(document.querySelectorAll('div[class*=\"hljs-\"]'))"
+             ".filter(e => e.offsetParent !== null && e.scrollHeight > 0)[0]")
+
+
+async def _read_pages(tab: _Tab, base: str, screenshot: str | None, settle_s: float, log_actor: str) -> dict:
     token = _token()
     if token:  # what the dashboard's token dialog stores after POST /api/authenticate
-        await call("Network.enable")
-        await call("Network.setCookie", name="ray-authentication-token", value=token, url=base)
-    await call("Page.enable")
-    await call("Page.navigate", url=f"{base}/#/actors")
-    async def page_text() -> str:
-        got = await call("Runtime.evaluate", expression="document.body.innerText", returnByValue=True)
-        return got["result"]["value"]
-
-    deadline = time.monotonic() + settle_s
-    text = ""
-    while time.monotonic() < deadline:  # the page fills its table from the state API
-        await asyncio.sleep(1.0)
-        text = await page_text()
-        if "ray_eplb_controller" in text:
-            await asyncio.sleep(1.0)  # let the rest of the rows render
-            text = await page_text()
-            break
-    rows = {}
-    for line in text.splitlines():
+        await tab.call("Network.enable")
+        await tab.call("Network.setCookie", name="ray-authentication-token", value=token, url=base)
+    await tab.call("Page.enable")
+    await tab.call("Page.navigate", url=f"{base}/#/actors")
+    out = {"actors": {}, "log": None, "png": None, "log_png": None, "auth": bool(token), "login_dialog": False}
+    try:
+        await tab.until(f"document.body.innerText.includes({log_actor!r})", f"the Actors page did not list {log_actor}",
+                        settle_s)
+    finally:
+        text = await tab.js("document.body.innerText")
+        out["login_dialog"] = "Authentication Token Required" in text
+    await asyncio.sleep(1.0)  # let the rest of the rows render
+    for line in (await tab.js("document.body.innerText")).splitlines():
         m = re.search(r"\b(ray_eplb_(?:controller|worker_\d+))\b", line)
         if m:
-            rows[m.group(1)] = " ".join(line.split())
-    png = None
+            out["actors"][m.group(1)] = " ".join(line.split())
     if screenshot:
-        shot = await call("Page.captureScreenshot", format="png")
-        with open(screenshot, "wb") as f:
-            f.write(base64.b64decode(shot["data"]))
-        png = screenshot
-    return {"actors": rows, "png": png, "auth": bool(token),
-            "login_dialog": "Authentication Token Required" in text}
+        out["png"] = await tab.shot(screenshot)
+    out["log"] = await _read_log_page(tab, settle_s, log_actor)
+    if screenshot:
+        await tab.js(f"(() => {{ const l = {_LOG_LIST}; if (l) {{ l.scrollTop = 0; l.scrollIntoView({{block: 'end'}}); }} }})()")
+        await asyncio.sleep(0.3)
+        stem, ext = os.path.splitext(screenshot)
+        out["log_png"] = await tab.shot(f"{stem}_log{ext or '.png'}")
+    return out
+
+
+async def _until_log_shown(tab: _Tab, actor: str, actor_id: str, timeout_s: float) -> None:
+    """Wait for the log viewer to show lines; on 'Failed to load' press its Refresh button (the log
+    is fetched from the agent of the actor's node, which can answer late). A timeout names what the
+    Logs section shows and what the log API itself answers."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = await tab.js(
+            f"(() => {{ const l = {_LOG_LIST}; if (l && l.innerText.trim().length > 0) return 'lines';"
+            " const t = document.body.innerText; if (!t.includes('Failed to load')) return 'wait';"
+            " const b = Array.from(document.querySelectorAll('button')).find(b => b.offsetParent !== null &&"
+            " b.textContent.trim().toLowerCase() === 'refresh'); if (b) b.click(); return 'failed'; })()")
+        if state == "lines":
+            return
+        await asyncio.sleep(1.0 if state == "failed" else 0.5)
+    text = str(await tab.js("document.body.innerText"))
+    logs = " ".join(text[text.rfind("Logs"):].split())[:300]
+    api = await tab.js(
+        f"fetch('api/v0/logs/file?actor_id={actor_id}&suffix=err&lines=20').then(async r => r.status + ' '"
+        " + (await r.text()).slice(0, 300)).catch(e => 'fetch failed: ' + e)", await_promise=True)
+    raise RuntimeError(f"the log viewer of {actor} showed no lines within {timeout_s:g} s (its Logs section shows: "
+                       f"{logs!r}; the log API answers: {' '.join(str(api).split())!r})")
+
+
+async def _read_log_page(tab: _Tab, settle_s: float, actor: str) -> dict:
+    """Click the Log link of ``actor``'s row on the Actors page, then read the lines its log viewer
+    renders (its first tab: the actor's stderr, where the balancer logs), filtered by the viewer's
+    own Keyword field to the balancer's lines and scrolled through."""
+    href = await tab.until(
+        "(() => { const row = Array.from(document.querySelectorAll('tr'))"
+        f".find(r => r.innerText.split(/\\s+/).includes({actor!r}));"
+        " const a = row && Array.from(row.querySelectorAll('a')).find(a => a.textContent.trim() === 'Log');"
+        " if (!a) return null; a.click(); return a.getAttribute('href') || a.href; })()",
+        f"the Actors page showed no Log link in the row of {actor}", settle_s)
+    page = await tab.until("/#\\/actors\\/[0-9a-f]+/.test(location.hash) && location.hash",
+                           f"the Log link of {actor} ({href}) did not open the actor's page", settle_s)
+    await _until_log_shown(tab, actor, page.rsplit("/", 1)[-1], 2 * settle_s)
+    # The viewer's Keyword field (a person's search): keep the balancer's lines only.
+    field = await tab.js(
+        "(() => { const i = Array.from(document.querySelectorAll('input')).find(i => i.offsetParent !== null &&"
+        " i.closest('.MuiFormControl-root')?.querySelector('label')?.textContent.trim() === 'Keyword');"
+        " if (!i) return false; i.focus(); return true; })()")
+    if field:
+        await tab.call("Input.insertText", text="ray_eplb.controller")
+        await asyncio.sleep(1.0)  # the viewer applies a keyword after 0.5 s
+    lines: list[str] = []
+    deadline = time.monotonic() + settle_s
+    top = 0
+    while time.monotonic() < deadline:
+        view = await tab.js(
+            f"(() => {{ const l = {_LOG_LIST}; if (!l) return null; l.scrollTop = {top}; "
+            "return [l.scrollTop, l.clientHeight, l.scrollHeight]; })()")
+        if view is None:
+            raise RuntimeError(f"the log viewer of {actor} went away while it was read")
+        await asyncio.sleep(0.3)  # the list renders the rows now in view
+        rows = await tab.js(f"(() => {{ const l = {_LOG_LIST}; return l ? l.innerText : ''; }})()")
+        lines += [" ".join(r.split()) for r in rows.splitlines() if r.strip() and " ".join(r.split()) not in lines]
+        scroll_top, height, total = view
+        if scroll_top + height >= total - 1:
+            break
+        top = scroll_top + max(1, height - 20)
+    ours = [line for line in lines if "ray_eplb." in line]
+    epochs: dict[str, list[int]] = {"committed": [], "aborted": []}
+    for line in ours:
+        m = EPOCH_LINE.search(line)
+        if m and int(m.group(1)) not in epochs[m.group(2)]:
+            epochs[m.group(2)].append(int(m.group(1)))
+    return {"page": page, "lines": ours, "filtered": bool(field), **{k: sorted(v) for k, v in epochs.items()}}
