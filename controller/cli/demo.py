@@ -235,8 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.keep:
             from ray_eplb.controller.cli.keep import kept, lines
 
-            summary["kept"] = kept(cluster.address, summary["dashboard"]["url"], a.token_where,
-                                   ray_session_dir())
+            summary["kept"] = kept(cluster.address, summary["dashboard"]["url"], a.token_where)
             print("\n".join(lines(summary["kept"])))
             keep = True
         if a.json:
@@ -248,16 +247,6 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         if cluster is not None and not keep:
             cluster.shutdown()
-
-
-def ray_session_dir() -> str | None:
-    """The session folder of the cluster this driver is connected to (its logs live there)."""
-    import ray
-
-    try:
-        return ray._private.worker._global_node.get_session_dir_path()
-    except AttributeError:  # private API: the folder is a courtesy in the --keep notice
-        return None
 
 
 def run(a: argparse.Namespace, load: torch.Tensor, top_k: int, gpu_fraction: float, t_start: float) -> dict:

@@ -11,8 +11,11 @@ from __future__ import annotations
 import shlex
 
 
-def kept(address: str, dashboard_url: str | None, token_where: str | None, session_dir: str | None) -> dict:
-    """What ``--json`` reports about the cluster left running."""
+def kept(address: str, dashboard_url: str | None, token_where: str | None, session_dir: str | None = "") -> dict:
+    """What ``--json`` reports about the cluster left running (``session_dir`` ``""``: the session
+    folder of the cluster this driver is connected to, where its logs are)."""
+    if session_dir == "":
+        session_dir = _session_dir()
     url = dashboard_url if not dashboard_url or dashboard_url.startswith("http") else f"http://{dashboard_url}"
     return {"address": address, "dashboard": url, "token": token_where, "session_dir": session_dir,
             "stop": [f"ray-eplb stop --address {address}", "ray stop"]}
@@ -39,3 +42,12 @@ def lines(k: dict) -> list[str]:
         f"[demo] stop it: {auth}{k['stop'][0]} (the balancer), then `{k['stop'][1]}` (the cluster; it stops every "
         "Ray this user runs on this machine)",
     ]
+
+
+def _session_dir() -> str | None:
+    import ray
+
+    try:
+        return ray._private.worker._global_node.get_session_dir_path()
+    except AttributeError:  # private API: the folder is a courtesy in the notice
+        return None
