@@ -282,6 +282,10 @@ def run(a: argparse.Namespace, load: torch.Tensor, top_k: int, gpu_fraction: flo
     print(f"[demo] cluster up ({time.monotonic() - t_start:.1f} s): {topo.num_nodes} nodes x {topo.gpus_per_node} ranks "
           f"({res}), {topo.slots_per_gpu} slots per rank; starting workers")
     lifetime = "detached" if a.keep else None  # --keep: they outlive this driver
+    if a.keep:
+        from ray_eplb.controller.cli.keep import quiet_placement_warning
+
+        quiet_placement_warning()
     group = launch_workers(topo, p0, source, device=a.device, gpu_fraction=gpu_fraction, lifetime=lifetime)
     cfg = controller_config(a)
     ctl = start_controller(topo, cfg, p0, lifetime=lifetime)

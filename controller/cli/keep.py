@@ -11,6 +11,16 @@ from __future__ import annotations
 import shlex
 
 
+def quiet_placement_warning() -> None:
+    """Drop Ray's warning that a detached worker dies with its placement group: here that is the
+    design, both go together (``ray-eplb stop``), as for ``ray-eplb start``."""
+    import logging
+
+    from ray_eplb.controller.service import _DropDetachedPlacementWarning
+
+    logging.getLogger("ray.actor").addFilter(_DropDetachedPlacementWarning())
+
+
 def kept(address: str, dashboard_url: str | None, token_where: str | None, session_dir: str | None = "") -> dict:
     """What ``--json`` reports about the cluster left running (``session_dir`` ``""``: the session
     folder of the cluster this driver is connected to, where its logs are)."""

@@ -22,16 +22,18 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _hold(port: int) -> socket.socket | None:
-    """A socket listening on ``port`` (all interfaces); ``None`` when another program already holds it."""
+    """A socket listening on 127.0.0.1:``port``, where the dashboard binds; ``None`` when another
+    program listens there already (the same condition for the demo)."""
     s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed dashboard's TIME_WAIT must not stop it
     try:
-        s.bind(("0.0.0.0", port))
+        s.bind(("127.0.0.1", port))
         s.listen()
         return s
     except OSError:
         s.close()
         with socket.create_connection(("127.0.0.1", port), timeout=3):
-            return None  # taken already: the same condition for the demo
+            return None
 
 
 def _http(url: str, token: str | None) -> int:
