@@ -83,12 +83,13 @@ def check_live(controller, screenshot: str | None = None) -> dict:
 def dashboard_summary(dash: dict, history: list[dict]) -> dict:
     """The demo summary's ``dashboard``: what :func:`check_live` found, and the epochs the
     controller's history holds (``epochs``), which its log page should show one line each."""
-    out = {"url": dash["url"], "actors": sorted(dash["actors"]), "metrics": dash["metrics"],
-           "epochs": {kind: sorted(h["epoch"] for h in history if h.get("action") == kind) for kind in ("committed", "aborted")}}
+    epochs = {kind: sorted(h["epoch"] for h in history if h.get("action") == kind) for kind in ("committed", "aborted")}
+    out = {"url": dash["url"], "actors": sorted(dash["actors"]), "metrics": dash["metrics"], "epochs": epochs}
     b = dash.get("browser")
     if b is not None:
         log = b["log"]
-        out["browser"] = {"actors": sorted(b["actors"]), "seconds": b["seconds"], "png": b["png"], "log_png": b["log_png"],
+        out["browser"] = {"actors": sorted(b["actors"]), "seconds": b["seconds"], "png": b["png"],
+                          "log_png": b["log_png"],
                           "log": {"page": log["page"], "lines": len(log["lines"]), "filtered": log["filtered"],
                                   "committed": log["committed"], "aborted": log["aborted"]}}
     if "browser_error" in dash:
@@ -98,9 +99,10 @@ def dashboard_summary(dash: dict, history: list[dict]) -> dict:
 
 def report_lines(dash: dict, epochs: dict) -> list[str]:
     """What the demo prints about the dashboard."""
+    metrics = ", ".join(m.removeprefix("ray_eplb_") for m in dash["metrics"])
     out = [f"[demo] dashboard {dash['url'] or '(none)'}: Actors page lists {len(dash['actors'])} ray_eplb actors, e.g. "
            f"{dash['actors'].get('ray_eplb_controller', '(controller not listed)')}; Prometheus has "
-           f"{len(dash['metrics'])} ray_eplb metrics: {', '.join(m.removeprefix('ray_eplb_') for m in dash['metrics'])}"]
+           f"{len(dash['metrics'])} ray_eplb metrics: {metrics}"]
     b = dash.get("browser")
     if b is not None:
         log = b["log"]
@@ -108,10 +110,11 @@ def report_lines(dash: dict, epochs: dict) -> list[str]:
         def found(kind: str) -> str:
             return f"{len(set(log[kind]) & set(epochs[kind]))} of the {len(epochs[kind])} {kind} epochs"
 
-        out.append(f"[demo] headless Chromium ({'logged in with the token' if b['auth'] else 'no auth'}, {b['seconds']:.1f} s): "
-                   f"Actors page lists {len(b['actors'])} ray_eplb rows; the controller's Log link opens "
-                   f"{log['page']}, whose log shows {len(log['lines'])} balancer lines, naming {found('committed')} and "
-                   f"{found('aborted')}; screenshots {b['png'] or '-'}, {b['log_png'] or '-'}")
+        how = "logged in with the token" if b["auth"] else "no auth"
+        out.append(f"[demo] headless Chromium ({how}, {b['seconds']:.1f} s): Actors page lists {len(b['actors'])} "
+                   f"ray_eplb rows; the controller's Log link opens {log['page']}, whose log shows "
+                   f"{len(log['lines'])} balancer lines, naming {found('committed')} and {found('aborted')}; "
+                   f"screenshots {b['png'] or '-'}, {b['log_png'] or '-'}")
     out += [f"[demo] dashboard check: {err}" for err in dash["errors"][:3]]
     return out
 
@@ -318,7 +321,8 @@ async def _read_pages(tab: _Tab, base: str, screenshot: str | None, settle_s: fl
         out["png"] = await tab.shot(screenshot)
     out["log"] = await _read_log_page(tab, settle_s, log_actor)
     if screenshot:
-        await tab.js(f"(() => {{ const l = {_LOG_LIST}; if (l) {{ l.scrollTop = 0; l.scrollIntoView({{block: 'end'}}); }} }})()")
+        await tab.js(f"(() => {{ const l = {_LOG_LIST}; if (l) {{ l.scrollTop = 0;"
+                     " l.scrollIntoView({block: 'end'}); } })()")
         await asyncio.sleep(0.3)
         stem, ext = os.path.splitext(screenshot)
         out["log_png"] = await tab.shot(f"{stem}_log{ext or '.png'}")

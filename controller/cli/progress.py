@@ -81,7 +81,8 @@ class SwapBar:
                     self._progress.remove_task(task)
                     task = None
                 if task is None:
-                    task = self._progress.add_task(f"swap to epoch {swap.epoch}", total=swap.batches, completed=swap.batch)
+                    task = self._progress.add_task(f"swap to epoch {swap.epoch}", total=swap.batches,
+                                                   completed=swap.batch)
                     epoch = swap.epoch
                 self._progress.update(task, completed=swap.batch, total=swap.batches, refresh=True)
                 self.shown.append((swap.epoch, swap.batch, swap.batches))

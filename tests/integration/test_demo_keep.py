@@ -110,7 +110,8 @@ def test_demo_keep_leaves_a_cluster_the_printed_commands_reach_and_stop(tmp_path
         stop = subprocess.run([*eplb, "stop", "--address", kept["address"], "--json"], env=shell, capture_output=True,
                               text=True, timeout=90)
         assert stop.returncode == 0, stop.stderr
-        assert sorted(json.loads(stop.stdout)["actors"]) == ["ray_eplb_controller", "ray_eplb_worker_0", "ray_eplb_worker_1"]
+        removed = sorted(json.loads(stop.stdout)["actors"])
+        assert removed == ["ray_eplb_controller", "ray_eplb_worker_0", "ray_eplb_worker_1"]
     finally:
         if holder is not None:
             holder.close()

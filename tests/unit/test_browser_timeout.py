@@ -50,6 +50,7 @@ time.sleep(600)
 def test_the_epoch_lines_the_log_page_is_searched_for():
     fmt = "2026-12-01 16:27:15,547 {level} ray_eplb.controller{sub}: epoch {e} {what}"
     got = [EPOCH_LINE.search(fmt.format(level=lv, sub=sub, e=e, what=w))
-           for lv, sub, e, w in [("INFO", "", 3, "committed (drift): 33 slots"), ("WARNING", ".balancer", 12, "aborted in prepare"),
+           for lv, sub, e, w in [("INFO", "", 3, "committed (drift): 33 slots"),
+                                 ("WARNING", ".balancer", 12, "aborted in prepare"),
                                  ("INFO", "", 0, "ready"), ("DEBUG", "", 4, "committed")]]
     assert [m and m.groups() for m in got] == [("3", "committed"), ("12", "aborted"), None, None]
