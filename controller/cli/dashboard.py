@@ -269,19 +269,27 @@ class _Tab:
     async def js(self, expression: str, await_promise: bool = False):
         got = await self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=await_promise)
         if "exceptionDetails" in got:
-            raise RuntimeError(f"script on the page failed: {got['exceptionDetails'].get('text')}")
+            d = got["exceptionDetails"]
+            why = d.get("exception", {}).get("description") or d.get("text")
+            raise RuntimeError(f"script on the page failed: {' '.join(str(why).split())[:300]} "
+                               f"(script: {' '.join(expression.split())[:200]})")
         return got["result"].get("value")
 
     async def until(self, expression: str, what: str, timeout_s: float):
         """Poll ``expression`` until it is truthy; ``RuntimeError`` naming ``what`` after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
+        error = None
         while True:
-            value = await self.js(expression)
+            try:
+                value = await self.js(expression)
+            except RuntimeError as exc:  # e.g. no document.body yet while the page loads: try again
+                value, error = None, exc
             if value:
                 return value
             if time.monotonic() >= deadline:
-                shown = " ".join(str(await self.js("document.body.innerText")).split())[:300]
-                raise RuntimeError(f"{what} within {timeout_s:g} s (the page shows: {shown!r})")
+                shown = " ".join(str(await self.js(BODY_TEXT)).split())[:300]
+                last = f"; last script error: {error}" if error else ""
+                raise RuntimeError(f"{what} within {timeout_s:g} s (the page shows: {shown!r}{last})")
             await asyncio.sleep(0.5)
 
     async def shot(self, path: str) -> str:
@@ -291,6 +299,8 @@ class _Tab:
         return path
 
 
+#: The text of the page, empty while it has no body yet.
+BODY_TEXT = "document.body ? document.body.innerText : ''"
 #: The balancer's per-epoch log lines, as the controller's handler formats them.
 EPOCH_LINE = re.compile(r"\b(?:INFO|WARNING)\s+ray_eplb\.controller(?:\.\w+)*:\s+epoch\s+(\d+)\s+(committed|aborted)\b")
 #: The rows of the visible log viewer (react-window renders only what is in view: scroll to read all).
@@ -307,13 +317,13 @@ async def _read_pages(tab: _Tab, base: str, screenshot: str | None, settle_s: fl
     await tab.call("Page.navigate", url=f"{base}/#/actors")
     out = {"actors": {}, "log": None, "png": None, "log_png": None, "auth": bool(token), "login_dialog": False}
     try:
-        await tab.until(f"document.body.innerText.includes({log_actor!r})", f"the Actors page did not list {log_actor}",
+        await tab.until(f"({BODY_TEXT}).includes({log_actor!r})", f"the Actors page did not list {log_actor}",
                         settle_s)
     finally:
-        text = await tab.js("document.body.innerText")
+        text = await tab.js(BODY_TEXT)
         out["login_dialog"] = "Authentication Token Required" in text
     await asyncio.sleep(1.0)  # let the rest of the rows render
-    for line in (await tab.js("document.body.innerText")).splitlines():
+    for line in (await tab.js(BODY_TEXT)).splitlines():
         m = re.search(r"\b(ray_eplb_(?:controller|worker_\d+))\b", line)
         if m:
             out["actors"][m.group(1)] = " ".join(line.split())
@@ -337,13 +347,13 @@ async def _until_log_shown(tab: _Tab, actor: str, actor_id: str, timeout_s: floa
     while time.monotonic() < deadline:
         state = await tab.js(
             f"(() => {{ const l = {_LOG_LIST}; if (l && l.innerText.trim().length > 0) return 'lines';"
-            " const t = document.body.innerText; if (!t.includes('Failed to load')) return 'wait';"
+            f" const t = {BODY_TEXT}; if (!t.includes('Failed to load')) return 'wait';"
             " const b = Array.from(document.querySelectorAll('button')).find(b => b.offsetParent !== null &&"
             " b.textContent.trim().toLowerCase() === 'refresh'); if (b) b.click(); return 'failed'; })()")
         if state == "lines":
             return
         await asyncio.sleep(1.0 if state == "failed" else 0.5)
-    text = str(await tab.js("document.body.innerText"))
+    text = str(await tab.js(BODY_TEXT))
     logs = " ".join(text[text.rfind("Logs"):].split())[:300]
     api = await tab.js(
         f"fetch('api/v0/logs/file?actor_id={actor_id}&suffix=err&lines=20').then(async r => r.status + ' '"
