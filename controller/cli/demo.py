@@ -233,11 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             return compare(a, lambda args: run(args, load, top_k, gpu_fraction, t_start))
         summary = run(a, load, top_k, gpu_fraction, t_start)
         if a.keep:
-            from ray_eplb.controller.cli.keep import kept, lines
+            from ray_eplb.controller.cli.keep import announce
 
-            summary["kept"] = kept(cluster.address, summary["dashboard"]["url"], a.token_where)
-            print("\n".join(lines(summary["kept"])))
-            keep = True
+            keep = announce(summary, cluster.address, a.token_where)
         if a.json:
             print(json.dumps(summary))
         return 0 if summary["ok"] else 1
@@ -281,11 +279,9 @@ def run(a: argparse.Namespace, load: torch.Tensor, top_k: int, gpu_fraction: flo
     p0 = Placement.identity(topo)
     print(f"[demo] cluster up ({time.monotonic() - t_start:.1f} s): {topo.num_nodes} nodes x {topo.gpus_per_node} ranks "
           f"({res}), {topo.slots_per_gpu} slots per rank; starting workers")
-    lifetime = "detached" if a.keep else None  # --keep: they outlive this driver
-    if a.keep:
-        from ray_eplb.controller.cli.keep import quiet_placement_warning
+    from ray_eplb.controller.cli.keep import lifetime_for
 
-        quiet_placement_warning()
+    lifetime = lifetime_for(a.keep)  # --keep: detached, they outlive this driver
     group = launch_workers(topo, p0, source, device=a.device, gpu_fraction=gpu_fraction, lifetime=lifetime)
     cfg = controller_config(a)
     ctl = start_controller(topo, cfg, p0, lifetime=lifetime)

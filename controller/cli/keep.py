@@ -11,14 +11,25 @@ from __future__ import annotations
 import shlex
 
 
-def quiet_placement_warning() -> None:
-    """Drop Ray's warning that a detached worker dies with its placement group: here that is the
-    design, both go together (``ray-eplb stop``), as for ``ray-eplb start``."""
+def lifetime_for(keep: bool) -> str | None:
+    """The workers' and the controller's actor lifetime: ``"detached"`` to keep them. Ray's warning
+    that a detached worker dies with its placement group is dropped then: here both go together
+    (``ray-eplb stop``), as for ``ray-eplb start``."""
+    if not keep:
+        return None
     import logging
 
     from ray_eplb.controller.service import _DropDetachedPlacementWarning
 
     logging.getLogger("ray.actor").addFilter(_DropDetachedPlacementWarning())
+    return "detached"
+
+
+def announce(summary: dict, address: str, token_where: str | None) -> bool:
+    """Put what was kept in the demo's ``summary`` (``kept``) and print how to use it; True."""
+    summary["kept"] = kept(address, summary["dashboard"]["url"], token_where)
+    print("\n".join(lines(summary["kept"])))
+    return True
 
 
 def kept(address: str, dashboard_url: str | None, token_where: str | None, session_dir: str | None = "") -> dict:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from ray_eplb.controller.cli.dashboard import EPOCH_LINE, browser_check
+from ray_eplb.controller.cli.browser import EPOCH_LINE, browser_check
 
 
 def _alive(pid: int) -> bool:
