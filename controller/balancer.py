@@ -95,7 +95,6 @@ class EplbController(Recovery, Operations, Publishing):
         self._last_rebalance = time.monotonic()
         self._recovered = False
         self._rounds = self._rebalances = self._aborts = self._moved = self._bytes = self._batches = 0
-        self._last_swap: dict = {}
         self._expert_bytes = 0  # bytes of one expert's weights, read from the workers by recover()
         self._missing: list[int] = []
         self._errors: deque[str] = deque(maxlen=20)
@@ -273,7 +272,6 @@ class EplbController(Recovery, Operations, Publishing):
         rec.update(action="committed", swap_s=swap_s)
         log.info("epoch %d committed (%s): %d slots, %d bytes moved in %.2f s", epoch, rec.get("reason", "explicit"),
                  out["moved"], out["bytes_moved"], swap_s)
-        self._last_swap = {k: rec[k] for k in ("epoch", "moved", "bytes_moved", "batches", "swap_s")}
         return self._record(rec)
 
     async def _abort(self, rec: dict, epoch: int, phase: str, failures: dict) -> dict:
@@ -323,19 +321,17 @@ class EplbController(Recovery, Operations, Publishing):
             await self._ready()
             return await self.apply(Placement.from_phy2log(self.topology, phy2log))
 
-    async def status(self) -> dict:
+    async def _status_fields(self) -> dict:
+        """The raw fields :meth:`~ray_eplb.controller.operations.Operations.status` types (no map:
+        that is :meth:`current_map`)."""
         await self._ready()
         window = self.window_load()
         return {
             "epoch": self.placement.epoch,
             "digest": self.placement.digest(),
             "recovery": self._recovery,
-            "worker_maps": {r: list(m) for r, m in sorted(self._worker_maps.items())},
-            "off_map": sorted(r for r, m in self._worker_maps.items() if tuple(m) != tuple(self.placement.map_id())),
-            "telemetry_rejected": dict(self._rejected),
             "next_epoch": self._next_epoch,
             "started": self.started,
-            "phy2log": self.placement.phy2log.clone(),
             "balancedness_now": self._balancedness(self.placement, window),
             "balancedness_forecast": None if self.forecast is None else self._balancedness(self.placement, self.forecast),
             "rounds": self._rounds,
@@ -344,10 +340,8 @@ class EplbController(Recovery, Operations, Publishing):
             "experts_moved": self._moved,
             "bytes_moved": self._bytes,
             "transfer_batches": self._batches,
-            "last_swap": dict(self._last_swap),
             "tokens_seen": self.load.tokens,
             "unmapped_tokens": self.load.unmapped,
-            "missing_last_round": list(self._missing),
             "phase_seconds": dict(self._phase_s),
             "routers": {k: v[0] for k, v in self._routers.items()},
             "retired_epochs": sorted(self._retired),

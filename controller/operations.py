@@ -35,9 +35,10 @@ class Operations:
         return st
 
     # ------------------------------------------------------------------ status
-    async def report(self) -> ControllerStatus:
-        """The balancer's status as a :class:`ControllerStatus` (JSON-serialisable, no tensors)."""
-        st = await self.status()
+    async def status(self) -> ControllerStatus:
+        """The balancer's status as a :class:`ControllerStatus` (typed, JSON-serialisable, no tensors;
+        the placement itself is :meth:`current_map`)."""
+        st = await self._status_fields()
         current = tuple(self.placement.map_id())
         workers = []
         for rank in range(self.topology.num_gpus):
@@ -76,7 +77,13 @@ class Operations:
             swap=None if swap is None else SwapProgress(**swap),
             workers=workers, routers=st["routers"], errors=st["errors"],
             phase_seconds={k: float(v) for k, v in st["phase_seconds"].items()}, config=st["config"],
+            transfer_batches=st["transfer_batches"], unmapped_tokens=float(st["unmapped_tokens"]),
+            retired_epochs=st["retired_epochs"],
         )
+
+    async def report(self) -> ControllerStatus:
+        """The same as :meth:`status` (the name ``ray-eplb status`` and the service handle use)."""
+        return await self.status()
 
     # ------------------------------------------------------------------ dry run
     async def plan_only(self, fresh: bool = False) -> dict:

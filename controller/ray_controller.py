@@ -114,7 +114,7 @@ def start_controller(
         .remote(topology, namespace, config or ControllerConfig(), seed)
     )
     if not ray.get(handle.recover.remote()):
-        raise RuntimeError(f"the controller could not record its placement: {ray.get(handle.status.remote())['recovery']}")
+        raise RuntimeError(f"the controller could not record its placement: {ray.get(handle.status.remote()).recovery}")
     if start_loop:
         ray.get(handle.start.remote())
     return handle

@@ -54,7 +54,7 @@ class Balancer:
         """The controller's :class:`~ray_eplb.controller.status.ControllerStatus`."""
         import ray
 
-        return ray.get(self.controller.report.remote())
+        return ray.get(self.controller.status.remote())
 
     def shutdown(self) -> dict:
         """Remove the deployment (see :func:`shutdown`)."""
@@ -137,7 +137,7 @@ def attach(address: str | None = None, namespace: str = NAMESPACE) -> Balancer:
     if handle is None:
         raise NoBalancer(f"no balancer is running in namespace {namespace!r}")
     # A controller started without this module (start_controller from a script) has no record.
-    record = deployment_record(namespace) or {"topology": ray.get(handle.report.remote()).topology}
+    record = deployment_record(namespace) or {"topology": ray.get(handle.status.remote()).topology}
     return Balancer(namespace, handle, Topology.model_validate(record["topology"]), False, record)
 
 

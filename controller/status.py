@@ -1,11 +1,12 @@
-"""What ``ray-eplb status`` shows: the state of a running balancer as one typed, JSON-serialisable
-value (no tensors; the map itself comes from the controller's ``current_map()``)."""
+"""What the controller's ``status()`` returns and ``ray-eplb status`` shows: the state of a running
+balancer as one typed, JSON-serialisable value (no tensors; the map itself comes from the
+controller's ``current_map()``)."""
 from __future__ import annotations
 
 import time
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class WorkerStatus(BaseModel):
@@ -88,6 +89,24 @@ class ControllerStatus(BaseModel):
     errors: list[str]
     phase_seconds: dict[str, float]
     config: dict[str, Any]
+    transfer_batches: int = 0
+    unmapped_tokens: float = 0.0
+    retired_epochs: list[int] = Field(default_factory=list)
+
+    @property
+    def missing(self) -> list[int]:
+        """Ranks that missed the last round's deadline."""
+        return [w.rank for w in self.workers if w.health == "missing"]
+
+    @property
+    def off_map(self) -> list[int]:
+        """Ranks seen on another map than the one in force."""
+        return [w.rank for w in self.workers if w.epoch is not None and not w.on_map]
+
+    @property
+    def rejected(self) -> dict[int, str]:
+        """Ranks whose telemetry the last round left out, with why."""
+        return {w.rank: w.detail or "" for w in self.workers if w.health == "rejected"}
 
     def lines(self) -> list[str]:
         """The status as text lines for a terminal."""

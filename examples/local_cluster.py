@@ -42,8 +42,8 @@ def main() -> None:
             bad += int(mismatched(router.dispatch(layer, x, ids, w), reference(layer, x, ids, w)).sum())
         time.sleep(0.05)
     status = ray.get(controller.status.remote())
-    print(f"epoch {status['epoch']}, rebalances {status['rebalances']}, experts moved {status['experts_moved']}, "
-          f"balancedness now {status['balancedness_now']:.3f}, mismatched tokens {bad}")
+    print(f"epoch {status.epoch}, rebalances {status.rebalances}, experts moved {status.experts_moved}, "
+          f"balancedness now {status.balancedness_now:.3f}, mismatched tokens {bad}")
     for rec in ray.get(controller.history.remote()):
         print({k: rec[k] for k in ("epoch", "action", "transfers") if k in rec})
     ray.get(controller.stop.remote())

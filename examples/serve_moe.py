@@ -255,17 +255,17 @@ def main() -> None:
                     break
                 ids = traffic(spec, a.batch, hot_ids, gen)
                 pending.append((ids, handle.tokens.remote(ids)))
-            print(f"[serve_moe] {name}: {n} requests in {time.monotonic() - start:.1f} s, epoch {st['epoch']}, "
-                  f"rebalances {st['rebalances']}, balancedness now {fmt(st['balancedness_now'])}")
+            print(f"[serve_moe] {name}: {n} requests in {time.monotonic() - start:.1f} s, epoch {st.epoch}, "
+                  f"rebalances {st.rebalances}, balancedness now {fmt(st.balancedness_now)}")
 
         phase("mixed traffic", None, a.mixed_s)
         st = ray.get(controller.status.remote())
-        rebalances0 = st["rebalances"]
+        rebalances0 = st.rebalances
         # Skewed traffic until the controller has rebalanced for it and served a while on the new map.
         seen_at: list[float] = []
 
-        def rebalanced(st: dict) -> bool:
-            if st["rebalances"] > rebalances0 and not seen_at:
+        def rebalanced(st) -> bool:
+            if st.rebalances > rebalances0 and not seen_at:
                 seen_at.append(time.monotonic())
             return bool(seen_at) and time.monotonic() - seen_at[0] > 3.0
 
@@ -289,10 +289,10 @@ def main() -> None:
 
         print(f"[serve_moe] served {served} requests ({served * a.batch} tokens x {spec.num_layers} layers); "
               f"mismatched vs dense reference: {bad}")
-        print(f"[serve_moe] controller: epoch {st['epoch']}, rebalances {st['rebalances']}, experts moved "
-              f"{st['experts_moved']}, balancedness now {fmt(st['balancedness_now'])}; responses routed by epochs "
+        print(f"[serve_moe] controller: epoch {st.epoch}, rebalances {st.rebalances}, experts moved "
+              f"{st.experts_moved}, balancedness now {fmt(st.balancedness_now)}; responses routed by epochs "
               f"{sorted(epochs_seen)}")
-        routers = st["routers"]  # router id -> the newest epoch it acked
+        routers = st.routers  # router id -> the newest epoch it acked
         print(f"[serve_moe] {len(routers)} routers in the replicas subscribe to the maps; epochs they hold: "
               f"{sorted(set(routers.values()))}")
         for rec in ray.get(controller.history.remote()):

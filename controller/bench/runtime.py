@@ -153,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     # The soak samples actors' processes through the state API, which the dashboard serves.
     dash: dict = {"include_dashboard": False}
     if a.soak is not None:
-        from ray_eplb.controller.cli.dashboard import free_port
+        from ray_eplb.controller.cli.dashboard import dashboard_args
 
-        dash = dict(include_dashboard=True, dashboard_port=free_port(8265))  # another Ray's dashboard may hold 8265
+        dash = dashboard_args()  # 8265, or the next free port when another Ray's dashboard holds it
     ray.init(address="local", num_cpus=2, resources={RANK_RESOURCE: a.workers}, log_to_driver=False,
              object_store_memory=1024**3, **dash)
     try:
@@ -216,7 +216,7 @@ def run(a: argparse.Namespace) -> dict:
     t1 = time.perf_counter()
     ray.get(ctl.telemetry.remote())
     stalled_s = time.perf_counter() - t1
-    missing = ray.get(ctl.status.remote())["missing_last_round"]
+    missing = ray.get(ctl.status.remote()).missing
     ray.get(group.handles[topo.num_gpus - 1].inject_delay.remote("collect", 0.0))
     results["stall"] = {"round_ms": 1e3 * stalled_s, "deadline_ms": 1e3 * a.deadline, "stall_s": a.stall, "missing": missing}
     print(f"[bench] worker {topo.num_gpus - 1} stalled {a.stall:g} s: round took {1e3 * stalled_s:.0f} ms "

@@ -129,7 +129,7 @@ def sample(ctl: Any, t: float) -> dict:
     rss = {k: memory(p) for k, p in procs.items()}
     rss.update({f"{k} (uss)": memory(p, private=True) for k, p in procs.items()})
     out = {"t": t, "rss": rss, "store": store_bytes()}
-    out["routers"] = len(ray.get(ctl.status.remote(), timeout=60)["routers"])
+    out["routers"] = len(ray.get(ctl.status.remote(), timeout=60).routers)
     return out
 
 
@@ -222,7 +222,7 @@ def soak(a: argparse.Namespace) -> dict:
     return report(a, samples, st, load, churned)
 
 
-def report(a: argparse.Namespace, samples: list[dict], status: dict, load: Any, churned: int) -> dict:
+def report(a: argparse.Namespace, samples: list[dict], status: Any, load: Any, churned: int) -> dict:
     """Print the slopes and return the JSON report."""
     fit = slopes(samples, 60 * a.warmup)
     workers = {k: v for k, v in fit.items() if k.startswith("ray_eplb_worker") and not k.endswith("(uss)")}
@@ -238,8 +238,8 @@ def report(a: argparse.Namespace, samples: list[dict], status: dict, load: Any, 
         "routers_per_min": round(fit["routers"]["slope"], 3) if "routers" in fit else None,
         "routers_tracked_end": samples[-1]["routers"] if samples else None,
         "routers_made": 1 + churned, "routers_live_end": 1,
-        "rebalances": status["rebalances"], "aborts": status["aborts"], "epoch": status["epoch"],
-        "dispatches": len(load.log), "mismatched_tokens": load.mismatched, "errors": list(status["errors"])[-3:],
+        "rebalances": status.rebalances, "aborts": status.aborts, "epoch": status.epoch,
+        "dispatches": len(load.log), "mismatched_tokens": load.mismatched, "errors": list(status.errors)[-3:],
     }
     print(f"[soak] {out['samples']} samples over {a.soak:g} min; {out['rebalances']} rebalances, {out['aborts']} aborted, "
           f"{out['dispatches']} dispatches, {out['mismatched_tokens']} mismatched tokens")

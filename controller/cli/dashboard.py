@@ -1,21 +1,15 @@
 """What a person finds on the Ray dashboard: our named actors (Actors page, through the state API the
 dashboard serves) and our metrics (each node's Prometheus endpoint, which the dashboard's Metrics
 page and Grafana read). The demo prints it and puts it in its JSON summary. With ``--screenshot``
-the demo also opens the Actors page in headless Chromium (DevTools protocol over aiohttp, logged in
-with the cluster's token) and reads the rows a person sees."""
+the demo also opens the Actors page and the controller's log page in headless Chromium, logged in
+with the cluster's token (:mod:`ray_eplb.controller.cli.browser`)."""
 from __future__ import annotations
 
-import asyncio
-import base64
-import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
 import time
 import urllib.request
+
+from ray_eplb.controller.cli.browser import EPOCH_LINE, browser_check, end_browser  # noqa: F401 - re-exported
 
 PREFIX = "ray_eplb_"
 METRIC = re.compile(r"^(ray_eplb_\w+?)(?:_bucket|_sum|_count)?(?:\{|\s)")
@@ -63,155 +57,67 @@ def inspect(wait_metrics: tuple[str, ...] = ("ray_eplb_epoch",), timeout_s: floa
         time.sleep(1.0)
 
 
-def free_port(preferred: int = 0) -> int:
-    """``preferred`` if nothing listens there on this machine, else a free port the OS picks."""
-    for port in (preferred, 0):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return s.getsockname()[1]
-            except OSError:
-                continue
-    return preferred
+def check_live(controller, screenshot: str | None = None) -> dict:
+    """The demo's look at the dashboard: :func:`inspect` while the controller's loop runs (its rounds
+    keep the gauges on the endpoint), then the loop stopped (no epoch after this, so the log page
+    is complete), then with ``screenshot`` the :func:`browser_check` (``"browser"``, or
+    ``"browser_error"`` naming what failed)."""
+    import ray
 
-
-def _token() -> str | None:
-    """This cluster's authentication token as Ray loaded it (``None``: token auth is off)."""
-    try:
-        from ray._raylet import AuthenticationTokenLoader
-
-        loader = AuthenticationTokenLoader.instance()
-        if loader.has_token():
-            header = next(iter(loader.get_token_for_http_header().values()))
-            return header.split(" ", 1)[1] if header.lower().startswith("bearer ") else header
-    except Exception:  # noqa: BLE001 - private API moved: fall back to the default token file
-        pass
-    from pathlib import Path
-
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    return path.read_text().strip() if path.exists() else None
-
-
-def browser_check(url: str, screenshot: str | None = None, settle_s: float = 8.0, timeout_s: float = 60.0) -> dict:
-    """Open the dashboard's Actors page in headless Chromium (with the cluster's token as the
-    dashboard's own login would set it) and read what a person sees there.
-
-    Returns ``{"actors": {name: the row's text}, "png": path or None}``; raises ``RuntimeError``
-    when Chromium is not installed or the page does not load."""
-    return asyncio.run(asyncio.wait_for(_browse(url, screenshot, settle_s), timeout_s))
-
-
-async def _browse(url: str, screenshot: str | None, settle_s: float) -> dict:
-    import aiohttp  # comes with ray[default] (the dashboard's own server)
-
-    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-    if exe is None:
-        raise RuntimeError("no chromium / google-chrome on PATH: the browser check needs one")
-    base = url if url.startswith("http") else f"http://{url}"
-    profile = tempfile.mkdtemp(prefix="ray-eplb-chromium-")
-    # Port 0: Chromium binds a free DevTools port itself and writes it to the profile (no
-    # check-then-bind race). Its own session, so every process it forks ends with it.
-    proc = subprocess.Popen(
-        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", "--window-size=1600,1000", "about:blank"],
-        # Its temporary files (singleton sockets) inside the profile too: one folder to remove.
-        env={**os.environ, "TMPDIR": profile},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        port = await _devtools_port(profile, proc)
-        async with aiohttp.ClientSession() as http:
-            for _ in range(100):  # the DevTools endpoint answers within a few seconds
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/json") as r:
-                        tabs = await r.json()
-                    break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.2)
-            else:
-                raise RuntimeError("chromium's DevTools endpoint did not come up")
-            page = next(t for t in tabs if t["type"] == "page")["webSocketDebuggerUrl"]
-            async with http.ws_connect(page, max_msg_size=0) as ws:
-                return await _read_actors_page(ws, base, screenshot, settle_s)
-    finally:
-        end_browser(proc, profile)
-
-
-async def _devtools_port(profile: str, proc: subprocess.Popen, timeout_s: float = 30.0) -> int:
-    """The DevTools port Chromium chose (first line of ``DevToolsActivePort`` in its profile)."""
-    path = os.path.join(profile, "DevToolsActivePort")
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"chromium exited with {proc.returncode} before its DevTools endpoint came up")
-        try:
-            with open(path) as f:
-                first = f.readline().strip()
-            if first.isdigit():
-                return int(first)
-        except OSError:
-            pass
-        await asyncio.sleep(0.2)
-    raise RuntimeError(f"chromium wrote no DevTools port within {timeout_s:g} s")
-
-
-def end_browser(proc: subprocess.Popen, profile: str) -> None:
-    """End Chromium's whole process group (its renderers and helpers too), then remove its profile
-    (removing it while a helper still writes there failed with 'Directory not empty')."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-    for _ in range(50):
-        shutil.rmtree(profile, ignore_errors=True)
-        if not os.path.exists(profile):
-            return
-        time.sleep(0.1)
-
-
-async def _read_actors_page(ws, base: str, screenshot: str | None, settle_s: float) -> dict:
-    calls = iter(range(1, 1 << 30))
-
-    async def call(method: str, **params) -> dict:
-        n = next(calls)
-        await ws.send_json({"id": n, "method": method, "params": params})
-        while True:
-            msg = await ws.receive_json()
-            if msg.get("id") == n:
-                if "error" in msg:
-                    raise RuntimeError(f"chromium {method}: {msg['error']}")
-                return msg.get("result", {})
-
-    token = _token()
-    if token:  # what the dashboard's token dialog stores after POST /api/authenticate
-        await call("Network.enable")
-        await call("Network.setCookie", name="ray-authentication-token", value=token, url=base)
-    await call("Page.enable")
-    await call("Page.navigate", url=f"{base}/#/actors")
-    async def page_text() -> str:
-        got = await call("Runtime.evaluate", expression="document.body.innerText", returnByValue=True)
-        return got["result"]["value"]
-
-    deadline = time.monotonic() + settle_s
-    text = ""
-    while time.monotonic() < deadline:  # the page fills its table from the state API
-        await asyncio.sleep(1.0)
-        text = await page_text()
-        if "ray_eplb_controller" in text:
-            await asyncio.sleep(1.0)  # let the rest of the rows render
-            text = await page_text()
-            break
-    rows = {}
-    for line in text.splitlines():
-        m = re.search(r"\b(ray_eplb_(?:controller|worker_\d+))\b", line)
-        if m:
-            rows[m.group(1)] = " ".join(line.split())
-    png = None
+    dash = inspect(("ray_eplb_epoch", "ray_eplb_balancedness", "ray_eplb_rebalances_total"))
+    ray.get(controller.stop.remote())
     if screenshot:
-        shot = await call("Page.captureScreenshot", format="png")
-        with open(screenshot, "wb") as f:
-            f.write(base64.b64decode(shot["data"]))
-        png = screenshot
-    return {"actors": rows, "png": png, "auth": bool(token),
-            "login_dialog": "Authentication Token Required" in text}
+        try:
+            dash["browser"] = browser_check(dash["url"] or "127.0.0.1:8265", screenshot)
+        except (RuntimeError, OSError) as exc:
+            dash["browser_error"] = str(exc)
+            dash["errors"].append(f"browser: {exc}")
+    return dash
+
+
+def dashboard_summary(dash: dict, history: list[dict]) -> dict:
+    """The demo summary's ``dashboard``: what :func:`check_live` found, and the epochs the
+    controller's history holds (``epochs``), which its log page should show one line each."""
+    epochs = {kind: sorted(h["epoch"] for h in history if h.get("action") == kind) for kind in ("committed", "aborted")}
+    out = {"url": dash["url"], "actors": sorted(dash["actors"]), "metrics": dash["metrics"], "epochs": epochs}
+    b = dash.get("browser")
+    if b is not None:
+        log = b["log"]
+        out["browser"] = {"actors": sorted(b["actors"]), "seconds": b["seconds"], "png": b["png"],
+                          "log_png": b["log_png"],
+                          "log": {"page": log["page"], "lines": len(log["lines"]), "filtered": log["filtered"],
+                                  "committed": log["committed"], "aborted": log["aborted"]}}
+    if "browser_error" in dash:
+        out["browser_error"] = dash["browser_error"]
+    return out
+
+
+def report_lines(dash: dict, epochs: dict) -> list[str]:
+    """What the demo prints about the dashboard."""
+    metrics = ", ".join(m.removeprefix("ray_eplb_") for m in dash["metrics"])
+    out = [f"[demo] dashboard {dash['url'] or '(none)'}: Actors page lists {len(dash['actors'])} ray_eplb actors, e.g. "
+           f"{dash['actors'].get('ray_eplb_controller', '(controller not listed)')}; Prometheus has "
+           f"{len(dash['metrics'])} ray_eplb metrics: {metrics}"]
+    b = dash.get("browser")
+    if b is not None:
+        log = b["log"]
+
+        def found(kind: str) -> str:
+            return f"{len(set(log[kind]) & set(epochs[kind]))} of the {len(epochs[kind])} {kind} epochs"
+
+        how = "logged in with the token" if b["auth"] else "no auth"
+        out.append(f"[demo] headless Chromium ({how}, {b['seconds']:.1f} s): Actors page lists {len(b['actors'])} "
+                   f"ray_eplb rows; the controller's Log link opens {log['page']}, whose log shows "
+                   f"{len(log['lines'])} balancer lines, naming {found('committed')} and {found('aborted')}; "
+                   f"screenshots {b['png'] or '-'}, {b['log_png'] or '-'}")
+    out += [f"[demo] dashboard check: {err}" for err in dash["errors"][:3]]
+    return out
+
+
+def dashboard_args() -> dict:
+    """``ray.init`` / ``Cluster`` head-node arguments for a dashboard on 8265, or the next port up when
+    that is taken. With no port given, Ray's dashboard process binds the port itself and, on a bind
+    failure, tries the next one (up to 50 more); the address it got is read back from the cluster
+    (``ray._private.worker.get_dashboard_url()``). A port we picked as free beforehand is checked by
+    Ray and bound later by the dashboard process: a program taking it in between failed the start."""
+    return {"include_dashboard": True, "dashboard_port": None}

@@ -15,7 +15,6 @@ the trace twice, from-scratch planning against incremental planning that rebalan
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
@@ -82,7 +81,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
                     help="write PNG plots here at the end: balancedness over time, per-GPU load before/after a rebalance")
     ap.add_argument("--screenshot", default=None, metavar="PNG",
                     help="also open the dashboard's Actors page in headless Chromium, check our actors are "
-                         "listed, and save a screenshot here (needs chromium on PATH)")
+                         "listed, open the controller's log page (its Log link) and check it shows each epoch's "
+                         "line; save screenshots of both here (PNG, and PNG_log.png; needs chromium on PATH)")
+    ap.add_argument("--keep", action="store_true",
+                    help="leave the cluster, the workers and the controller running after the demo, and print the "
+                         "dashboard URL, how to log in, and how to stop them")
     a = ap.parse_args(argv)
     if a.workers % a.nodes:
         ap.error(f"--workers={a.workers} is not divisible by --nodes={a.nodes}")
@@ -93,6 +96,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
             ap.error(f"{flag}={path!r}: not a file in an existing folder")
     if a.screenshot and not any(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")):
         ap.error("--screenshot needs chromium (or google-chrome) on PATH")
+    if a.keep and (a.compare or a.address):
+        ap.error(f"--keep keeps the cluster the demo starts: not with {'--compare' if a.compare else '--address'}")
     if a.device == "cuda" and not a.address and not torch.cuda.is_available():
         ap.error("--device cuda, but torch sees no GPU on this machine")
     for name in ("min_gain", "min_layer_gain"):
@@ -120,7 +125,6 @@ def check_shape(a: argparse.Namespace, num_windows: int, num_layers: int, num_ex
         return (f"--slots-per-gpu={a.slots_per_gpu} x --workers={a.workers} = {a.slots_per_gpu * a.workers} slots "
                 f"cannot hold the trace's {num_experts} experts (need >= {math.ceil(num_experts / a.workers)} per GPU)")
     return None
-    return a
 
 
 def _budget(text: str) -> int | float:
@@ -153,7 +157,7 @@ def start_cluster(a: argparse.Namespace):
     import ray
 
     from ray_eplb.actors.ray_worker import RANK_RESOURCE, enable_zero_copy
-    from ray_eplb.controller.cli.dashboard import free_port
+    from ray_eplb.controller.cli.dashboard import dashboard_args
 
     enable_zero_copy()
     # Metrics reach the Prometheus endpoint every 2 s instead of Ray's default 10 s, so the
@@ -175,17 +179,18 @@ def start_cluster(a: argparse.Namespace):
         dict(num_cpus=2, num_gpus=node_gpus[i], resources={RANK_RESOURCE: per_node}, object_store_memory=400 * 1024**2)
         for i in range(a.nodes)
     ]
-    dash = dict(include_dashboard=True, dashboard_port=free_port(8265))  # another Ray's dashboard may hold 8265
+    dash = dashboard_args()  # 8265, or the next free port when another Ray's dashboard holds it
     from ray_eplb.controller.cli.auth import enable_token_auth
 
-    where = enable_token_auth()  # ray.init() would on its own; ray.cluster_utils.Cluster does not
+    where = a.token_where = enable_token_auth()  # ray.init() would on its own; ray.cluster_utils.Cluster does not
     print(f"[demo] token authentication {f'on (token: {where})' if where else 'OFF (RAY_AUTH_MODE says so)'}")
-    if a.nodes == 1:
+    if a.nodes == 1 and not a.keep:
         ray.init(address="local", log_to_driver=False, **dash, **node_args[0])
         return None, frac
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args=dict(**dash, **node_args[0]))
+    # --keep: raylets not tied to this process, so they outlive it (see ray_eplb.controller.cli.keep).
+    cluster = Cluster(initialize_head=True, head_node_args=dict(**dash, **node_args[0]), shutdown_at_exit=not a.keep)
     for args in node_args[1:]:
         cluster.add_node(**args)
     ray.init(address=cluster.address, log_to_driver=False)
@@ -222,12 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] trace {trace.name}{' (synthetic)' if trace.synthetic else ''}: {num_windows} windows x "
           f"{num_layers} layers x {num_experts} experts, top-{top_k}")
     cluster, gpu_fraction = start_cluster(a)
+    keep = False
     try:
         if a.compare:
             from ray_eplb.controller.cli.compare import compare
 
             return compare(a, lambda args: run(args, load, top_k, gpu_fraction, t_start))
         summary = run(a, load, top_k, gpu_fraction, t_start)
+        if a.keep:
+            from ray_eplb.controller.cli.keep import announce
+
+            keep = announce(summary, cluster.address, a.token_where)
         if a.json:
             print(json.dumps(summary))
         return 0 if summary["ok"] else 1
@@ -235,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         ray.shutdown()
-        if cluster is not None:
+        if cluster is not None and not keep:
             cluster.shutdown()
 
 
@@ -271,16 +281,23 @@ def run(a: argparse.Namespace, load: torch.Tensor, top_k: int, gpu_fraction: flo
     p0 = Placement.identity(topo)
     print(f"[demo] cluster up ({time.monotonic() - t_start:.1f} s): {topo.num_nodes} nodes x {topo.gpus_per_node} ranks "
           f"({res}), {topo.slots_per_gpu} slots per rank; starting workers")
-    group = launch_workers(topo, p0, source, device=a.device, gpu_fraction=gpu_fraction)
+    from ray_eplb.controller.cli.keep import lifetime_for
+
+    lifetime = lifetime_for(a.keep)  # --keep: detached, they outlive this driver
+    group = launch_workers(topo, p0, source, device=a.device, gpu_fraction=gpu_fraction, lifetime=lifetime)
     cfg = controller_config(a)
-    ctl = start_controller(topo, cfg, p0)
+    ctl = start_controller(topo, cfg, p0, lifetime=lifetime)
     router = Router(group.handles, controller=ctl)
+    done = False
     try:
-        return _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start)
+        summary = _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start)
+        done = True
+        return summary
     finally:
         router.close()
-        ray.kill(ctl)
-        group.shutdown()
+        if not (a.keep and done):
+            ray.kill(ctl)
+            group.shutdown()
 
 
 def _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start) -> dict:
@@ -299,49 +316,44 @@ def _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start) -> di
     tokens = bad_tokens = 0
     rows = []
     t_replay = time.monotonic()
-    for t in range(num_windows):
-        epoch0 = router.placement.epoch
-        logical = torch.zeros(num_layers, num_experts, dtype=torch.float64)  # [L, E] routed this window
-        rank_before = router.rank_tokens.clone()  # [L, G]
-        tw = time.monotonic()
-        for _ in range(a.batches_per_window):
-            x = torch.randn(a.batch_tokens, source.hidden_size, generator=gen)  # [N, H]
-            bad = torch.zeros(a.batch_tokens, dtype=torch.bool)
-            for layer in range(num_layers):
-                xn = rms_norm(x)
-                ids, w = gate(layer, xn, load[t, layer], gen)  # [N, K], [N, K]
-                y = router.dispatch(layer, xn, ids, w)
-                bad |= mismatched(y, dense(layer, xn, ids, w))
-                logical[layer] += torch.bincount(ids.reshape(-1), minlength=num_experts).double()
-                x = x + y
-            tokens += a.batch_tokens
-            bad_tokens += int(bad.sum())
-        busy = time.monotonic() - tw
-        rest = (a.interval if a.window_seconds is None else a.window_seconds) - (time.monotonic() - tw)
-        if rest > 0:
-            time.sleep(rest)
-        per_rank = (router.rank_tokens - rank_before).double()  # [L, G] actual load per rank
-        actual = float(per_rank.mean(1).sum() / per_rank.max(1).values.sum())
-        static = balancedness(p0.phy2log, p0.logcnt, logical, topo.num_gpus)
-        st = ray.get(ctl.status.remote())
-        rows.append({"window": t, "epoch": epoch0, "epoch_end": router.placement.epoch, "actual": actual, "static": static})
-        print(f"{tag} window {t:2d}  epoch {epoch0:2d}->{router.placement.epoch:2d}  balancedness {actual:.3f} "
-              f"(static placement {static:.3f})  {a.batches_per_window * a.batch_tokens / busy:6.0f} tok/s  "
-              f"rebalances {st['rebalances']}  moved {st['experts_moved']} ({st['bytes_moved'] / 2**20:.1f} MiB)  "
-              f"mismatched {bad_tokens}")
+    from ray_eplb.controller.cli.progress import SwapBar, controller_poll, wanted
+
+    # A bar while a swap stages its batches, on a terminal (not with --json).
+    with SwapBar(controller_poll(ctl), wanted(sys.stdout, a.json), stream=sys.stdout):
+        for t in range(num_windows):
+            epoch0 = router.placement.epoch
+            logical = torch.zeros(num_layers, num_experts, dtype=torch.float64)  # [L, E] routed this window
+            rank_before = router.rank_tokens.clone()  # [L, G]
+            tw = time.monotonic()
+            for _ in range(a.batches_per_window):
+                x = torch.randn(a.batch_tokens, source.hidden_size, generator=gen)  # [N, H]
+                bad = torch.zeros(a.batch_tokens, dtype=torch.bool)
+                for layer in range(num_layers):
+                    xn = rms_norm(x)
+                    ids, w = gate(layer, xn, load[t, layer], gen)  # [N, K], [N, K]
+                    y = router.dispatch(layer, xn, ids, w)
+                    bad |= mismatched(y, dense(layer, xn, ids, w))
+                    logical[layer] += torch.bincount(ids.reshape(-1), minlength=num_experts).double()
+                    x = x + y
+                tokens += a.batch_tokens
+                bad_tokens += int(bad.sum())
+            busy = time.monotonic() - tw
+            rest = (a.interval if a.window_seconds is None else a.window_seconds) - (time.monotonic() - tw)
+            if rest > 0:
+                time.sleep(rest)
+            per_rank = (router.rank_tokens - rank_before).double()  # [L, G] actual load per rank
+            actual = float(per_rank.mean(1).sum() / per_rank.max(1).values.sum())
+            static = balancedness(p0.phy2log, p0.logcnt, logical, topo.num_gpus)
+            st = ray.get(ctl.status.remote())
+            rows.append({"window": t, "epoch": epoch0, "epoch_end": router.placement.epoch, "actual": actual, "static": static})
+            print(f"{tag} window {t:2d}  epoch {epoch0:2d}->{router.placement.epoch:2d}  balancedness {actual:.3f} "
+                  f"(static placement {static:.3f})  {a.batches_per_window * a.batch_tokens / busy:6.0f} tok/s  "
+                  f"rebalances {st.rebalances}  moved {st.experts_moved} ({st.bytes_moved / 2**20:.1f} MiB)  "
+                  f"mismatched {bad_tokens}")
     replay_s = time.monotonic() - t_replay
-    from ray_eplb.controller.cli.dashboard import inspect
+    from ray_eplb.controller.cli.dashboard import check_live, dashboard_summary, report_lines
 
-    # Before the loop stops: its rounds keep the gauges on the endpoint.
-    dash = inspect(("ray_eplb_epoch", "ray_eplb_balancedness", "ray_eplb_rebalances_total"))
-    if a.screenshot:
-        from ray_eplb.controller.cli.dashboard import browser_check
-
-        try:
-            dash["browser"] = browser_check(dash["url"] or "127.0.0.1:8265", a.screenshot)
-        except (RuntimeError, OSError, asyncio.TimeoutError) as exc:
-            dash["errors"].append(f"browser: {exc!r}")
-    ray.get(ctl.stop.remote())
+    dash = check_live(ctl, a.screenshot)  # stops the controller's loop
     st = ray.get(ctl.status.remote())
     hist = ray.get(ctl.history.remote())
     plots = []
@@ -364,40 +376,32 @@ def _replay(a, load, top_k, topo, source, p0, group, ctl, router, t_start) -> di
         "balancedness_run": round(sum(r["actual"] for r in rows) / len(rows), 4),
         "planning": a.planning,
         "max_moves": a.max_moves,
-        "rebalance_period_s": float(st["config"]["rebalance_period_s"]),
-        "rebalances": st["rebalances"],
-        "experts_moved": st["experts_moved"],
-        "bytes_moved": st["bytes_moved"],
-        "transfer_batches": st["transfer_batches"],
+        "rebalance_period_s": float(st.config["rebalance_period_s"]),
+        "rebalances": st.rebalances,
+        "experts_moved": st.experts_moved,
+        "bytes_moved": st.bytes_moved,
+        "transfer_batches": st.transfer_batches,
         "aborted": sum(h.get("action") == "aborted" for h in hist),
         "swap_s_mean": round(sum(swaps) / len(swaps), 2) if swaps else None,
         "tokens": tokens,
         "mismatched_tokens": bad_tokens,
         "max_stall_ms": round(max([1e3 * router.max_stall_s] + [s["max_lock_wait_ms"] for s in states]), 3),
         "wrong_weight_slots": identity_bad,
-        "dashboard": {"url": dash["url"], "actors": sorted(dash["actors"]), "metrics": dash["metrics"],
-                      **({"browser": sorted(dash["browser"]["actors"])} if "browser" in dash else {})},
+        "dashboard": dashboard_summary(dash, hist),
         "ok": bad_tokens == 0 and identity_bad == 0,
     }
     aborted = sum(h.get("action") == "aborted" for h in hist)
-    for err in st["errors"][-5:]:
+    for err in st.errors[-5:]:
         print(f"[demo] controller error: {err}")
     print(f"[demo] done in {time.monotonic() - t_start:.1f} s (replay {replay_s:.1f} s, {tokens / replay_s:.0f} tokens/s "
-          f"through {num_layers} layers); final epoch {st['epoch']}, {aborted} aborted rounds, "
+          f"through {num_layers} layers); final epoch {st.epoch}, {aborted} aborted rounds, "
           f"{router.retries} router re-routes, {identity_bad} slots with wrong weights")
     print(f"[demo] balancedness over {which}: "
           f"{summary['balancedness_before']:.3f} with the start placement -> {summary['balancedness_after']:.3f} measured")
-    print(f"{tag} rebalances {st['rebalances']}, moved {st['experts_moved']} slots ({st['bytes_moved'] / 2**20:.1f} MiB) "
-          f"in {st['transfer_batches']} transfer batches; mean balancedness over the run {summary['balancedness_run']:.3f}")
+    print(f"{tag} rebalances {st.rebalances}, moved {st.experts_moved} slots ({st.bytes_moved / 2**20:.1f} MiB) "
+          f"in {st.transfer_batches} transfer batches; mean balancedness over the run {summary['balancedness_run']:.3f}")
     print(f"[demo] tokens {tokens}, mismatched vs dense reference {bad_tokens}, max stall {summary['max_stall_ms']:.2f} ms")
-    print(f"[demo] dashboard {dash['url'] or '(none)'}: Actors page lists {len(dash['actors'])} ray_eplb actors, e.g. "
-          f"{dash['actors'].get('ray_eplb_controller', '(controller not listed)')}; Prometheus has "
-          f"{len(dash['metrics'])} ray_eplb metrics: {', '.join(m.removeprefix('ray_eplb_') for m in dash['metrics'])}")
-    if "browser" in dash:
-        print(f"[demo] headless Chromium on the Actors page ({'logged in with the token' if dash['browser']['auth'] else 'no auth'}): "
-              f"{len(dash['browser']['actors'])} ray_eplb rows; screenshot {dash['browser']['png']}")
-    for err in dash["errors"][:3]:
-        print(f"[demo] dashboard check: {err}")
+    print("\n".join(report_lines(dash, summary["dashboard"]["epochs"])))
     if plots:
         print(f"[demo] plots: {', '.join(plots)}")
     summary["plots"] = plots

@@ -218,7 +218,7 @@ def config(argv: list[str]) -> int:
         from ray_eplb.controller.config import ControllerConfig
 
         bal = attach(a.address, a.namespace)
-        cfg = ray.get(bal.controller.report.remote()).config
+        cfg = ray.get(bal.controller.status.remote()).config
         if a.action == "set":
             ControllerConfig.model_validate({**cfg, **changes})  # a bad value fails here, in one line
             try:
@@ -258,7 +258,11 @@ def rebalance(argv: list[str]) -> int:
                       f"{plan['min_gain']}); would move {plan['moved']} slots{est}; the loop "
                       f"{'would' if plan['would_apply'] else 'would not'} apply it")
             return 0
-        rec = _with_progress(bal.controller, bal.controller.rebalance_now.remote(fresh=a.fresh))
+        from ray_eplb.controller.cli.progress import SwapBar, controller_poll, wanted
+
+        ref = bal.controller.rebalance_now.remote(fresh=a.fresh)
+        with SwapBar(controller_poll(bal.controller), wanted(sys.stderr, a.json)):  # a bar on a terminal
+            rec = ray.get(ref)
         if a.json:
             print(json.dumps(tensor_free(rec)))
         else:
@@ -285,24 +289,6 @@ def outcome_line(rec: dict) -> str:
 
 def _f(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
-
-
-def _with_progress(controller: Any, ref: Any) -> dict:
-    """Wait for ``ref`` (a rebalance), showing the swap's batches on a terminal."""
-    import ray
-
-    if not sys.stderr.isatty():
-        return ray.get(ref)
-    from rich.progress import Progress
-
-    with Progress(transient=True) as bar:
-        task = bar.add_task("rebalancing", total=None)
-        while not ray.wait([ref], timeout=0.3)[0]:
-            swap = ray.get(controller.report.remote()).swap
-            if swap is not None and not swap.done:
-                bar.update(task, total=swap.batches, completed=swap.batch,
-                           description=f"swap to epoch {swap.epoch}: batch {swap.batch}/{swap.batches}")
-    return ray.get(ref)
 
 
 def history(argv: list[str]) -> int:

@@ -39,12 +39,12 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     from ray_eplb.controller.cli.auth import enable_token_auth
-    from ray_eplb.controller.cli.dashboard import free_port
+    from ray_eplb.controller.cli.dashboard import dashboard_args
 
     where = enable_token_auth()
     token = Path(where).read_text().strip()
     cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=1, include_dashboard=True, dashboard_port=free_port(8265), object_store_memory=100 * 2**20))
+        num_cpus=1, **dashboard_args(), object_store_memory=100 * 2**20))
     cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
     out: dict = {"token_file": where, "env_mode": os.environ.get("RAY_AUTH_MODE")}
     try:

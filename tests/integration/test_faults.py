@@ -117,10 +117,10 @@ def consistent(rt, timeout_s=CONVERGE_S):
     while True:
         st = status(rt)
         maps = {(s["epoch"], s["digest"]) for s in ray.get([w.state.remote() for w in rt.workers], timeout=30)}
-        if maps == {(st["epoch"], st["digest"])}:
+        if maps == {(st.epoch, st.digest)}:
             assert ray.get([w.verify.remote() for w in rt.workers], timeout=60) == [[]] * TOPO.num_gpus
             return time.monotonic() - t0
-        assert time.monotonic() - t0 < timeout_s, f"not one map after {timeout_s} s: controller {st['epoch']}, workers {maps}"
+        assert time.monotonic() - t0 < timeout_s, f"not one map after {timeout_s} s: controller {st.epoch}, workers {maps}"
         time.sleep(0.5)
 
 
@@ -165,7 +165,7 @@ def controller_back(rt, killed_at, loop="running", timeout_s=90.0):
     while True:
         try:
             st = status(rt)
-            if st["started"] > killed_at and st["loop"] == loop:
+            if st.started > killed_at and st.loop == loop:
                 return st
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             pass
@@ -177,7 +177,7 @@ def changed_map(rt):
     """An explicit new map: half of each layer's slots swapped between ranks."""
     from ray_eplb.controller.bench.runtime import swap_target
 
-    return swap_target(status(rt)["phy2log"], TOPO.slots_per_gpu, 0.5, seed=int(time.time()) % 1000)
+    return swap_target(ray.get(rt.controller.current_map.remote(), timeout=30).phy2log, TOPO.slots_per_gpu, 0.5, seed=int(time.time()) % 1000)
 
 
 def until_committed_on(worker, epoch, timeout_s=30.0):
@@ -191,11 +191,11 @@ def test_controller_killed_idle_comes_back_on_its_map_with_its_loop(rt):
     with Traffic(rt, 1):
         first = skew_and_commit(rt, 1)
         before = status(rt)
-        assert before["loop"] == "running"
+        assert before.loop == "running"
         killed = time.time()
         kill(rt.controller)
         after = controller_back(rt, killed)
-        assert (after["epoch"], after["digest"]) == (before["epoch"], before["digest"])
+        assert (after.epoch, after.digest) == (before.epoch, before.digest)
         consistent(rt)
         again = skew_and_commit(rt, 2)
         assert again["epoch"] > first["epoch"]
@@ -212,7 +212,7 @@ def test_controller_killed_mid_round(rt, phase):
             if phase == "prepare":
                 time.sleep(0.7)  # the others have prepared; rank 1 is still at it
             else:
-                until_committed_on(rt.workers[0], before["epoch"])  # rank 0 committed, rank 1 not yet
+                until_committed_on(rt.workers[0], before.epoch)  # rank 0 committed, rank 1 not yet
             killed = time.time()
             kill(rt.controller)
             with pytest.raises(ray.exceptions.RayActorError):
@@ -223,10 +223,10 @@ def test_controller_killed_mid_round(rt, phase):
         took = consistent(rt)
         after = status(rt)
         # cut in prepare: the committed map stays; cut in commit: the prepared map is rolled forward
-        assert after["epoch"] == before["epoch"] if phase == "prepare" else after["epoch"] > before["epoch"]
+        assert after.epoch == before.epoch if phase == "prepare" else after.epoch > before.epoch
         assert took < CONVERGE_S
         rec = ray.get(rt.controller.apply_placement.remote(changed_map(rt)), timeout=120)
-        assert rec["action"] == "committed" and rec["epoch"] > after["epoch"], rec
+        assert rec["action"] == "committed" and rec["epoch"] > after.epoch, rec
         consistent(rt)
 
 
@@ -239,7 +239,7 @@ def test_workers_killed(rt, victims):
         for r in victims:
             assert restarted(rt.workers[r], lives[r])["restored"] == "store"
         consistent(rt)
-        assert status(rt)["epoch"] == before["epoch"]  # they came back on the committed map itself
+        assert status(rt).epoch == before.epoch  # they came back on the committed map itself
         skew_and_commit(rt, 21)
 
 
@@ -248,13 +248,13 @@ def test_worker_killed_in_commit(rt):
         before, lives = status(rt), incarnations(rt)
         ray.get(rt.workers[3].inject_delay.remote("commit", 2.0))
         pending = rt.controller.apply_placement.remote(changed_map(rt))
-        until_committed_on(rt.workers[0], before["epoch"])
+        until_committed_on(rt.workers[0], before.epoch)
         kill(rt.workers[3])
         rec = ray.get(pending, timeout=120)
         assert rec["action"] == "aborted" and rec["phase"] == "commit", rec
         assert restarted(rt.workers[3], lives[3])["restored"] == "store"
         consistent(rt)
-        assert status(rt)["epoch"] == before["epoch"]  # every rank back on the committed map
+        assert status(rt).epoch == before.epoch  # every rank back on the committed map
         skew_and_commit(rt, 31)
 
 
@@ -268,8 +268,8 @@ def test_controller_and_one_worker_killed_together(rt):
         restarted(rt.workers[1], lives[1])
         consistent(rt)
         after = status(rt)
-        assert (after["epoch"], after["digest"]) == (before["epoch"], before["digest"]) and after["loop"] == "running"
-        assert skew_and_commit(rt, 41)["epoch"] > before["epoch"]
+        assert (after.epoch, after.digest) == (before.epoch, before.digest) and after.loop == "running"
+        assert skew_and_commit(rt, 41)["epoch"] > before.epoch
 
 
 def test_controller_and_every_worker_killed_together(rt):
@@ -284,7 +284,7 @@ def test_controller_and_every_worker_killed_together(rt):
         took = consistent(rt)
         after = status(rt)
         # the committed map itself, under its own number; nothing renumbered to an old number
-        assert (after["epoch"], after["digest"]) == (before["epoch"], before["digest"]), (took, after["recovery"])
+        assert (after.epoch, after.digest) == (before.epoch, before.digest), (took, after.recovery)
         rec = skew_and_commit(rt, 51)
         assert rec["epoch"] > first["epoch"]
 
@@ -320,6 +320,6 @@ def test_lying_telemetry_is_left_out_and_named(rt, kind):
             st = status(rt)
         finally:
             ray.get(rt.workers[2].lie.remote(None))
-        assert 2 in st["telemetry_rejected"] and any("rank 2" in e for e in st["errors"]), st["telemetry_rejected"]
-        assert st["balancedness_now"] is None or 0 < st["balancedness_now"] <= 1
+        assert 2 in st.rejected and any("rank 2" in e for e in st.errors), st.rejected
+        assert st.balancedness_now is None or 0 < st.balancedness_now <= 1
         consistent(rt)

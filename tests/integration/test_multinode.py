@@ -57,5 +57,13 @@ def test_demo_runs_end_to_end_with_token_auth_on(tmp_path):
     assert dash["url"] and dash["actors"] == ["ray_eplb_controller"] + [f"ray_eplb_worker_{r}" for r in range(4)]
     assert {"ray_eplb_epoch", "ray_eplb_rebalances_total", "ray_eplb_experts_moved_total",
             "ray_eplb_balancedness", "ray_eplb_phase_seconds"} <= set(dash["metrics"])
-    if browser:
-        assert dash["browser"] == dash["actors"] and (tmp_path / "actors.png").stat().st_size > 10_000
+    if browser:  # what headless Chromium found on the Actors page and behind the controller's Log link
+        assert "browser" in dash, dash.get("browser_error")
+        seen = dash["browser"]
+        assert seen["actors"] == dash["actors"] and (tmp_path / "actors.png").stat().st_size > 10_000
+        assert seen["log"]["page"].startswith("#/actors/") and (tmp_path / "actors_log.png").stat().st_size > 10_000
+        # One line per committed and aborted epoch of the controller's history, as the log viewer renders it.
+        assert dash["epochs"]["committed"] and seen["log"]["lines"] >= len(dash["epochs"]["committed"])
+        assert set(dash["epochs"]["committed"]) <= set(seen["log"]["committed"]), (dash["epochs"], seen["log"])
+        assert set(dash["epochs"]["aborted"]) <= set(seen["log"]["aborted"]), (dash["epochs"], seen["log"])
+        print(f"browser check: {seen['seconds']:.1f} s")

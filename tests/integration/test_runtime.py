@@ -56,7 +56,7 @@ def test_workers_and_controller_are_named_and_placed(runtime):
         assert ray.get(h.ping.remote()) == rank
     ctl = ray.get_actor("ray_eplb_controller", namespace=NAMESPACE)
     st = ray.get(ctl.status.remote())
-    assert st["epoch"] == runtime.router.placement.epoch
+    assert st.epoch == runtime.router.placement.epoch
     assert {s["device"] for s in states(runtime)} == {"cpu"}
 
 
@@ -82,10 +82,10 @@ def test_forced_rebalance_moves_weights_and_every_slot_holds_its_expert(runtime)
     rec = ray.get(runtime.controller.rebalance_now.remote())
     assert rec["action"] == "committed", rec
     assert rec["epoch"] > before and rec["moved"] > 0
-    st = ray.get(runtime.controller.status.remote())
-    assert all(s["epoch"] == rec["epoch"] for s in states(runtime))
-    assert torch.equal(torch.cat([s["experts"] for s in states(runtime)], 1), st["phy2log"])
-    assert int(st["phy2log"][0].eq(0).sum()) > 1  # the hot expert has replicas now
+    st = ray.get(runtime.controller.current_map.remote())
+    assert st.epoch == rec["epoch"] and all(s["epoch"] == rec["epoch"] for s in states(runtime))
+    assert torch.equal(torch.cat([s["experts"] for s in states(runtime)], 1), st.phy2log)
+    assert int(st.phy2log[0].eq(0).sum()) > 1  # the hot expert has replicas now
     assert ray.get([w.verify.remote() for w in runtime.workers]) == [[]] * runtime.topology.num_gpus
     # cpu workers keep what peers sent in the object store (zero-copy) and serve from it
     after = states(runtime)
@@ -130,7 +130,7 @@ def test_tokens_routed_during_swaps_all_match_the_dense_reference(runtime):
     try:
         time.sleep(0.5)
         for i in range(3):
-            phy = ray.get(runtime.controller.status.remote())["phy2log"]
+            phy = ray.get(runtime.controller.current_map.remote()).phy2log
             recs.append(ray.get(runtime.controller.apply_placement.remote(swap_target(phy, 3, 0.5, seed=i))))
             time.sleep(0.3)
     finally:
@@ -154,7 +154,7 @@ def test_a_worker_missing_the_prepare_deadline_aborts_the_round_on_every_worker(
     try:
         t0 = time.monotonic()
         rec = ray.get(runtime.controller.apply_placement.remote(
-            ray.get(runtime.controller.status.remote())["phy2log"].roll(1, dims=1)))
+            ray.get(runtime.controller.current_map.remote()).phy2log.roll(1, dims=1)))
         assert time.monotonic() - t0 < 2.0 + 2.0  # the prepare deadline plus the abort round
     finally:
         ray.get(runtime.workers[1].inject_delay.remote("prepare", 0.0))
@@ -199,7 +199,7 @@ def test_controller_loop_runs_rounds_and_stops(runtime):
     import ray
 
     ctl = runtime.controller
-    errors_before = ray.get(ctl.status.remote())["errors"]
+    errors_before = ray.get(ctl.status.remote()).errors
     assert ray.get(ctl.start.remote()) in ("running", "idle")
     stop = threading.Event()
 
@@ -210,15 +210,15 @@ def test_controller_loop_runs_rounds_and_stops(runtime):
     t = threading.Thread(target=serve)
     t.start()
     try:
-        r0 = ray.get(ctl.status.remote())["rounds"]
+        r0 = ray.get(ctl.status.remote()).rounds
         time.sleep(2.5)
         st = ray.get(ctl.status.remote())
-        assert st["loop"] == "running" and st["rounds"] >= r0 + 2
+        assert st.loop == "running" and st.rounds >= r0 + 2
     finally:
         stop.set()
         t.join()
         assert ray.get(ctl.stop.remote()) == "stopped"
-    assert ray.get(ctl.status.remote())["errors"] == errors_before
+    assert ray.get(ctl.status.remote()).errors == errors_before
 
 
 def test_controller_restarts_and_recovers_the_committed_placement(runtime):
@@ -227,7 +227,7 @@ def test_controller_restarts_and_recovers_the_committed_placement(runtime):
     ctl = runtime.controller
     drive(runtime, seed=80)
     rec = ray.get(ctl.rebalance_now.remote())
-    epoch = ray.get(ctl.status.remote())["epoch"]
+    epoch = ray.get(ctl.status.remote()).epoch
     assert epoch > 0, rec
     killed = time.time()
     ray.kill(ctl, no_restart=False)
@@ -235,15 +235,15 @@ def test_controller_restarts_and_recovers_the_committed_placement(runtime):
     while True:
         try:
             st = ray.get(ctl.status.remote(), timeout=10)
-            if st["started"] > killed:
+            if st.started > killed:
                 break
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             pass
         assert time.monotonic() < deadline, "the controller did not come back"
         time.sleep(0.5)
-    assert st["rounds"] == 0  # a fresh instance...
-    assert st["epoch"] == epoch  # ...that read the committed map back from the store
-    assert torch.equal(st["phy2log"], torch.cat([s["experts"] for s in states(runtime)], 1))
+    assert st.rounds == 0  # a fresh instance...
+    assert st.epoch == epoch  # ...that read the committed map back from the store
+    assert torch.equal(ray.get(ctl.current_map.remote()).phy2log, torch.cat([s["experts"] for s in states(runtime)], 1))
     assert drive(runtime, seed=90) == 0  # the router's subscription survives the restart
     assert ray.get(ctl.rebalance_now.remote())["action"] in ("committed", "no_change")
 
@@ -254,8 +254,8 @@ def test_a_killed_worker_restarts_on_the_placement_in_force_and_serves_correctly
     ctl = runtime.controller
     drive(runtime, seed=100)
     assert ray.get(ctl.rebalance_now.remote())["action"] in ("committed", "no_change")
-    st = ray.get(ctl.status.remote())
-    epoch, phy2log = st["epoch"], st["phy2log"]
+    st = ray.get(ctl.current_map.remote())
+    epoch, phy2log = st.epoch, st.phy2log
     assert epoch > 0  # the launch placement is epoch 0: a restart on it would be caught below
     ray.get(ctl.telemetry.remote())  # drain
     victim = runtime.workers[1]
@@ -291,8 +291,8 @@ def test_a_worker_killed_mid_swap_aborts_the_round_and_restarts_on_the_old_epoch
 
     ctl = runtime.controller
     drive(runtime, seed=140)
-    st = ray.get(ctl.status.remote())
-    epoch, phy2log = st["epoch"], st["phy2log"]
+    st = ray.get(ctl.current_map.remote())
+    epoch, phy2log = st.epoch, st.phy2log
     slow, victim = runtime.workers[0], runtime.workers[2]
     before = ray.get(victim.state.remote())["incarnation"]
     ray.get(slow.inject_delay.remote("prepare", 1.5))  # keeps the round open (deadline 2 s)

@@ -48,7 +48,7 @@ def served(runtime):
                         hidden_size=runtime.source.hidden_size, ffn_size=runtime.source.ffn_size, vocab_size=64,
                         seed=runtime.source.seed)
     ctl = runtime.controller
-    before = ray.get(ctl.status.remote())
+    before, placement = ray.get([ctl.status.remote(), ctl.current_map.remote()])
     serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
     try:
         app = ex.MoEServer.options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(spec, NAMESPACE)
@@ -56,8 +56,8 @@ def served(runtime):
         yield ex, spec, handle
     finally:
         serve.shutdown()
-        ray.get(ctl.reconfigure.remote(**{k: before["config"][k] for k in ("min_gain", "forecast")}))
-        ray.get(ctl.apply_placement.remote(before["phy2log"]))
+        ray.get(ctl.reconfigure.remote(**{k: before.config[k] for k in ("min_gain", "forecast")}))
+        ray.get(ctl.apply_placement.remote(placement.phy2log))
 
 
 def check(ex, spec, dense, out, x):
@@ -83,7 +83,7 @@ def test_served_moe_matches_the_dense_reference_across_a_forced_rebalance(runtim
     ray.get(ctl.apply_placement.remote(Placement.identity(topo).phy2log))
     ray.get(ctl.reconfigure.remote(min_gain=0.0, forecast="last"))
     ray.get(ctl.telemetry.remote())
-    epoch0 = ray.get(ctl.status.remote())["epoch"]
+    epoch0 = ray.get(ctl.status.remote()).epoch
 
     gen = torch.Generator().manual_seed(3)
     hot = torch.tensor([5, 40])
@@ -101,10 +101,10 @@ def test_served_moe_matches_the_dense_reference_across_a_forced_rebalance(runtim
     rec = ray.get(ctl.rebalance_now.remote())
     assert rec["action"] == "committed", rec
     assert rec["epoch"] > epoch0 and rec["moved"] > 0
-    st = ray.get(ctl.status.remote())
-    assert st["epoch"] == rec["epoch"]
+    st = ray.get(ctl.current_map.remote())
+    assert st.epoch == rec["epoch"]
     # The rebalance followed the load the deployment served: better balanced on it than the round-robin map.
-    old, new = Placement.identity(topo), Placement.from_phy2log(topo, st["phy2log"])
+    old, new = Placement.identity(topo), st
     g = topo.num_gpus
     assert balancedness(new.phy2log, new.logcnt, load, g) > balancedness(old.phy2log, old.logcnt, load, g) + 0.01
 
@@ -120,5 +120,5 @@ def test_served_moe_matches_the_dense_reference_across_a_forced_rebalance(runtim
         time.sleep(0.1)
     assert out["epochs"] == [rec["epoch"]] * spec.num_layers
     check(ex, spec, runtime.dense, handle.forward.remote(x).result(timeout_s=60), x)
-    routers = ray.get(ctl.status.remote())["routers"]
+    routers = ray.get(ctl.status.remote()).routers
     assert rec["epoch"] in routers.values()  # the replica's router acked the new map

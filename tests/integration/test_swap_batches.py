@@ -14,7 +14,7 @@ def test_a_budgeted_rebalance_moves_exactly_the_planned_slots_in_batches(runtime
 
     ctl, topo = runtime.controller, runtime.topology
     s = topo.slots_per_gpu
-    before_cfg = ray.get(ctl.status.remote())["config"]
+    before_cfg = ray.get(ctl.status.remote()).config
     # Start from the round-robin placement, so the plan below does not depend on earlier tests.
     ray.get(ctl.apply_placement.remote(Placement.identity(topo).phy2log))
     ray.get(ctl.reconfigure.remote(max_moves=3, min_gain=0.0, forecast="last", transfer_batch_bytes=1))
@@ -28,11 +28,11 @@ def test_a_budgeted_rebalance_moves_exactly_the_planned_slots_in_batches(runtime
             x, w = torch.randn(64, 16, generator=gen), torch.full((64, 2), 0.5)
             for layer in range(topo.num_layers):
                 assert int(mismatched(runtime.router.dispatch(layer, x, ids, w), runtime.dense(layer, x, ids, w)).sum()) == 0
-        old = ray.get(ctl.status.remote())["phy2log"]  # [L, R]
+        old = ray.get(ctl.current_map.remote()).phy2log  # [L, R]
         before = ray.get([h.state.remote() for h in runtime.workers])
         rec = ray.get(ctl.rebalance_now.remote())
         after = ray.get([h.state.remote() for h in runtime.workers])
-        new = ray.get(ctl.status.remote())["phy2log"]
+        new = ray.get(ctl.current_map.remote()).phy2log
     finally:
         ray.get(ctl.reconfigure.remote(**{k: before_cfg[k] for k in ("max_moves", "min_gain", "forecast", "transfer_batch_bytes")}))
     assert rec["action"] == "committed", rec

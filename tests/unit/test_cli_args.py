@@ -55,6 +55,7 @@ def test_the_parser_reports_one_line_and_exit_2(capsys):
     (["--checkpoint", "/no/such/folder/w.safetensors"], "--checkpoint"), (["--checkpoint", "/tmp"], "--checkpoint"),
     (["--screenshot", "/no/such/folder/a.png"], "--screenshot"),
     (["--slots-per-gpu", "1", "--workers", "4", "--nodes", "2", "--top-k", "6"], "--top-k=6"),
+    (["--keep", "--compare"], "--keep"), (["--keep", "--address", "127.0.0.1:1"], "--keep"),
 ])
 def test_every_bad_demo_argument_is_one_line_exit_2(capsys, argv, flag):
     one_line_exit_2(capsys, lambda: demo.parse(argv), "ray-eplb demo: error:", flag)
@@ -65,6 +66,20 @@ def test_good_demo_arguments_parse():
     assert (a.top_k, a.interval, a.batch_mib, a.window_seconds, a.max_moves) == (2, 0.5, 0.5, 0.0, 0.1)
     assert demo.controller_config(a).transfer_batch_bytes == 2**19  # no longer altered behind the user's back
     assert demo.parse([]).window_seconds is None
+    assert demo.parse(["--keep"]).keep and not demo.parse([]).keep
+
+
+def test_the_keep_notice_says_where_the_dashboard_is_how_to_log_in_and_how_to_stop():
+    from ray_eplb.controller.cli.keep import kept, lines
+
+    k = kept("10.0.0.5:6380", "127.0.0.1:8266", "/home/u/.ray/auth_token", "/tmp/ray/session_x")
+    assert k["dashboard"] == "http://127.0.0.1:8266" and k["stop"] == ["ray-eplb stop --address 10.0.0.5:6380", "ray stop"]
+    text = "\n".join(lines(k))
+    assert "dashboard http://127.0.0.1:8266: log in with the token in /home/u/.ray/auth_token" in text
+    assert "RAY_AUTH_MODE=token ray-eplb status --address 10.0.0.5:6380" in text
+    assert "RAY_AUTH_MODE=token ray-eplb stop --address 10.0.0.5:6380 (the balancer), then `ray stop`" in text
+    off = "\n".join(lines(kept("10.0.0.5:6380", "http://h:1", None, None)))
+    assert "token authentication off" in off and "RAY_AUTH_MODE" not in off and "ray-eplb status --address 10.0.0.5:6380" in off
 
 
 def test_demo_checks_against_the_trace_shape():

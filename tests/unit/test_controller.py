@@ -75,7 +75,7 @@ def test_forced_rebalance_commits_everywhere_and_moves_weights():
     assert torch.equal(torch.cat([w.state()["experts"] for w in workers.values()], 1), ctl.placement.phy2log)
     assert int(ctl.placement.logcnt[0, 0]) > 1  # the hot expert got replicas
     st = asyncio.run(ctl.status())
-    assert st["rebalances"] == 1 and st["experts_moved"] == rec["moved"] > 0
+    assert st.rebalances == 1 and st.experts_moved == rec["moved"] > 0
 
 
 def test_slow_worker_aborts_round_and_everyone_stays_on_old_epoch():
@@ -144,12 +144,12 @@ def test_loop_runs_and_stops():
     async def go():
         await ctl.start()
         await asyncio.sleep(1.2)
-        assert (await ctl.status())["loop"] == "running"
+        assert (await ctl.status()).loop == "running"
         await ctl.stop()
         return await ctl.status()
 
     st = asyncio.run(go())
-    assert st["loop"] == "stopped" and st["rounds"] >= 2 and st["errors"] == []
+    assert st.loop == "stopped" and st.rounds >= 2 and st.errors == []
 
 
 def test_a_restarted_controller_takes_the_committed_map_from_the_store():
@@ -248,7 +248,7 @@ def test_a_budgeted_rebalance_never_moves_more_than_the_budget_and_reports_it():
     assert {k: hist[k] for k in ("moved", "bytes_moved", "batches", "budget_used")} == \
         {k: rec[k] for k in ("moved", "bytes_moved", "batches", "budget_used")}
     st = asyncio.run(ctl.status())
-    assert st["bytes_moved"] == rec["bytes_moved"] and st["last_swap"]["moved"] == 2
+    assert st.bytes_moved == rec["bytes_moved"] and st.last_rebalance.moved == 2 and st.transfer_batches == rec["batches"]
     # A fresh solve ignores the budget.
     skew(workers, ctl.placement)
     fresh = asyncio.run(ctl.rebalance_now(fresh=True))

@@ -50,16 +50,16 @@ def _skewed(workers, rounds=3):
         serve(workers, p0, 1, 5, 2)
 
 
-def test_report_is_typed_json_and_tracks_a_rebalance():
+def test_status_is_typed_json_and_tracks_a_rebalance():
     ctl, workers, _ = make(QUIET)
 
     async def go():
-        before = await ctl.report()
+        before = await ctl.status()
         _skewed(workers)
         await ctl.step()  # a round without a rebalance (no trigger due): the workers report
-        seen = await ctl.report()
+        seen = await ctl.status()
         rec = await ctl.rebalance_now()
-        return before, seen, rec, await ctl.report()
+        return before, seen, rec, await ctl.status()
 
     before, seen, rec, after = asyncio.run(go())
     assert isinstance(after, ControllerStatus)
@@ -69,10 +69,24 @@ def test_report_is_typed_json_and_tracks_a_rebalance():
     assert after.epoch == rec["epoch"] and after.rebalances == 1
     assert after.last_rebalance.epoch == rec["epoch"] and after.last_rebalance.moved == rec["moved"] > 0
     assert after.swap.done and after.swap.batches == rec["batches"] and after.swap.epoch == rec["epoch"]
+    assert after.transfer_batches == rec["batches"] and after.missing == after.off_map == [] and after.rejected == {}
+    assert asyncio.run(ctl.report()) == asyncio.run(ctl.status())  # one call under two names
     back = ControllerStatus.model_validate_json(after.model_dump_json())  # JSON round trip, no tensors
-    assert back == after
+    assert back == after and json.loads(after.model_dump_json())["epoch"] == rec["epoch"]
+    assert not any(isinstance(v, torch.Tensor) for v in _leaves(after.model_dump()))
     text = "\n".join(after.lines())
     assert f"epoch {rec['epoch']}" in text and "last rebalance" in text and text.count("rank ") == TOPO.num_gpus
+
+
+def _leaves(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _leaves(v)
+    else:
+        yield value
 
 
 def test_plan_only_predicts_without_applying():
