@@ -204,7 +204,7 @@ def main() -> None:
             epochs.update(out["epochs"])
         st = ray.get(controller.status.remote())
         print(f"[serve_hf_moe] {a.requests} requests, {tokens} tokens, {bad} differing from the unpatched model; "
-              f"routed by epochs {sorted(epochs)}; rebalances {st['rebalances']}, moved {st['experts_moved']} slots")
+              f"routed by epochs {sorted(epochs)}; rebalances {st.rebalances}, moved {st.experts_moved} slots")
         serve.shutdown()
         ray.kill(controller)
         group.shutdown()

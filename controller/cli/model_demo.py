@@ -61,6 +61,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
     ap.add_argument("--seed", type=nonneg_int, default=0, help="random seed of the prompt mix (default 0)")
     ap.add_argument("--json", action="store_true", help="end with one line of JSON")
+    ap.set_defaults(keep=False)  # the shared cluster start-up reads it; this demo always tears its cluster down
     a = ap.parse_args(argv)
     if a.workers % a.nodes:
         ap.error(f"--workers={a.workers} is not divisible by --nodes={a.nodes}")
@@ -201,14 +202,14 @@ def run(a: argparse.Namespace, source, gpu_fraction: float, t_start: float) -> d
         "balancedness_before": round(sum(r["static"] for r in after) / len(after), 4),
         "balancedness_after": round(sum(r["actual"] for r in after) / len(after), 4),
         "windows_after_first_rebalance": sum(r["epoch"] > 0 for r in rows),
-        "rebalances": st["rebalances"], "experts_moved": st["experts_moved"], "bytes_moved": st["bytes_moved"],
+        "rebalances": st.rebalances, "experts_moved": st.experts_moved, "bytes_moved": st.bytes_moved,
         "generated_tokens": tokens, "mismatched_tokens": bad, "wrong_weight_slots": identity_bad,
         "ok": bad == 0 and identity_bad == 0,
     }
-    for err in st["errors"][-5:]:
+    for err in st.errors[-5:]:
         print(f"[demo] controller error: {err}")
-    print(f"[demo] done in {time.monotonic() - t_start:.1f} s: rebalances {st['rebalances']}, moved "
-          f"{st['experts_moved']} slots ({st['bytes_moved'] / 2**20:.2f} MiB), {identity_bad} slots with wrong weights")
+    print(f"[demo] done in {time.monotonic() - t_start:.1f} s: rebalances {st.rebalances}, moved "
+          f"{st.experts_moved} slots ({st.bytes_moved / 2**20:.2f} MiB), {identity_bad} slots with wrong weights")
     print(f"[demo] balancedness over the {len(after)} windows served after the first rebalance: "
           f"{summary['balancedness_before']:.3f} with the start placement -> {summary['balancedness_after']:.3f} measured")
     print(f"[demo] generated tokens {tokens}, mismatched vs the unpatched model {bad}")
@@ -247,5 +248,5 @@ def _generate(a, ref, served, counter, router, ctl, p0) -> tuple[list[dict], int
             rows.append({"phase": phase, "epoch": epoch0, "actual": actual, "static": static})
             print(f"[demo] phase {phase} ({names[phase % len(names)]}) window {w}  epoch {epoch0:2d}->"
                   f"{router.placement.epoch:2d}  balancedness {actual:.3f} (start placement {static:.3f})  "
-                  f"rebalances {st['rebalances']}  moved {st['experts_moved']}  mismatched {bad}")
+                  f"rebalances {st.rebalances}  moved {st.experts_moved}  mismatched {bad}")
     return rows, tokens, bad

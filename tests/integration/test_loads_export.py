@@ -48,12 +48,12 @@ def test_live_loads_and_placement_export_and_plan_round_trip(runtime, tmp_path, 
     sg = torch.load(tmp_path / "win.pt", weights_only=True)
     assert list(sg) == ["logical_count"] and sg["logical_count"].dtype == torch.int64
 
-    st = ray.get(ctl.status.remote())
+    st = ray.get(ctl.current_map.remote())  # the placement in force
     for name, fmt in (("p.json", "ours"), ("p_sglang.json", "sglang"), ("p.pt", "sglang-pt"), ("p_triple.pt", "triple")):
         assert export("--placement", "-o", tmp_path / name, "--format", fmt) == 0
         phy2log, found, _ = read_phy2log(tmp_path / name)
-        assert torch.equal(phy2log, st["phy2log"])
-    assert read_placement(tmp_path / "p.json").epoch == st["epoch"]
+        assert torch.equal(phy2log, st.phy2log)
+    assert read_placement(tmp_path / "p.json").epoch == st.epoch
     assert list(json.loads((tmp_path / "p_sglang.json").read_text())) == ["physical_to_logical_map"]
 
     capsys.readouterr()
@@ -62,7 +62,7 @@ def test_live_loads_and_placement_export_and_plan_round_trip(runtime, tmp_path, 
                           str(tmp_path / "planned.json")])
     assert code == 0, capsys.readouterr().err
     planned = read_placement(tmp_path / "planned.json")
-    assert planned.topology == topo and planned.epoch == st["epoch"] + 1
+    assert planned.topology == topo and planned.epoch == st.epoch + 1
 
 
 def test_export_errors_are_one_line(runtime, tmp_path, capsys):
