@@ -299,7 +299,7 @@ def test_ray_metrics_catalogue_tags_and_zeroes(monkeypatch):
 def test_an_aborted_swap_is_reported_over_with_its_reason():
     from ray_eplb.controller.config import ControllerConfig as Config
 
-    # One expert per rank and batch: the skewed plan needs several batches; rank 2 stalls the second.
+    # One expert per rank and batch: the skewed plan from scratch needs several batches; rank 2 stalls the second.
     ctl, workers, handles = make(Config(**{**QUIET.model_dump(), "transfer_batch_bytes": 1}))
     _skewed(workers)
     calls = {"n": 0}
@@ -314,7 +314,7 @@ def test_an_aborted_swap_is_reported_over_with_its_reason():
         return real(*args)
 
     handles[2].worker.prepare = slow_second
-    rec = asyncio.run(ctl.rebalance_now())
+    rec = asyncio.run(ctl.rebalance_now(fresh=True))  # a plan from scratch: many moves, so many batches
     st = asyncio.run(ctl.report())
     assert rec["action"] == "aborted" and rec["batches"] >= 2
     assert st.swap is not None and st.swap.done and st.swap.epoch == rec["epoch"]
