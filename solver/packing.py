@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ray_eplb.solver import compiled
 from ray_eplb.solver.maps import bin_counts, per_slot
 from ray_eplb.solver.repair import (  # noqa: F401 (surplus_copies, separate_copies: re-exported)
     separate_copies,
@@ -275,6 +276,10 @@ def refine_swaps(
     if k < 1 or sweeps < 1:
         return slot_owner, bin_load
     ic = per_slot(cap, slot_owner).reshape(io.shape)  # [B*P, S] the slot owner's cap
+    if compiled.ENABLED and slots < SORTED_SWAPS_FROM:  # the same sweeps, compiled (identical results)
+        spend = budget if budget is not None else np.zeros(num_rows, dtype=np.int64)
+        compiled.refine_kernel(io, il, ic, bin_load, k, sweeps, spend, budget is not None)
+        return io.reshape(num_rows, num_bins, slots), bin_load
     n = per_replica.shape[1]
     # held[bin * n + owner]: replicas of an owner in a bin (a legality test is one gather), where
     # that table is small; else copies are counted on each pair (1024 GPUs x 384 experts x 61
@@ -285,7 +290,7 @@ def refine_swaps(
     for sweep in range(sweeps):
         shift = sweep % 2 if num_bins > 2 else 0
         kk = min(k, (num_bins - shift) // 2)
-        by_load = np.argsort(bin_load, axis=1) + first  # [B, P] flat bins, lightest first
+        by_load = np.argsort(bin_load, axis=1, kind="stable") + first  # [B, P] flat bins, lightest first
         hb, lb = by_load[:, : -kk - 1 : -1], by_load[:, shift : shift + kk]  # [B, kk] paired bins
         oa, ob = io[hb], io[lb]  # [B, kk, S] owners in the heavy / light bin
         # A replica may enter the other bin only below its owner's cap there; a blocked one is

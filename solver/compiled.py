@@ -1,0 +1,219 @@
+"""Compiled kernels (numba) for the solve's sequential inner loops, with the numpy code as fallback.
+
+The vectorised numpy stages cost their dispatch overhead more than their arithmetic: a solve is
+hundreds of small array ops (tens of microseconds each) on arrays of 10^2-10^4 numbers. The
+kernels here run the same algorithms as scalar loops in one compiled call, so each costs
+microseconds. Every kernel computes *exactly* what the numpy stage it replaces computes (same
+floating-point operations in the same order, same tie rules), so a plan does not depend on
+whether numba is installed; the unit tests compare both paths on the trace cases and random inputs.
+
+Use: :data:`ENABLED` is true when numba imports and ``RAY_EPLB_NUMBA`` is not ``0``; the stages
+call the kernels then, and their numpy code otherwise. Kernels are compiled with ``cache=True``
+(numba's on-disk cache: a fresh process loads them in milliseconds once any process compiled
+them) and are warmed up once on a tiny input the first time this module is imported, so no solve
+pays the compile. They are single-threaded (no ``parallel=True``): a solve runs on one core.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+try:
+    if os.environ.get("RAY_EPLB_NUMBA", "1") == "0":
+        raise ImportError("disabled by RAY_EPLB_NUMBA=0")
+    from numba import njit
+except ImportError:
+    njit = None
+
+ENABLED = njit is not None
+
+
+def _jit(fn):
+    return njit(cache=True, nogil=True)(fn) if ENABLED else fn
+
+
+@_jit
+def refine_kernel(io, il, ic, bin_load, k, sweeps, budget, use_budget):  # pragma: no cover (compiled)
+    """:func:`~ray_eplb.solver.packing.refine_swaps`' sweeps, in place.
+
+    ``io [B*P, S]`` int64 owner per slot, ``il [B*P, S]`` float64 load per slot, ``ic [B*P, S]``
+    int64 the slot owner's cap, ``bin_load [B, P]`` float64, ``budget [B]`` int64 (read only
+    where ``use_budget``). Per sweep and row: bins sorted by load (stable), the ``j``-th heaviest
+    paired with the ``(shift + j)``-th lightest, in each pair the first best-scoring legal swap
+    over all ``S x S`` replica pairs. Stops after two sweeps in a row change nothing in any row.
+    """
+    num_rows, num_bins = bin_load.shape
+    slots = io.shape[1]
+    la = np.empty(slots)  # heavy-bin loads (-inf: may not leave)
+    lb = np.empty(slots)  # light-bin loads (+inf: may not leave)
+    quiet = 0
+    for sweep in range(sweeps):
+        shift = sweep % 2 if num_bins > 2 else 0
+        kk = min(k, (num_bins - shift) // 2)
+        changed = False
+        for r in range(num_rows):
+            order = np.argsort(bin_load[r], kind="mergesort")  # stable: ties keep bin order
+            first = r * num_bins
+            allowed = budget[r] // 2 if use_budget else 0
+            spent = 0  # pairs that would swap, heaviest first (what the budget is checked on)
+            paid = 0
+            for j in range(kk):
+                bh, bl = order[num_bins - 1 - j], order[shift + j]
+                h, lo = first + bh, first + bl
+                gap = bin_load[r, bh] - bin_load[r, bl]
+                # Legal loads: a replica may enter the other bin only below its owner's cap there,
+                # and may join a bin that holds its owner only if the bin it leaves keeps a copy.
+                for a in range(slots):
+                    there_a, here_a, there_b, here_b = 0, 0, 0, 0
+                    x, y = io[h, a], io[lo, a]
+                    for s in range(slots):
+                        there_a += io[lo, s] == x
+                        here_a += io[h, s] == x
+                        there_b += io[h, s] == y
+                        here_b += io[lo, s] == y
+                    la[a] = il[h, a] if there_a < ic[h, a] and (there_a == 0 or here_a >= 2) else -np.inf
+                    lb[a] = il[lo, a] if there_b < ic[lo, a] and (there_b == 0 or here_b >= 2) else np.inf
+                best = -np.inf
+                pick = 0
+                for a in range(slots):
+                    for b in range(slots):
+                        d = la[a] - lb[b]
+                        score = min(d, gap - d)
+                        if score > best:  # the first best, as argmax takes it
+                            best = score
+                            pick = a * slots + b
+                do = best > 1e-12 * gap
+                if use_budget and do:
+                    spent += 1
+                    do = spent <= allowed
+                if not do:
+                    continue
+                changed = True
+                paid += 1
+                sa, sb = pick // slots, pick % slots
+                shed = il[h, sa] - il[lo, sb]
+                bin_load[r, bh] -= shed
+                bin_load[r, bl] += shed
+                io[h, sa], io[lo, sb] = io[lo, sb], io[h, sa]
+                il[h, sa], il[lo, sb] = il[lo, sb], il[h, sa]
+                ic[h, sa], ic[lo, sb] = ic[lo, sb], ic[h, sa]
+            if use_budget:
+                budget[r] -= 2 * paid
+        if not changed:
+            quiet += 1
+            if quiet == 2 or num_bins <= 2:
+                break
+        else:
+            quiet = 0
+
+
+@_jit
+def _seat_sum(w, r, t):  # pragma: no cover (compiled)
+    """``sum_i max(ceil(w[r, i] / t), 1)``: exact (whole numbers in float64)."""
+    total = 0.0
+    for i in range(w.shape[1]):
+        total += max(np.ceil(w[r, i] / t), 1.0)
+    return total
+
+
+@_jit
+def counts_kernel(w, total, num_phy, tail, dhondt):  # pragma: no cover (compiled)
+    """:func:`~ray_eplb.solver.counts.counts_np` after its scaling: the water level, then the
+    bulk fill and hybrid tail (or D'Hondt). ``w [X, n]`` float64 (rows scaled, positive sums),
+    ``total [X]`` its row sums. Returns ``[X, n]`` int64."""
+    num_rows, n = w.shape
+    m = num_phy - n
+    lo, hi = total / num_phy, total / m
+    s_lo, s_hi = np.empty(num_rows), np.empty(num_rows)
+    for r in range(num_rows):
+        s_lo[r], s_hi[r] = _seat_sum(w, r, lo[r]), _seat_sum(w, r, hi[r])
+    for _ in range(64):  # the same bisection as the numpy code: every row until all brackets are small
+        widest = 0.0
+        for r in range(num_rows):
+            if s_lo[r] != num_phy and s_hi[r] != num_phy:
+                widest = max(widest, s_lo[r] - s_hi[r])
+        if widest <= 32:
+            break
+        for r in range(num_rows):
+            t = 0.5 * (lo[r] + hi[r])
+            s_t = _seat_sum(w, r, t)
+            if s_t <= num_phy:
+                hi[r], s_hi[r] = t, s_t
+            else:
+                lo[r], s_lo[r] = t, s_t
+    counts = np.empty((num_rows, n), dtype=np.int64)
+    quot = np.empty(64)
+    for r in range(num_rows):
+        on_lo = s_lo[r] == num_phy
+        for i in range(n):
+            counts[r, i] = int(max(np.ceil(w[r, i] / (lo[r] if on_lo else hi[r])), 1.0))
+        need = 0 if on_lo else int(num_phy - s_hi[r])
+        if need > 0:  # t* is the (need+1)-th largest quotient w_i / k, k in [c_hi_i, c_lo_i)
+            size = 0
+            for i in range(n):
+                c_lo = int(max(np.ceil(w[r, i] / lo[r]), 1.0))
+                for k in range(counts[r, i], c_lo):
+                    if size == quot.size:
+                        quot = np.concatenate((quot, np.empty(quot.size)))
+                    quot[size] = w[r, i] / k
+                    size += 1
+            level = np.sort(quot[:size])[size - 1 - min(need, size - 1)]
+            extra = np.zeros(n, dtype=np.int64)
+            for i in range(n):
+                c_lo = int(max(np.ceil(w[r, i] / lo[r]), 1.0))
+                for k in range(counts[r, i], c_lo):
+                    if w[r, i] / k > level:
+                        extra[i] += 1
+            counts[r] += extra
+        free = num_phy - counts[r].sum()
+        if dhondt:
+            for _ in range(free):
+                counts[r, np.argmax(w[r] / counts[r])] += 1
+        else:
+            _fill_row(w[r], counts[r], free, tail)
+    return counts
+
+
+@_jit
+def _fill_row(w, c, free, tail):  # pragma: no cover (compiled)
+    """The bulk fill and hybrid tail of one row (``w``, ``c`` ``[n]``; ``c`` updated in place)."""
+    n = w.size
+    last = min(free, tail)
+    bulk = free - last
+    while bulk > 0:
+        chunk = min(bulk, n)
+        order = np.argsort(-(w / c), kind="mergesort")
+        for j in range(chunk):
+            c[order[j]] += 1
+        bulk -= chunk
+    for _ in range(last):
+        avg = w / c
+        top = np.argmax(avg)
+        top_val = avg[top]
+        avg[top] = -np.inf
+        second = avg.max()
+        p_d, p_s = np.argmax(w / (c + 1)), np.argmax(w / (2 * c + 1))
+        heavy_d, heavy_s = w[p_d], w[p_s]
+        new_d, new_s = heavy_d / (c[p_d] + 1), heavy_s / (c[p_s] + 1)
+        others_d = second if p_d == top else top_val
+        others_s = second if p_s == top else top_val
+        peak_d, peak_s = max(others_d, new_d), max(others_s, new_s)
+        use_sl = peak_s < peak_d or (
+            peak_s == peak_d and (others_s < others_d or (others_s == others_d and heavy_s > heavy_d)))
+        c[p_s if use_sl else p_d] += 1
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel on a tiny input."""
+    if not ENABLED:
+        return
+    io = np.array([[0, 1], [2, 3], [0, 2], [1, 3]], dtype=np.int64)
+    il = np.array([[3.0, 1.0], [2.0, 0.5], [3.0, 2.0], [1.0, 0.5]])
+    refine_kernel(io, il, np.ones_like(io), il.sum(1).reshape(1, 4), 2, 2, np.zeros(1, dtype=np.int64), False)
+    w = np.array([[0.9, 0.5, 0.25, 0.125]])
+    for dhondt in (False, True):
+        counts_kernel(w, w.sum(1), 9, 1, dhondt)
+
+
+warm_up()
