@@ -204,6 +204,67 @@ def _fill_row(w, c, free, tail):  # pragma: no cover (compiled)
         c[p_s if use_sl else p_d] += 1
 
 
+@_jit
+def snake_kernel(expert_load, counts, num_bins):  # pragma: no cover (compiled)
+    """:func:`~ray_eplb.solver.packing.pack_snake`: serpentine dealing, each round turn taken
+    one at a time (the straddling owner's replicas go to the first positions whose bins it does
+    not hold). ``expert_load``/``counts`` ``[B, n]`` (every count <= ``P``). Returns
+    ``slot_owner [B, P, S]`` int64."""
+    num_rows, n = counts.shape
+    num_items = 0
+    for e in range(n):
+        num_items += counts[0, e]
+    slots = num_items // num_bins
+    out = np.empty((num_rows, num_bins, slots), dtype=np.int64)
+    own = np.empty(num_items, dtype=np.int64)
+    pos = np.empty((slots, num_bins), dtype=np.int64)
+    held = np.empty(num_bins, dtype=np.bool_)
+    item = np.empty(num_bins, dtype=np.int64)
+    key = np.empty(n)
+    for r in range(num_rows):
+        for e in range(n):  # owners with no replica sort anywhere: they deal nothing
+            key[e] = -(expert_load[r, e] / counts[r, e]) if counts[r, e] > 0 else np.inf
+        by_owner = np.argsort(key, kind="mergesort")
+        at = 0
+        for e in by_owner:
+            for _ in range(counts[r, e]):
+                own[at] = e
+                at += 1
+        for i in range(num_bins):
+            pos[0, i] = i
+        for t in range(slots - 1):
+            q = (t + 1) * num_bins
+            mover = own[q - 1]
+            lead = 0
+            while lead < num_bins and q + lead < num_items and own[q + lead] == mover:
+                lead += 1
+            if lead == 0:
+                for i in range(num_bins):
+                    pos[t + 1, i] = i
+                continue
+            # Position p of round t+1 deals to the bin that position P-1-p of round t dealt to.
+            free = 0
+            for i in range(num_bins):
+                held[num_bins - 1 - pos[t, i]] = own[t * num_bins + i] == mover
+            for p in range(num_bins):
+                free += not held[p]
+            taken = 0
+            for p in range(num_bins):
+                chosen = (not held[p] and taken < lead) if free >= lead else p < lead
+                if chosen:
+                    taken += 1
+                    item[p] = taken - 1
+                else:
+                    item[p] = lead + p - taken
+            for p in range(num_bins):
+                pos[t + 1, item[p]] = p
+        for t in range(slots):
+            for i in range(num_bins):
+                b = pos[t, i] if t % 2 == 0 else num_bins - 1 - pos[t, i]
+                out[r, b, t] = own[t * num_bins + i]
+    return out
+
+
 def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel on a tiny input."""
     if not ENABLED:
@@ -212,6 +273,7 @@ def warm_up() -> None:
     il = np.array([[3.0, 1.0], [2.0, 0.5], [3.0, 2.0], [1.0, 0.5]])
     refine_kernel(io, il, np.ones_like(io), il.sum(1).reshape(1, 4), 2, 2, np.zeros(1, dtype=np.int64), False)
     w = np.array([[0.9, 0.5, 0.25, 0.125]])
+    snake_kernel(w, np.array([[3, 2, 2, 1]]), 4)
     for dhondt in (False, True):
         counts_kernel(w, w.sum(1), 9, 1, dhondt)
 
