@@ -265,6 +265,56 @@ def snake_kernel(expert_load, counts, num_bins):  # pragma: no cover (compiled)
     return out
 
 
+@_jit
+def rounds_kernel(load, num_bins):  # pragma: no cover (compiled)
+    """:func:`~ray_eplb.solver.packing.pack_rounds`: ``load [B, M]`` float64 -> ``[B, P, M/P]``
+    int64 item ids (heaviest items first, each round's items meet the bins lightest first)."""
+    num_rows, num_items = load.shape
+    slots = num_items // num_bins
+    assign = np.empty((num_rows, num_bins, slots), dtype=np.int64)
+    new = np.empty(num_bins)
+    for r in range(num_rows):
+        order = np.argsort(-load[r], kind="mergesort")
+        bin_load = np.zeros(num_bins)
+        perm = np.arange(num_bins)
+        for t in range(slots):
+            for p in range(num_bins):
+                item = order[t * num_bins + p]
+                assign[r, perm[p], t] = item
+                new[p] = bin_load[p] + load[r, item]
+            idx = np.argsort(new, kind="mergesort")
+            bin_load = new[idx]
+            perm = perm[idx]
+    return assign
+
+
+@_jit
+def any_surplus(slot_owner, cap):  # pragma: no cover (compiled)
+    """Whether :func:`~ray_eplb.solver.repair.surplus_copies` marks any slot of ``slot_owner
+    [B, P, S]`` (``cap [B, n]``): an owner over its cap in a bin, or doubled up in a bin while it
+    covers fewer bins than ``min(count, P)``."""
+    num_rows, num_bins, slots = slot_owner.shape
+    n = cap.shape[1]
+    held = np.zeros((num_bins, n), dtype=np.int64)
+    for r in range(num_rows):
+        held[:] = 0
+        for b in range(num_bins):
+            for s in range(slots):
+                held[b, slot_owner[r, b, s]] += 1
+        for e in range(n):
+            bins, total, doubled = 0, 0, False
+            for b in range(num_bins):
+                c = held[b, e]
+                if c > cap[r, e]:
+                    return True
+                bins += c > 0
+                total += c
+                doubled |= c >= 2
+            if doubled and bins < min(total, num_bins):
+                return True
+    return False
+
+
 def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel on a tiny input."""
     if not ENABLED:
@@ -274,6 +324,8 @@ def warm_up() -> None:
     refine_kernel(io, il, np.ones_like(io), il.sum(1).reshape(1, 4), 2, 2, np.zeros(1, dtype=np.int64), False)
     w = np.array([[0.9, 0.5, 0.25, 0.125]])
     snake_kernel(w, np.array([[3, 2, 2, 1]]), 4)
+    rounds_kernel(w, 2)
+    any_surplus(io.reshape(1, 4, 2), np.ones((1, 4), dtype=np.int64))
     for dhondt in (False, True):
         counts_kernel(w, w.sum(1), 9, 1, dhondt)
 

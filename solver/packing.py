@@ -37,6 +37,8 @@ def pack_rounds(load: np.ndarray, num_bins: int) -> np.ndarray:
     Returns:
         ``assign [B, P, S]`` int64 item indices.
     """
+    if compiled.ENABLED:  # the same rounds, compiled (identical plans)
+        return compiled.rounds_kernel(load, num_bins)
     num_rows, num_items = load.shape
     slots = num_items // num_bins
     rows = np.arange(num_rows)[:, None]  # [B, 1]
@@ -49,7 +51,7 @@ def pack_rounds(load: np.ndarray, num_bins: int) -> np.ndarray:
     for r in range(slots):
         bin_of[:, r] = perm
         new = bin_load + sorted_load[:, r]  # lightest bin takes the heaviest item
-        idx = np.argsort(new, axis=1) + offs
+        idx = np.argsort(new, axis=1, kind="stable") + offs  # stable: the same plan on every machine
         bin_load, perm = new.ravel()[idx], perm.ravel()[idx]
     assign = np.empty((num_rows, num_bins, slots), dtype=np.int64)
     assign[rows[:, :, None], bin_of, np.arange(slots)[None, :, None]] = order.reshape(num_rows, slots, num_bins)
@@ -209,7 +211,8 @@ def place_replicas(
     cap = -(-counts // num_bins)  # [B, n] fewest copies per bin an owner must be allowed
     slot_owner = pack_snake(expert_load, counts, num_bins) if (cap == 1).all() else pack_with_base(
         expert_load, counts, num_bins)
-    if (cap > 1).any():  # owners with more replicas than bins: the serpentine bound is not enough
+    if (cap > 1).any() and (not compiled.ENABLED or compiled.any_surplus(slot_owner, cap)):
+        # owners with more replicas than bins: the serpentine bound is not enough
         slot_owner = separate_copies_batched(slot_owner, per_replica, cap)
     return refine_swaps(slot_owner, per_replica, cap, pairs, sweeps)
 
