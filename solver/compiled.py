@@ -34,17 +34,19 @@ def _jit(fn):
 
 
 @_jit
-def refine_kernel(io, il, ic, bin_load, k, sweeps, budget, use_budget):  # pragma: no cover (compiled)
+def refine_kernel(io, il, ic, bin_load, num_owners, k, sweeps, budget, use_budget):  # pragma: no cover (compiled)
     """:func:`~ray_eplb.solver.packing.refine_swaps`' sweeps, in place.
 
     ``io [B*P, S]`` int64 owner per slot, ``il [B*P, S]`` float64 load per slot, ``ic [B*P, S]``
-    int64 the slot owner's cap, ``bin_load [B, P]`` float64, ``budget [B]`` int64 (read only
+    int64 the slot owner's cap, ``bin_load [B, P]`` float64, ``num_owners`` (``n``), ``budget [B]`` int64 (read only
     where ``use_budget``). Per sweep and row: bins sorted by load (stable), the ``j``-th heaviest
     paired with the ``(shift + j)``-th lightest, in each pair the first best-scoring legal swap
     over all ``S x S`` replica pairs. Stops after two sweeps in a row change nothing in any row.
     """
     num_rows, num_bins = bin_load.shape
     slots = io.shape[1]
+    in_h = np.zeros(num_owners, dtype=np.int64)  # copies of each owner in the pair's heavy bin
+    in_l = np.zeros(num_owners, dtype=np.int64)  # ... and in its light bin
     la = np.empty(slots)  # heavy-bin loads (-inf: may not leave)
     lb = np.empty(slots)  # light-bin loads (+inf: may not leave)
     quiet = 0
@@ -64,25 +66,17 @@ def refine_kernel(io, il, ic, bin_load, k, sweeps, budget, use_budget):  # pragm
                 gap = bin_load[r, bh] - bin_load[r, bl]
                 # Legal loads: a replica may enter the other bin only below its owner's cap there,
                 # and may join a bin that holds its owner only if the bin it leaves keeps a copy.
+                for s in range(slots):
+                    in_h[io[h, s]] += 1
+                    in_l[io[lo, s]] += 1
                 for a in range(slots):
-                    there_a, here_a, there_b, here_b = 0, 0, 0, 0
                     x, y = io[h, a], io[lo, a]
-                    for s in range(slots):
-                        there_a += io[lo, s] == x
-                        here_a += io[h, s] == x
-                        there_b += io[h, s] == y
-                        here_b += io[lo, s] == y
-                    la[a] = il[h, a] if there_a < ic[h, a] and (there_a == 0 or here_a >= 2) else -np.inf
-                    lb[a] = il[lo, a] if there_b < ic[lo, a] and (there_b == 0 or here_b >= 2) else np.inf
-                best = -np.inf
-                pick = 0
-                for a in range(slots):
-                    for b in range(slots):
-                        d = la[a] - lb[b]
-                        score = min(d, gap - d)
-                        if score > best:  # the first best, as argmax takes it
-                            best = score
-                            pick = a * slots + b
+                    la[a] = il[h, a] if in_l[x] < ic[h, a] and (in_l[x] == 0 or in_h[x] >= 2) else -np.inf
+                    lb[a] = il[lo, a] if in_h[y] < ic[lo, a] and (in_h[y] == 0 or in_l[y] >= 2) else np.inf
+                for s in range(slots):
+                    in_h[io[h, s]] = 0
+                    in_l[io[lo, s]] = 0
+                best, pick = _best_swap(la, lb, gap) if slots >= 24 else _scan_swaps(la, lb, gap)
                 do = best > 1e-12 * gap
                 if use_budget and do:
                     spent += 1
@@ -106,6 +100,62 @@ def refine_kernel(io, il, ic, bin_load, k, sweeps, budget, use_budget):  # pragm
                 break
         else:
             quiet = 0
+
+
+@_jit
+def _best_swap(la, lb, gap):  # pragma: no cover (compiled)
+    """The first ``(a, b)`` in row-major order maximising ``min(d, gap - d)``, ``d = la[a] - lb[b]``
+    (``la``/``lb`` ``[S]``; what ``argmax`` over the ``S x S`` scores returns), in ``O(S log S)``.
+
+    Along ``lb`` ascending, ``d`` falls and ``gap - d`` rises (float rounding is monotone), so
+    ``d >= gap - d`` holds on a prefix; the score is ``gap - d`` there (rising) and ``d`` after
+    (falling): a row's maximum is at the last prefix or the first suffix position. Only a row
+    that beats the best so far is scanned for its first maximal ``b``. Returns ``(score, a*S + b)``.
+    """
+    slots = la.size
+    order = np.argsort(lb)
+    best, pick = -np.inf, 0
+    for a in range(slots):
+        if la[a] == -np.inf:
+            continue
+        lo_, hi_ = 0, slots  # first position where d < gap - d
+        while lo_ < hi_:
+            mid = (lo_ + hi_) // 2
+            d = la[a] - lb[order[mid]]
+            if d >= gap - d:
+                lo_ = mid + 1
+            else:
+                hi_ = mid
+        top = -np.inf
+        if lo_ > 0:
+            d = la[a] - lb[order[lo_ - 1]]
+            top = min(d, gap - d)
+        if lo_ < slots:
+            d = la[a] - lb[order[lo_]]
+            top = max(top, min(d, gap - d))
+        if top > best:
+            for b in range(slots):
+                d = la[a] - lb[b]
+                if min(d, gap - d) == top:
+                    best, pick = top, a * slots + b
+                    break
+    return best, pick
+
+
+@_jit
+def _scan_swaps(la, lb, gap):  # pragma: no cover (compiled)
+    """:func:`_best_swap` by the plain ``S x S`` scan (faster below about 24 slots)."""
+    slots = la.size
+    best, pick = -np.inf, 0
+    for a in range(slots):
+        if la[a] == -np.inf:
+            continue
+        for b in range(slots):
+            d = la[a] - lb[b]
+            score = min(d, gap - d)
+            if score > best:
+                best, pick = score, a * slots + b
+    return best, pick
 
 
 @_jit
@@ -321,7 +371,7 @@ def warm_up() -> None:
         return
     io = np.array([[0, 1], [2, 3], [0, 2], [1, 3]], dtype=np.int64)
     il = np.array([[3.0, 1.0], [2.0, 0.5], [3.0, 2.0], [1.0, 0.5]])
-    refine_kernel(io, il, np.ones_like(io), il.sum(1).reshape(1, 4), 2, 2, np.zeros(1, dtype=np.int64), False)
+    refine_kernel(io, il, np.ones_like(io), il.sum(1).reshape(1, 4), 4, 2, 2, np.zeros(1, dtype=np.int64), False)
     w = np.array([[0.9, 0.5, 0.25, 0.125]])
     snake_kernel(w, np.array([[3, 2, 2, 1]]), 4)
     rounds_kernel(w, 2)

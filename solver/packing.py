@@ -217,39 +217,6 @@ def place_replicas(
     return refine_swaps(slot_owner, per_replica, cap, pairs, sweeps)
 
 
-SORTED_SWAPS_FROM = 24  # slots per bin from which a pair's best swap is found by sorting, not S x S
-
-
-def best_swaps(la: np.ndarray, lb: np.ndarray, gap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The swap that lowers each pair's max most, in ``O(S log S)`` per pair instead of ``S^2``.
-
-    Swapping replica ``a`` of the heavy bin for ``b`` of the light one sheds ``d = la[a] - lb[b]``
-    and lowers the pair's max by ``min(d, gap - d)``, a tent peaking at ``d = gap / 2``: for each
-    ``a`` the best ``b`` is one of the two light-bin loads nearest ``la[a] - gap / 2``, found by
-    one search in the sorted light loads of all pairs at once (each pair in its own band).
-
-    ``la [M, S]`` heavy-bin loads (``-inf``: may not leave), ``lb [M, S]`` light-bin loads
-    (``+inf``: may not leave), ``gap [M]``. Returns ``best [M]`` (``a * S + b``) and its reduction
-    ``[M]`` (``-inf`` where no swap is legal).
-    """
-    num, slots = la.shape
-    fa, fb = np.isfinite(la), np.isfinite(lb)
-    span = max(np.abs(la[fa]).max(initial=0), np.abs(lb[fb]).max(initial=0), np.abs(gap).max(initial=0)) + 1.0
-    order = np.argsort(np.where(fb, lb, 2 * span), axis=1)  # [M, S] light loads ascending, blocked last
-    band = (np.arange(num) * (5 * span))[:, None]  # [M, 1] pairs never overlap: values in [-span, 2 span]
-    keys = (np.take_along_axis(np.where(fb, lb, 2 * span), order, 1) + band).ravel()
-    want = np.where(fa, la - 0.5 * gap[:, None], 0.0) + band  # [M, S]
-    at = np.searchsorted(keys, want.ravel()).reshape(num, slots) - np.arange(num)[:, None] * slots
-    near = np.stack([np.clip(at - 1, 0, slots - 1), np.clip(at, 0, slots - 1)], -1)  # [M, S, 2]
-    b = np.take_along_axis(order[:, None, :], near.reshape(num, 1, -1), 2).reshape(num, slots, 2)
-    d = la[:, :, None] - np.take_along_axis(lb[:, None, :], b.reshape(num, 1, -1), 2).reshape(num, slots, 2)
-    score = np.minimum(d, gap[:, None, None] - d).reshape(num, -1)  # [M, 2S]
-    pick = score.argmax(1)
-    rows = np.arange(num)
-    a = pick // 2
-    return a * slots + b.reshape(num, -1)[rows, pick], score[rows, pick]
-
-
 def refine_swaps(
     slot_owner: np.ndarray,
     per_replica: np.ndarray,
@@ -281,9 +248,9 @@ def refine_swaps(
     if k < 1 or sweeps < 1:
         return slot_owner, bin_load
     ic = per_slot(cap, slot_owner).reshape(io.shape)  # [B*P, S] the slot owner's cap
-    if compiled.ENABLED and slots < SORTED_SWAPS_FROM:  # the same sweeps, compiled (identical results)
+    if compiled.ENABLED:  # the same sweeps, compiled (identical results)
         spend = budget if budget is not None else np.zeros(num_rows, dtype=np.int64)
-        compiled.refine_kernel(io, il, ic, bin_load, k, sweeps, spend, budget is not None)
+        compiled.refine_kernel(io, il, ic, bin_load, per_replica.shape[1], k, sweeps, spend, budget is not None)
         return io.reshape(num_rows, num_bins, slots), bin_load
     n = per_replica.shape[1]
     # held[bin * n + owner]: replicas of an owner in a bin (a legality test is one gather), where
@@ -315,13 +282,10 @@ def refine_swaps(
         la = np.where(ok_a, il[hb], -np.inf)  # [B, kk, S]
         lb_load = np.where(ok_b, il[lb], np.inf)
         gap = bin_load.ravel()[hb] - bin_load.ravel()[lb]  # [B, kk]
-        if slots < SORTED_SWAPS_FROM:
-            d = la[..., :, None] - lb_load[..., None, :]  # [B, kk, S, S] what the heavy bin sheds
-            score = np.minimum(d, gap[..., None, None] - d).reshape(num_rows * kk, -1)  # how much the max falls
-            best = score.argmax(-1)  # [B*kk]
-            top = score[np.arange(num_rows * kk), best]
-        else:
-            best, top = best_swaps(la.reshape(-1, slots), lb_load.reshape(-1, slots), gap.ravel())
+        d = la[..., :, None] - lb_load[..., None, :]  # [B, kk, S, S] what the heavy bin sheds
+        score = np.minimum(d, gap[..., None, None] - d).reshape(num_rows * kk, -1)  # how much the max falls
+        best = score.argmax(-1)  # [B*kk]
+        top = score[np.arange(num_rows * kk), best]
         do = top > 1e-12 * gap.ravel()  # [B*kk] the max falls
         if budget is not None:  # each row pays 2 per swap, its heaviest pairs first
             do = do.reshape(num_rows, kk)
