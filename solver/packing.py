@@ -10,6 +10,12 @@ experts): owner ``e`` has ``counts[e]`` replicas, each carrying ``expert_load[e]
 replicas of one owner are interchangeable, so a placement is just ``slot_owner [B, P, S]``, the
 owner in each slot of each bin. Two replicas of one owner in a bin waste a slot, so a bin may hold
 at most ``cap = ceil(count / P)`` of an owner: one, unless the owner has more replicas than bins.
+
+Where numba is installed, :func:`pack_rounds`, :func:`pack_snake` and the sweeps of
+:func:`refine_swaps` run as compiled kernels (:mod:`ray_eplb.solver.compiled`) with the same
+results; the numpy code below is the reference and the fallback. Every sort whose ties could
+change a plan is stable, so plans are the same on every machine (numpy's default sort differs
+between CPUs with and without AVX-512).
 """
 from __future__ import annotations
 
@@ -86,7 +92,6 @@ def pack_snake(expert_load: np.ndarray, counts: np.ndarray, num_bins: int) -> np
     rows = np.arange(num_rows)[:, None]  # [B, 1]
     rank = np.arange(num_bins)  # [P]
     # Sort owners (not replicas) by per-replica load, then expand: cheaper than sorting M items.
-    # (Owners are distinct, so ties between them may fall either way: no stable sort needed.)
     by_owner = np.argsort(-(expert_load / counts), axis=1, kind="stable")  # [B, n]
     sorted_counts = np.take_along_axis(counts, by_owner, 1)  # [B, n]
     own = np.repeat(by_owner.ravel(), sorted_counts.ravel()).reshape(num_rows, slots, num_bins)  # [B, S, P]
@@ -231,8 +236,11 @@ def refine_swaps(
     ``k``-th lightest (``k < pairs``; odd sweeps with the ``(k+1)``-th lightest); in each pair it
     makes the one swap that best evens the pair (replica ``a`` of the heavy bin for ``b`` of the
     light bin with ``0 < load_a - load_b < gap``, which lowers the pair's max) among swaps that
-    take no owner over its cap in its new bin. Stops when two sweeps change nothing, or after
-    ``sweeps`` sweeps.
+    take no owner over its cap in its new bin (of equally good swaps, the first in ``(a, b)``
+    order: exactly what an ``argmax`` over the ``S x S`` scores returns). Bins of equal load sort
+    in bin order. Stops when two sweeps change nothing, or after ``sweeps`` sweeps. The numpy
+    code scores all ``S x S`` swaps of a pair; the compiled kernel finds the same swap by a
+    search in the sorted light-bin loads from 24 slots per bin, so its cost grows gently with ``S``.
 
     ``budget`` (``[B]`` int64, updated in place): slot changes each row may still make; a swap
     changes two slots, and a row stops swapping when it cannot pay for one.

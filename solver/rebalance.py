@@ -15,9 +15,11 @@ Policies:
         may double that expert up on a GPU where global would not: auto judges by peak load.)
 
 Threads: a solve runs on one thread by design. It is numpy code with no BLAS call (GPU overlaps
-are sparse pair lists, not matrix products) plus scipy's assignment solver; torch only converts
-the input and the outputs. So it starts no thread pool whatever torch's or the BLAS's settings,
-and its time is one core's (the benchmarks also pin every pool to one thread around it).
+are sparse pair lists, not matrix products), single-threaded numba kernels for its sequential
+loops where numba is installed (:mod:`ray_eplb.solver.compiled`; same plans without it), plus
+scipy's assignment solver; torch only converts the input and the outputs. So it starts no thread
+pool whatever torch's or the BLAS's settings, and its time is one core's (the benchmarks also pin
+every pool to one thread around it).
 """
 from __future__ import annotations
 
