@@ -366,12 +366,14 @@ def any_surplus(slot_owner, cap):  # pragma: no cover (compiled)
 
 
 @_jit
-def maps_kernel(phy2log, num_experts):  # pragma: no cover (compiled)
+def maps_kernel(phy2log, log2phy):  # pragma: no cover (compiled)
     """:func:`~ray_eplb.solver.maps.logical_maps_np` for ``phy2log [L, R]`` int64 with ids in
-    ``[0, E)``: ``log2phy [L, E, R-E+1]`` (slots ascending, ``-1`` padded), ``logcnt [L, E]``,
-    and the largest count (the caller rejects one above ``R - E + 1``)."""
+    ``[0, E)``: fills ``log2phy [L, E, R-E+1]`` (``-1`` on entry; allocated by numpy, which asks
+    the OS for huge pages: this output is the largest array of a solve) with each expert's slots
+    in ascending order. Returns ``logcnt [L, E]`` int64 and the largest count; writes nothing
+    when that exceeds ``R - E + 1`` (the caller rejects it)."""
     num_layers, num_slots = phy2log.shape
-    width = num_slots - num_experts + 1
+    num_experts, width = log2phy.shape[1], log2phy.shape[2]
     logcnt = np.zeros((num_layers, num_experts), dtype=np.int64)
     most = 0
     for r in range(num_layers):
@@ -379,9 +381,8 @@ def maps_kernel(phy2log, num_experts):  # pragma: no cover (compiled)
             logcnt[r, phy2log[r, s]] += 1
         for e in range(num_experts):
             most = max(most, logcnt[r, e])
-    log2phy = np.full((num_layers, num_experts, width), -1, dtype=np.int64)
     if most > width:
-        return log2phy, logcnt, most
+        return logcnt, most
     fill = np.zeros(num_experts, dtype=np.int64)
     for r in range(num_layers):
         fill[:] = 0
@@ -389,7 +390,7 @@ def maps_kernel(phy2log, num_experts):  # pragma: no cover (compiled)
             e = phy2log[r, s]
             log2phy[r, e, fill[e]] = s
             fill[e] += 1
-    return log2phy, logcnt, most
+    return logcnt, most
 
 
 def warm_up() -> None:
@@ -402,7 +403,7 @@ def warm_up() -> None:
     w = np.array([[0.9, 0.5, 0.25, 0.125]])
     snake_kernel(w, np.array([[3, 2, 2, 1]]), 4)
     rounds_kernel(w, 2)
-    maps_kernel(io.reshape(2, 4), 4)
+    maps_kernel(io.reshape(2, 4), np.full((2, 4, 5), -1, dtype=np.int64))
     any_surplus(io.reshape(1, 4, 2), np.ones((1, 4), dtype=np.int64))
     for dhondt in (False, True):
         counts_kernel(w, w.sum(1), 9, 1, dhondt)

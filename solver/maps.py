@@ -53,7 +53,8 @@ def logical_maps_np(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, 
     num_layers, num_slots = phy2log.shape
     width = num_slots - num_experts + 1
     if compiled.ENABLED:  # the same maps, compiled
-        log2phy, logcnt, most = compiled.maps_kernel(np.ascontiguousarray(phy2log, dtype=np.int64), num_experts)
+        log2phy = np.full((num_layers, num_experts, width), -1, dtype=np.int64)
+        logcnt, most = compiled.maps_kernel(np.ascontiguousarray(phy2log, dtype=np.int64), log2phy)
         if most > width:
             raise ValueError(f"an expert has {most} replicas, more than R - E + 1 = {width}")
         return log2phy, logcnt
