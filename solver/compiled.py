@@ -7,8 +7,8 @@ microseconds. Every kernel computes *exactly* what the numpy stage it replaces c
 floating-point operations in the same order, same tie rules), so a plan does not depend on
 whether numba is installed; the unit tests compare both paths on the trace cases and random inputs.
 
-Use: :data:`ENABLED` is true when numba imports and ``RAY_EPLB_NUMBA`` is not ``0``; the stages
-call the kernels then, and their numpy code otherwise. Kernels are compiled with ``cache=True``
+Use: :data:`ENABLED` is true when numba imports, ``RAY_EPLB_NUMBA`` is not ``0`` and the warm-up
+compiles; the stages call the kernels then, and their numpy code otherwise. Kernels are compiled with ``cache=True``
 (numba's on-disk cache: a fresh process loads them in milliseconds once any process compiled
 them) and are warmed up once on a tiny input the first time this module is imported, so no solve
 pays the compile. They are single-threaded (no ``parallel=True``): a solve runs on one core.
@@ -409,4 +409,11 @@ def warm_up() -> None:
         counts_kernel(w, w.sum(1), 9, 1, dhondt)
 
 
-warm_up()
+try:
+    warm_up()
+except Exception as exc:  # noqa: BLE001 (a numba that cannot compile these must not break the solver)
+    import warnings
+
+    ENABLED = False
+    warnings.warn(f"ray_eplb.solver: compiled kernels disabled, the numpy code runs ({type(exc).__name__}: {exc})",
+                  RuntimeWarning, stacklevel=1)
