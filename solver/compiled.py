@@ -15,6 +15,7 @@ pays the compile. They are single-threaded (no ``parallel=True``): a solve runs 
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -393,6 +394,113 @@ def maps_kernel(phy2log, log2phy):  # pragma: no cover (compiled)
     return logcnt, most
 
 
+@_jit
+def _block_sum(a, start, n):  # pragma: no cover (compiled)
+    """numpy's sum of ``n <= 128`` contiguous numbers: sequential below 8, else 8 lanes."""
+    if n < 8:
+        res = 0.0
+        for i in range(n):
+            res += a[start + i]
+        return res
+    s = start
+    r0, r1, r2, r3 = a[s], a[s + 1], a[s + 2], a[s + 3]
+    r4, r5, r6, r7 = a[s + 4], a[s + 5], a[s + 6], a[s + 7]
+    i = 8
+    while i < n - (n % 8):
+        r0 += a[s + i]
+        r1 += a[s + i + 1]
+        r2 += a[s + i + 2]
+        r3 += a[s + i + 3]
+        r4 += a[s + i + 4]
+        r5 += a[s + i + 5]
+        r6 += a[s + i + 6]
+        r7 += a[s + i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[s + i]
+        i += 1
+    return res
+
+
+@_jit
+def _pairwise_sum(a, start, n):  # pragma: no cover (compiled)
+    """``a[start:start+n].sum()`` exactly as numpy sums a contiguous row: blocks of at most 128
+    summed by :func:`_block_sum`, longer runs split in two halves (the first a multiple of 8) and
+    added. Iterative (numba's cache cannot hold a recursive function)."""
+    if n <= 128:
+        return _block_sum(a, start, n)
+    at = np.empty(64, dtype=np.int64)  # frames: start, length, left half's sum, which half is next
+    size = np.empty(64, dtype=np.int64)
+    left = np.empty(64)
+    right_next = np.zeros(64, dtype=np.bool_)
+    depth = 0
+    at[0], size[0] = start, n
+    while True:
+        half = size[depth] // 2
+        half -= half % 8
+        child_at = at[depth] + half if right_next[depth] else at[depth]
+        child_n = size[depth] - half if right_next[depth] else half
+        if child_n > 128:
+            depth += 1
+            at[depth], size[depth], right_next[depth] = child_at, child_n, False
+            continue
+        v = _block_sum(a, child_at, child_n)
+        while True:  # hand v up to the frames it completes
+            if not right_next[depth]:
+                left[depth], right_next[depth] = v, True
+                break
+            v = left[depth] + v
+            if depth == 0:
+                return v
+            depth -= 1
+
+
+@_jit
+def solve_kernel(w, num_phy, num_bins, k, sweeps, tail, dhondt):  # pragma: no cover (compiled)
+    """:func:`~ray_eplb.solver.counts.counts_np` then :func:`~ray_eplb.solver.packing.place_replicas`
+    in one call, for ``w [X, n]`` float64 with ``1 < n < num_phy``. Returns ``slot_owner [X, P, S]``,
+    ``bin_load [X, P]``, ``counts [X, n]`` and whether the placement was done: not when an owner
+    has more replicas than bins (the caller places those rows' counts with the numpy stages)."""
+    num_rows, n = w.shape
+    scaled = np.empty((num_rows, n))
+    total = np.empty(num_rows)
+    zero = np.zeros(num_rows, dtype=np.bool_)
+    for r in range(num_rows):
+        top = 0.0
+        for i in range(n):
+            top = max(top, w[r, i])
+        zero[r] = top == 0.0  # (loads are >= 0: an all-zero row)
+        shift = math.frexp(1.0 if zero[r] else top)[1]
+        for i in range(n):
+            scaled[r, i] = math.ldexp(1.0 if zero[r] else w[r, i], -shift)
+        total[r] = _pairwise_sum(scaled[r], 0, n)
+    counts = counts_kernel(scaled, total, num_phy, tail, dhondt)
+    fits = True
+    for r in range(num_rows):
+        if zero[r]:  # everyone num_phy // n, the first num_phy % n one more
+            for i in range(n):
+                counts[r, i] = num_phy // n + (1 if i < num_phy % n else 0)
+        for i in range(n):
+            fits &= counts[r, i] <= num_bins
+    slots = num_phy // num_bins
+    if not fits:
+        return np.empty((0, num_bins, slots), dtype=np.int64), np.empty((0, num_bins)), counts, False
+    slot_owner = snake_kernel(w, counts, num_bins)
+    io = slot_owner.reshape(num_rows * num_bins, slots)
+    il = np.empty((num_rows * num_bins, slots))
+    bin_load = np.empty((num_rows, num_bins))
+    for r in range(num_rows):
+        for b in range(num_bins):
+            row = r * num_bins + b
+            for s in range(slots):
+                il[row, s] = w[r, io[row, s]] / counts[r, io[row, s]]
+            bin_load[r, b] = _pairwise_sum(il[row], 0, slots)
+    ic = np.ones((num_rows * num_bins, slots), dtype=np.int64)
+    refine_kernel(io, il, ic, bin_load, n, k, sweeps, np.zeros(num_rows, dtype=np.int64), False)
+    return slot_owner, bin_load, counts, True
+
+
 def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel on a tiny input."""
     if not ENABLED:
@@ -403,6 +511,8 @@ def warm_up() -> None:
     w = np.array([[0.9, 0.5, 0.25, 0.125]])
     snake_kernel(w, np.array([[3, 2, 2, 1]]), 4)
     rounds_kernel(w, 2)
+    for dhondt in (False, True):
+        solve_kernel(w, 8, 2, 1, 2, 1, dhondt)
     maps_kernel(io.reshape(2, 4), np.full((2, 4, 5), -1, dtype=np.int64))
     any_surplus(io.reshape(1, 4, 2), np.ones((1, 4), dtype=np.int64))
     for dhondt in (False, True):

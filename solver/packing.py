@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ray_eplb.solver import compiled
+from ray_eplb.solver.counts import counts_np
 from ray_eplb.solver.maps import bin_counts, per_slot
 from ray_eplb.solver.repair import (  # noqa: F401 (surplus_copies, separate_copies: re-exported)
     separate_copies,
@@ -220,6 +221,28 @@ def place_replicas(
         # owners with more replicas than bins: the serpentine bound is not enough
         slot_owner = separate_copies_batched(slot_owner, per_replica, cap)
     return refine_swaps(slot_owner, per_replica, cap, pairs, sweeps)
+
+
+def counts_and_place(
+    expert_load: np.ndarray, num_phy: int, num_bins: int, method: str = "hybrid_tail", pairs: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Replica counts (:func:`~ray_eplb.solver.counts.counts_np`) then :func:`place_replicas`:
+    one compiled call where numba is present (same results), else the numpy stages.
+
+    Shapes: ``expert_load [B, n]`` float64. Returns ``slot_owner [B, P, S]`` and ``bin_load [B, P]``.
+    """
+    num_rows, n = expert_load.shape
+    if compiled.ENABLED and num_rows and 1 < n < num_phy:
+        slots = num_phy // num_bins
+        k = min(max(4, num_bins // 4) if pairs is None else pairs, num_bins // 2)
+        tail = max(1, int(round(0.1 * (num_phy - n))))
+        slot_owner, bin_load, counts, done = compiled.solve_kernel(
+            np.ascontiguousarray(expert_load, dtype=np.float64), num_phy, num_bins, k,
+            3 if slots < 12 else slots // 2, tail, method == "dhondt")
+        if done:
+            return slot_owner, bin_load
+        return place_replicas(expert_load, counts, num_bins, pairs)
+    return place_replicas(expert_load, counts_np(expert_load, num_phy, method), num_bins, pairs)
 
 
 def refine_swaps(

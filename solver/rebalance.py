@@ -26,10 +26,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ray_eplb.solver.counts import METHODS, check_weight, counts_np
+from ray_eplb.solver.counts import METHODS, check_weight
 from ray_eplb.solver.maps import avoidable_duplicates_np, logical_maps_np
 from ray_eplb.solver.migration import align, budget_per_layer, check_old, migrate, peak_load
-from ray_eplb.solver.packing import pack_rounds, place_replicas
+from ray_eplb.solver.packing import counts_and_place, pack_rounds
 
 POLICIES = ("auto", "global", "hierarchical")
 
@@ -219,8 +219,7 @@ def _solve(
         size = num_experts // num_groups
         node_experts = (groups[..., None] * size + np.arange(size)).reshape(num_layers, num_nodes, n_node)
         node_w = w[np.arange(num_layers)[:, None, None], node_experts].reshape(num_layers * num_nodes, n_node)
-    counts = counts_np(node_w, slots_node, method)  # [L*N, E/N]
-    slot_owner, gpu_load = place_replicas(node_w, counts, gpus_node, pairs)  # [L*N, P/N, S], [L*N, P/N]
+    slot_owner, gpu_load = counts_and_place(node_w, slots_node, gpus_node, method, pairs)  # [L*N, P/N, S], [L*N, P/N]
     phy2log = slot_owner  # node-local expert ids; map them to logical ids per node
     if node_experts is not None:
         rows = np.arange(num_layers * num_nodes)[:, None, None]

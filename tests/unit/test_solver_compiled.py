@@ -77,6 +77,32 @@ def test_packing_and_refinement_same(monkeypatch, seed):
 
 
 @needs_numba
+@pytest.mark.parametrize("seed", range(3))
+def test_counts_and_place_same(monkeypatch, seed):
+    """The fused kernel (counts, dealing, refinement in one call) against the numpy stages."""
+    from ray_eplb.solver.packing import counts_and_place
+
+    rng = np.random.default_rng(200 + seed)
+    for kind in range(3):
+        n, bins = int(rng.integers(2, 300)), int(rng.choice([2, 4, 8, 32]))
+        num_phy = bins * int(rng.integers(-(-(n + 1) // bins), -(-(n + 1) // bins) + 20))
+        w = loads(rng, int(rng.integers(1, 8)), n, kind)
+        w[0] = 0.0  # an all-zero row takes the even split
+        for method in ("hybrid_tail", "dhondt"):
+            (o1, l1), (o2, l2) = both(monkeypatch, counts_and_place, w, num_phy, bins, method)
+            np.testing.assert_array_equal(o1, o2)
+            np.testing.assert_array_equal(l1, l2)
+
+
+@needs_numba
+def test_pairwise_sum_is_numpys():
+    rng = np.random.default_rng(3)
+    for n in [1, 7, 8, 9, 127, 128, 129, 255, 383, 384, 1000, 4099]:
+        x = rng.random(n) * 10.0 ** rng.uniform(-3, 3, n)
+        assert compiled._pairwise_sum(x, 0, n) == x.sum()
+
+
+@needs_numba
 def test_rounds_and_maps_same(monkeypatch):
     rng = np.random.default_rng(7)
     for _ in range(20):
