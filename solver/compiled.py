@@ -459,9 +459,9 @@ def _pairwise_sum(a, start, n):  # pragma: no cover (compiled)
 @_jit
 def solve_kernel(w, num_phy, num_bins, k, sweeps, tail, dhondt):  # pragma: no cover (compiled)
     """:func:`~ray_eplb.solver.counts.counts_np` then :func:`~ray_eplb.solver.packing.place_replicas`
-    in one call, for ``w [X, n]`` float64 with ``1 < n < num_phy``. Returns ``slot_owner [X, P, S]``,
-    ``bin_load [X, P]``, ``counts [X, n]`` and whether the placement was done: not when an owner
-    has more replicas than bins (the caller places those rows' counts with the numpy stages)."""
+    in one call, for ``w [X, n]`` float64 with ``1 < n < num_phy``. Returns ``slot_owner [F, P, S]``
+    and ``bin_load [F, P]`` of the ``F`` rows that fit, ``counts [X, n]`` and ``fits [X]``: a row
+    fits unless an owner has more replicas than bins (the caller places those with numpy stages)."""
     num_rows, n = w.shape
     scaled = np.empty((num_rows, n))
     total = np.empty(num_rows)
@@ -476,29 +476,36 @@ def solve_kernel(w, num_phy, num_bins, k, sweeps, tail, dhondt):  # pragma: no c
             scaled[r, i] = math.ldexp(1.0 if zero[r] else w[r, i], -shift)
         total[r] = _pairwise_sum(scaled[r], 0, n)
     counts = counts_kernel(scaled, total, num_phy, tail, dhondt)
-    fits = True
+    fits = np.ones(num_rows, dtype=np.bool_)
     for r in range(num_rows):
         if zero[r]:  # everyone num_phy // n, the first num_phy % n one more
             for i in range(n):
                 counts[r, i] = num_phy // n + (1 if i < num_phy % n else 0)
         for i in range(n):
-            fits &= counts[r, i] <= num_bins
+            fits[r] &= counts[r, i] <= num_bins
     slots = num_phy // num_bins
-    if not fits:
-        return np.empty((0, num_bins, slots), dtype=np.int64), np.empty((0, num_bins)), counts, False
-    slot_owner = snake_kernel(w, counts, num_bins)
-    io = slot_owner.reshape(num_rows * num_bins, slots)
-    il = np.empty((num_rows * num_bins, slots))
-    bin_load = np.empty((num_rows, num_bins))
-    for r in range(num_rows):
+    rows = np.nonzero(fits)[0]
+    if rows.size == 0:
+        return np.empty((0, num_bins, slots), dtype=np.int64), np.empty((0, num_bins)), counts, fits
+    # Rows are independent (refinement stops when every row is settled), so the rows that fit
+    # are placed here and the others, on return, by the numpy stages.
+    sub_w = np.empty((rows.size, n))
+    sub_c = np.empty((rows.size, n), dtype=np.int64)
+    for j in range(rows.size):
+        sub_w[j], sub_c[j] = w[rows[j]], counts[rows[j]]
+    slot_owner = snake_kernel(sub_w, sub_c, num_bins)
+    io = slot_owner.reshape(rows.size * num_bins, slots)
+    il = np.empty((rows.size * num_bins, slots))
+    bin_load = np.empty((rows.size, num_bins))
+    for j in range(rows.size):
         for b in range(num_bins):
-            row = r * num_bins + b
+            row = j * num_bins + b
             for s in range(slots):
-                il[row, s] = w[r, io[row, s]] / counts[r, io[row, s]]
-            bin_load[r, b] = _pairwise_sum(il[row], 0, slots)
-    ic = np.ones((num_rows * num_bins, slots), dtype=np.int64)
-    refine_kernel(io, il, ic, bin_load, n, k, sweeps, np.zeros(num_rows, dtype=np.int64), False)
-    return slot_owner, bin_load, counts, True
+                il[row, s] = sub_w[j, io[row, s]] / sub_c[j, io[row, s]]
+            bin_load[j, b] = _pairwise_sum(il[row], 0, slots)
+    ic = np.ones((rows.size * num_bins, slots), dtype=np.int64)
+    refine_kernel(io, il, ic, bin_load, n, k, sweeps, np.zeros(rows.size, dtype=np.int64), False)
+    return slot_owner, bin_load, counts, fits
 
 
 def warm_up() -> None:

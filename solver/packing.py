@@ -236,12 +236,17 @@ def counts_and_place(
         slots = num_phy // num_bins
         k = min(max(4, num_bins // 4) if pairs is None else pairs, num_bins // 2)
         tail = max(1, int(round(0.1 * (num_phy - n))))
-        slot_owner, bin_load, counts, done = compiled.solve_kernel(
+        fit_owner, fit_load, counts, fits = compiled.solve_kernel(
             np.ascontiguousarray(expert_load, dtype=np.float64), num_phy, num_bins, k,
             3 if slots < 12 else slots // 2, tail, method == "dhondt")
-        if done:
-            return slot_owner, bin_load
-        return place_replicas(expert_load, counts, num_bins, pairs)
+        if fits.all():
+            return fit_owner, fit_load
+        # Rows with an owner on more bins than there are: the numpy stages (rows are independent).
+        slot_owner = np.empty((num_rows, num_bins, slots), dtype=np.int64)
+        bin_load = np.empty((num_rows, num_bins))
+        slot_owner[fits], bin_load[fits] = fit_owner, fit_load
+        slot_owner[~fits], bin_load[~fits] = place_replicas(expert_load[~fits], counts[~fits], num_bins, pairs)
+        return slot_owner, bin_load
     return place_replicas(expert_load, counts_np(expert_load, num_phy, method), num_bins, pairs)
 
 
