@@ -174,11 +174,14 @@ def _fresh(
         return _solve(w, num_replicas, num_groups, num_nodes, num_gpus, method, pairs)[0]
     phy2log, peak = _solve(w, num_replicas, 1, 1, num_gpus, method, pairs)
     # Hierarchical can only match or beat a layer where its bound (a node's load spread over
-    # that node's GPUs, with groups packed as _solve packs them) reaches the global max GPU load.
-    bound = _node_bound(w, num_groups, num_nodes, num_gpus)  # [L]
+    # that node's GPUs, with groups packed as _solve packs them: max node load / GPUs per node)
+    # reaches the global max GPU load.
+    groups, node_load = _pack_groups(w, num_groups, num_nodes)  # [L, N, G/N], [L, N]
+    bound = node_load.max(1) / (num_gpus // num_nodes)  # [L]
     maybe = np.nonzero(bound <= peak)[0]
-    if maybe.size:
-        hier, hier_peak = _solve(w[maybe], num_replicas, num_groups, num_nodes, num_gpus, method, pairs)
+    if maybe.size:  # (groups are packed row by row: those of the maybe rows are theirs alone)
+        hier, hier_peak = _solve(w[maybe], num_replicas, num_groups, num_nodes, num_gpus, method, pairs,
+                                 groups[maybe])
         take = hier_peak <= peak[maybe]  # no higher: a tie keeps the locality for free
         phy2log[maybe[take]] = hier[take]
     return phy2log
@@ -193,18 +196,14 @@ def _pack_groups(w: np.ndarray, num_groups: int, num_nodes: int) -> tuple[np.nda
     return groups, node_load
 
 
-def _node_bound(w: np.ndarray, num_groups: int, num_nodes: int, num_gpus: int) -> np.ndarray:
-    """``[L]`` lower bound on the hierarchical plan's max GPU load: max node load / GPUs per node."""
-    return _pack_groups(w, num_groups, num_nodes)[1].max(1) / (num_gpus // num_nodes)
-
-
 def _solve(
     w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, method: str,
-    pairs: int | None = None,
+    pairs: int | None = None, groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Hierarchical placement (global = one node, one group).
 
-    ``w``: ``[L, E]`` float64. Returns ``phy2log [L, R]`` int64 and the max GPU load per layer
+    ``w``: ``[L, E]`` float64; ``groups``: ``[L, N, G/N]`` from :func:`_pack_groups` if already
+    packed. Returns ``phy2log [L, R]`` int64 and the max GPU load per layer
     ``[L]`` float64 (loads split evenly among replicas).
     """
     num_layers, num_experts = w.shape
@@ -215,7 +214,7 @@ def _solve(
         node_experts = None  # every node (the one) holds experts 0..E-1 in order
         node_w = w
     else:
-        groups = _pack_groups(w, num_groups, num_nodes)[0]  # [L, N, G/N]
+        groups = _pack_groups(w, num_groups, num_nodes)[0] if groups is None else groups  # [L, N, G/N]
         size = num_experts // num_groups
         node_experts = (groups[..., None] * size + np.arange(size)).reshape(num_layers, num_nodes, n_node)
         node_w = w[np.arange(num_layers)[:, None, None], node_experts].reshape(num_layers * num_nodes, n_node)
