@@ -256,6 +256,49 @@ def _fill_row(w, c, free, tail):  # pragma: no cover (compiled)
 
 
 @_jit
+def _order_desc(v, out, tmp, keys, ktmp, hist):  # pragma: no cover (compiled)
+    """``out [n]``: the stable order of ``v [n]`` (finite, >= 0) by value descending, i.e. what
+    ``np.argsort(-v, kind="stable")`` gives. An LSD radix sort on the complemented bit patterns
+    (a non-negative double's bits order as the value does), 8 bits a pass, skipping the bytes
+    all keys share: branch-free, 2x numba's merge sort on a hundred values. ``tmp``, ``keys``,
+    ``ktmp`` ``[n]`` and ``hist [256]``: scratch."""
+    n = v.size
+    bits = v.view(np.uint64)
+    same_and, same_or = ~np.uint64(0), np.uint64(0)
+    for i in range(n):
+        key = ~bits[i]
+        keys[i] = key
+        out[i] = i
+        same_and &= key
+        same_or |= key
+    varies = same_and ^ same_or
+    src_i, dst_i, src_k, dst_k = out, tmp, keys, ktmp
+    moved = False
+    for p in range(8):
+        shift = np.uint64(8 * p)
+        if (varies >> shift) & np.uint64(255) == 0:
+            continue
+        hist[:] = 0
+        for i in range(n):
+            hist[(src_k[i] >> shift) & np.uint64(255)] += 1
+        start = 0
+        for b in range(256):
+            count = hist[b]
+            hist[b] = start
+            start += count
+        for i in range(n):
+            d = (src_k[i] >> shift) & np.uint64(255)
+            at = hist[d]
+            hist[d] = at + 1
+            dst_i[at], dst_k[at] = src_i[i], src_k[i]
+        src_i, dst_i, src_k, dst_k = dst_i, src_i, dst_k, src_k
+        moved = not moved
+    if moved:
+        out[:] = tmp
+    return out
+
+
+@_jit
 def snake_kernel(expert_load, counts, num_bins):  # pragma: no cover (compiled)
     """:func:`~ray_eplb.solver.packing.pack_snake`: serpentine dealing, each round turn taken
     one at a time (the straddling owner's replicas go to the first positions whose bins it does
@@ -271,11 +314,13 @@ def snake_kernel(expert_load, counts, num_bins):  # pragma: no cover (compiled)
     pos = np.empty((slots, num_bins), dtype=np.int64)
     held = np.empty(num_bins, dtype=np.bool_)
     item = np.empty(num_bins, dtype=np.int64)
-    key = np.empty(n)
+    per = np.empty(n)
+    by_owner, tmp = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+    keys, ktmp, hist = np.empty(n, dtype=np.uint64), np.empty(n, dtype=np.uint64), np.empty(256, dtype=np.int64)
     for r in range(num_rows):
         for e in range(n):  # owners with no replica sort anywhere: they deal nothing
-            key[e] = -(expert_load[r, e] / counts[r, e]) if counts[r, e] > 0 else np.inf
-        by_owner = np.argsort(key, kind="mergesort")
+            per[e] = expert_load[r, e] / counts[r, e] if counts[r, e] > 0 else 0.0
+        _order_desc(per, by_owner, tmp, keys, ktmp, hist)  # heaviest replica first, ties by owner
         at = 0
         for e in by_owner:
             for _ in range(counts[r, e]):
