@@ -50,13 +50,23 @@ def refine_kernel(io, il, ic, bin_load, num_owners, k, sweeps, budget, use_budge
     in_l = np.zeros(num_owners, dtype=np.int64)  # ... and in its light bin
     la = np.empty(slots)  # heavy-bin loads (-inf: may not leave)
     lb = np.empty(slots)  # light-bin loads (+inf: may not leave)
+    order = np.empty(num_bins, dtype=np.int64)  # bins of a row by load, lightest first
     quiet = 0
     for sweep in range(sweeps):
         shift = sweep % 2 if num_bins > 2 else 0
         kk = min(k, (num_bins - shift) // 2)
         changed = False
         for r in range(num_rows):
-            order = np.argsort(bin_load[r], kind="mergesort")  # stable: ties keep bin order
+            if num_bins <= 32:  # stable insertion sort: ties keep bin order
+                for i in range(num_bins):
+                    v = bin_load[r, i]
+                    j = i - 1
+                    while j >= 0 and bin_load[r, order[j]] > v:
+                        order[j + 1] = order[j]
+                        j -= 1
+                    order[j + 1] = i
+            else:
+                order[:] = np.argsort(bin_load[r], kind="mergesort")  # stable too
             first = r * num_bins
             allowed = budget[r] // 2 if use_budget else 0
             spent = 0  # pairs that would swap, heaviest first (what the budget is checked on)
