@@ -160,10 +160,11 @@ def pack_with_base(expert_load: np.ndarray, counts: np.ndarray, num_bins: int) -
     """:func:`pack_snake` for rows where an owner has more replicas than bins.
 
     Every owner with more than ``P`` replicas first puts ``counts // P`` copies on every bin (the
-    same load on each bin); what is left (fewer than ``P`` of each owner) is dealt by :func:`pack_snake`, where no owner has more replicas than bins,
-    so no bin gets a copy beyond ``ceil(count / P)`` and no owner misses a bin it could cover (the
-    copy-by-copy repair this would otherwise need ran one copy per row per pass). Rows are dealt
-    in groups with the same number of such copies per bin (a row's plan never depends on others).
+    same load on each bin); what is left (fewer than ``P`` of each owner) is dealt by
+    :func:`pack_snake`, where no owner has more replicas than bins, so no bin gets a copy beyond
+    ``ceil(count / P)`` and no owner misses a bin it could cover (the copy-by-copy repair this
+    would otherwise need ran one copy per row per pass). Rows are dealt in groups with the same
+    number of such copies per bin (a row's plan never depends on others).
 
     Shapes: ``expert_load``/``counts`` ``[B, n]``. Returns ``slot_owner [B, P, S]`` int64.
     """

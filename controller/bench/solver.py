@@ -205,14 +205,16 @@ def evaluate_targets(rows: list[dict], solver: str = "ours") -> list[dict]:
     if both:
         ours_mean = statistics.fmean(r["results"][solver]["next_window_balancedness"] for r in both)
         greedy_mean = statistics.fmean(r["results"]["greedy"]["next_window_balancedness"] for r in both)
-        out.append(dict(target="mean next-window >= reference greedy (DeepSeek's algorithm)", measured=f"{ours_mean:.4f} vs {greedy_mean:.4f}",
-                        passed=ours_mean >= greedy_mean))
+        out.append(dict(target="mean next-window >= reference greedy (DeepSeek's algorithm)",
+                        measured=f"{ours_mean:.4f} vs {greedy_mean:.4f}", passed=ours_mean >= greedy_mean))
         worst = min(both, key=lambda r: r["results"][solver]["next_window_balancedness"]
                     - r["results"]["greedy"]["next_window_balancedness"])
-        gap = worst["results"][solver]["next_window_balancedness"] - worst["results"]["greedy"]["next_window_balancedness"]
-        out.append(dict(target="no case next-window > 1% below reference greedy", measured=f"worst {gap:+.4f} ({worst['case']})",
-                        passed=gap >= -NEXT_WINDOW_SLACK))
-    avoidable = sum(r["results"][solver]["duplicate_pairs"] - r["results"][solver]["unavoidable_duplicate_pairs"] for r in ok)
+        gap = (worst["results"][solver]["next_window_balancedness"]
+               - worst["results"]["greedy"]["next_window_balancedness"])
+        out.append(dict(target="no case next-window > 1% below reference greedy",
+                        measured=f"worst {gap:+.4f} ({worst['case']})", passed=gap >= -NEXT_WINDOW_SLACK))
+    avoidable = sum(r["results"][solver]["duplicate_pairs"] - r["results"][solver]["unavoidable_duplicate_pairs"]
+                    for r in ok)
     out.append(dict(target="zero avoidable duplicate pairs", measured=str(avoidable), passed=avoidable == 0))
     return out
 
@@ -256,7 +258,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         ratios = [r["speed_ratio"][s] for r in ok if s in r["speed_ratio"]]
         mean[s]["speed_ratio"] = statistics.geometric_mean(ratios) if ratios else None
     return dict(workload=workload, synthetic=traces_dir is None, traces_dir=str(traces_dir) if traces_dir else None,
-                torch_threads=torch.get_num_threads(), repeats=args.repeats, greedy_repeats=args.greedy_repeats or args.repeats,
+                torch_threads=torch.get_num_threads(), repeats=args.repeats,
+                greedy_repeats=args.greedy_repeats or args.repeats,
                 seed=args.seed, solvers=list(solvers), cases=rows, mean=mean, targets_solver="ours",
                 targets=evaluate_targets(rows) if rows else [], notes=notes)
 
@@ -267,11 +270,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = Parser(prog="ray-eplb bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--traces-dir", help="folder of trace .npz files (default: $RAY_EPLB_TRACES or ../shared/traces)")
     ap.add_argument("--synthetic", action="store_true", help="run the synthetic cases even if traces exist")
-    ap.add_argument("--cases", action="extend", nargs="+", help="keep cases whose name contains any of these substrings")
+    ap.add_argument("--cases", action="extend", nargs="+",
+                    help="keep cases whose name contains any of these substrings")
     ap.add_argument("--variants", nargs="*", default=[], help="extra 'ours' columns, e.g. method=dhondt policy=global")
     ap.add_argument("--windows", type=int_at_least(2), help="use only the first N windows (at least 2)")
     ap.add_argument("--repeats", type=positive_int, default=5, help="timed solves per window (default 5)")
-    ap.add_argument("--greedy-repeats", type=positive_int, help="timed solves per window for the greedy (default: --repeats)")
+    ap.add_argument("--greedy-repeats", type=positive_int,
+                    help="timed solves per window for the greedy (default: --repeats)")
     ap.add_argument("--seed", type=nonneg_int, default=0, help="seed for sampling static tables into windows")
     ap.add_argument("--json", help="write all results to this path")
     ap.add_argument("--quiet", action="store_true", help="no per-case progress lines")
