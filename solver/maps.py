@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ray_eplb.solver import compiled
+
 
 def bin_counts(owner: np.ndarray, num_bins: int, num_experts: int) -> np.ndarray:
     """Replicas of each expert per bin: ``owner [B, M]`` (expert per slot; bins are ``M / num_bins``
@@ -50,6 +52,12 @@ def logical_maps_np(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, 
     """
     num_layers, num_slots = phy2log.shape
     width = num_slots - num_experts + 1
+    if compiled.ENABLED:  # the same maps, compiled
+        log2phy = np.full((num_layers, num_experts, width), -1, dtype=np.int64)
+        logcnt, most = compiled.maps_kernel(np.ascontiguousarray(phy2log, dtype=np.int64), log2phy)
+        if most > width:
+            raise ValueError(f"an expert has {most} replicas, more than R - E + 1 = {width}")
+        return log2phy, logcnt
     flat = phy2log + (np.arange(num_layers) * num_experts)[:, None]  # [L, R] row-unique expert ids
     logcnt = bin_counts(phy2log, 1, num_experts)[:, 0]  # [L, E]
     keys = phy2log.astype(np.int16) if num_experts < 2**15 else phy2log  # int16: numpy radix-sorts it

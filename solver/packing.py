@@ -10,11 +10,19 @@ experts): owner ``e`` has ``counts[e]`` replicas, each carrying ``expert_load[e]
 replicas of one owner are interchangeable, so a placement is just ``slot_owner [B, P, S]``, the
 owner in each slot of each bin. Two replicas of one owner in a bin waste a slot, so a bin may hold
 at most ``cap = ceil(count / P)`` of an owner: one, unless the owner has more replicas than bins.
+
+Where numba is installed, :func:`pack_rounds`, :func:`pack_snake` and the sweeps of
+:func:`refine_swaps` run as compiled kernels (:mod:`ray_eplb.solver.compiled`) with the same
+results; the numpy code below is the reference and the fallback. Every sort whose ties could
+change a plan is stable, so plans are the same on every machine (numpy's default sort differs
+between CPUs with and without AVX-512).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from ray_eplb.solver import compiled
+from ray_eplb.solver.counts import counts_np
 from ray_eplb.solver.maps import bin_counts, per_slot
 from ray_eplb.solver.repair import (  # noqa: F401 (surplus_copies, separate_copies: re-exported)
     separate_copies,
@@ -36,6 +44,8 @@ def pack_rounds(load: np.ndarray, num_bins: int) -> np.ndarray:
     Returns:
         ``assign [B, P, S]`` int64 item indices.
     """
+    if compiled.ENABLED:  # the same rounds, compiled (identical plans)
+        return compiled.rounds_kernel(load, num_bins)
     num_rows, num_items = load.shape
     slots = num_items // num_bins
     rows = np.arange(num_rows)[:, None]  # [B, 1]
@@ -48,7 +58,7 @@ def pack_rounds(load: np.ndarray, num_bins: int) -> np.ndarray:
     for r in range(slots):
         bin_of[:, r] = perm
         new = bin_load + sorted_load[:, r]  # lightest bin takes the heaviest item
-        idx = np.argsort(new, axis=1) + offs
+        idx = np.argsort(new, axis=1, kind="stable") + offs  # stable: the same plan on every machine
         bin_load, perm = new.ravel()[idx], perm.ravel()[idx]
     assign = np.empty((num_rows, num_bins, slots), dtype=np.int64)
     assign[rows[:, :, None], bin_of, np.arange(slots)[None, :, None]] = order.reshape(num_rows, slots, num_bins)
@@ -75,13 +85,14 @@ def pack_snake(expert_load: np.ndarray, counts: np.ndarray, num_bins: int) -> np
     Returns:
         ``slot_owner [B, P, S]`` int64.
     """
+    if compiled.ENABLED:  # the same dealing, compiled (identical plans)
+        return compiled.snake_kernel(expert_load, counts, num_bins)
     num_rows, n = counts.shape
     num_items = int(counts[0].sum())
     slots = num_items // num_bins
     rows = np.arange(num_rows)[:, None]  # [B, 1]
     rank = np.arange(num_bins)  # [P]
     # Sort owners (not replicas) by per-replica load, then expand: cheaper than sorting M items.
-    # (Owners are distinct, so ties between them may fall either way: no stable sort needed.)
     by_owner = np.argsort(-(expert_load / counts), axis=1, kind="stable")  # [B, n]
     sorted_counts = np.take_along_axis(counts, by_owner, 1)  # [B, n]
     own = np.repeat(by_owner.ravel(), sorted_counts.ravel()).reshape(num_rows, slots, num_bins)  # [B, S, P]
@@ -149,10 +160,11 @@ def pack_with_base(expert_load: np.ndarray, counts: np.ndarray, num_bins: int) -
     """:func:`pack_snake` for rows where an owner has more replicas than bins.
 
     Every owner with more than ``P`` replicas first puts ``counts // P`` copies on every bin (the
-    same load on each bin); what is left (fewer than ``P`` of each owner) is dealt by :func:`pack_snake`, where no owner has more replicas than bins,
-    so no bin gets a copy beyond ``ceil(count / P)`` and no owner misses a bin it could cover (the
-    copy-by-copy repair this would otherwise need ran one copy per row per pass). Rows are dealt
-    in groups with the same number of such copies per bin (a row's plan never depends on others).
+    same load on each bin); what is left (fewer than ``P`` of each owner) is dealt by
+    :func:`pack_snake`, where no owner has more replicas than bins, so no bin gets a copy beyond
+    ``ceil(count / P)`` and no owner misses a bin it could cover (the copy-by-copy repair this
+    would otherwise need ran one copy per row per pass). Rows are dealt in groups with the same
+    number of such copies per bin (a row's plan never depends on others).
 
     Shapes: ``expert_load``/``counts`` ``[B, n]``. Returns ``slot_owner [B, P, S]`` int64.
     """
@@ -206,42 +218,37 @@ def place_replicas(
     cap = -(-counts // num_bins)  # [B, n] fewest copies per bin an owner must be allowed
     slot_owner = pack_snake(expert_load, counts, num_bins) if (cap == 1).all() else pack_with_base(
         expert_load, counts, num_bins)
-    if (cap > 1).any():  # owners with more replicas than bins: the serpentine bound is not enough
+    if (cap > 1).any() and (not compiled.ENABLED or compiled.any_surplus(slot_owner, cap)):
+        # owners with more replicas than bins: the serpentine bound is not enough
         slot_owner = separate_copies_batched(slot_owner, per_replica, cap)
     return refine_swaps(slot_owner, per_replica, cap, pairs, sweeps)
 
 
-SORTED_SWAPS_FROM = 24  # slots per bin from which a pair's best swap is found by sorting, not S x S
+def counts_and_place(
+    expert_load: np.ndarray, num_phy: int, num_bins: int, method: str = "hybrid_tail", pairs: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Replica counts (:func:`~ray_eplb.solver.counts.counts_np`) then :func:`place_replicas`:
+    one compiled call where numba is present (same results), else the numpy stages.
 
-
-def best_swaps(la: np.ndarray, lb: np.ndarray, gap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The swap that lowers each pair's max most, in ``O(S log S)`` per pair instead of ``S^2``.
-
-    Swapping replica ``a`` of the heavy bin for ``b`` of the light one sheds ``d = la[a] - lb[b]``
-    and lowers the pair's max by ``min(d, gap - d)``, a tent peaking at ``d = gap / 2``: for each
-    ``a`` the best ``b`` is one of the two light-bin loads nearest ``la[a] - gap / 2``, found by
-    one search in the sorted light loads of all pairs at once (each pair in its own band).
-
-    ``la [M, S]`` heavy-bin loads (``-inf``: may not leave), ``lb [M, S]`` light-bin loads
-    (``+inf``: may not leave), ``gap [M]``. Returns ``best [M]`` (``a * S + b``) and its reduction
-    ``[M]`` (``-inf`` where no swap is legal).
+    Shapes: ``expert_load [B, n]`` float64. Returns ``slot_owner [B, P, S]`` and ``bin_load [B, P]``.
     """
-    num, slots = la.shape
-    fa, fb = np.isfinite(la), np.isfinite(lb)
-    span = max(np.abs(la[fa]).max(initial=0), np.abs(lb[fb]).max(initial=0), np.abs(gap).max(initial=0)) + 1.0
-    order = np.argsort(np.where(fb, lb, 2 * span), axis=1)  # [M, S] light loads ascending, blocked last
-    band = (np.arange(num) * (5 * span))[:, None]  # [M, 1] pairs never overlap: values in [-span, 2 span]
-    keys = (np.take_along_axis(np.where(fb, lb, 2 * span), order, 1) + band).ravel()
-    want = np.where(fa, la - 0.5 * gap[:, None], 0.0) + band  # [M, S]
-    at = np.searchsorted(keys, want.ravel()).reshape(num, slots) - np.arange(num)[:, None] * slots
-    near = np.stack([np.clip(at - 1, 0, slots - 1), np.clip(at, 0, slots - 1)], -1)  # [M, S, 2]
-    b = np.take_along_axis(order[:, None, :], near.reshape(num, 1, -1), 2).reshape(num, slots, 2)
-    d = la[:, :, None] - np.take_along_axis(lb[:, None, :], b.reshape(num, 1, -1), 2).reshape(num, slots, 2)
-    score = np.minimum(d, gap[:, None, None] - d).reshape(num, -1)  # [M, 2S]
-    pick = score.argmax(1)
-    rows = np.arange(num)
-    a = pick // 2
-    return a * slots + b.reshape(num, -1)[rows, pick], score[rows, pick]
+    num_rows, n = expert_load.shape
+    if compiled.ENABLED and num_rows and 1 < n < num_phy:
+        slots = num_phy // num_bins
+        k = min(max(4, num_bins // 4) if pairs is None else pairs, num_bins // 2)
+        tail = max(1, int(round(0.1 * (num_phy - n))))
+        fit_owner, fit_load, counts, fits = compiled.solve_kernel(
+            np.ascontiguousarray(expert_load, dtype=np.float64), num_phy, num_bins, k,
+            3 if slots < 12 else slots // 2, tail, method == "dhondt")
+        if fits.all():
+            return fit_owner, fit_load
+        # Rows with an owner on more bins than there are: the numpy stages (rows are independent).
+        slot_owner = np.empty((num_rows, num_bins, slots), dtype=np.int64)
+        bin_load = np.empty((num_rows, num_bins))
+        slot_owner[fits], bin_load[fits] = fit_owner, fit_load
+        slot_owner[~fits], bin_load[~fits] = place_replicas(expert_load[~fits], counts[~fits], num_bins, pairs)
+        return slot_owner, bin_load
+    return place_replicas(expert_load, counts_np(expert_load, num_phy, method), num_bins, pairs)
 
 
 def refine_swaps(
@@ -258,8 +265,11 @@ def refine_swaps(
     ``k``-th lightest (``k < pairs``; odd sweeps with the ``(k+1)``-th lightest); in each pair it
     makes the one swap that best evens the pair (replica ``a`` of the heavy bin for ``b`` of the
     light bin with ``0 < load_a - load_b < gap``, which lowers the pair's max) among swaps that
-    take no owner over its cap in its new bin. Stops when two sweeps change nothing, or after
-    ``sweeps`` sweeps.
+    take no owner over its cap in its new bin (of equally good swaps, the first in ``(a, b)``
+    order: exactly what an ``argmax`` over the ``S x S`` scores returns). Bins of equal load sort
+    in bin order. Stops when two sweeps change nothing, or after ``sweeps`` sweeps. The numpy
+    code scores all ``S x S`` swaps of a pair; the compiled kernel finds the same swap by a
+    search in the sorted light-bin loads from 24 slots per bin, so its cost grows gently with ``S``.
 
     ``budget`` (``[B]`` int64, updated in place): slot changes each row may still make; a swap
     changes two slots, and a row stops swapping when it cannot pay for one.
@@ -275,6 +285,10 @@ def refine_swaps(
     if k < 1 or sweeps < 1:
         return slot_owner, bin_load
     ic = per_slot(cap, slot_owner).reshape(io.shape)  # [B*P, S] the slot owner's cap
+    if compiled.ENABLED:  # the same sweeps, compiled (identical results)
+        spend = budget if budget is not None else np.zeros(num_rows, dtype=np.int64)
+        compiled.refine_kernel(io, il, ic, bin_load, per_replica.shape[1], k, sweeps, spend, budget is not None)
+        return io.reshape(num_rows, num_bins, slots), bin_load
     n = per_replica.shape[1]
     # held[bin * n + owner]: replicas of an owner in a bin (a legality test is one gather), where
     # that table is small; else copies are counted on each pair (1024 GPUs x 384 experts x 61
@@ -285,7 +299,7 @@ def refine_swaps(
     for sweep in range(sweeps):
         shift = sweep % 2 if num_bins > 2 else 0
         kk = min(k, (num_bins - shift) // 2)
-        by_load = np.argsort(bin_load, axis=1) + first  # [B, P] flat bins, lightest first
+        by_load = np.argsort(bin_load, axis=1, kind="stable") + first  # [B, P] flat bins, lightest first
         hb, lb = by_load[:, : -kk - 1 : -1], by_load[:, shift : shift + kk]  # [B, kk] paired bins
         oa, ob = io[hb], io[lb]  # [B, kk, S] owners in the heavy / light bin
         # A replica may enter the other bin only below its owner's cap there; a blocked one is
@@ -305,13 +319,10 @@ def refine_swaps(
         la = np.where(ok_a, il[hb], -np.inf)  # [B, kk, S]
         lb_load = np.where(ok_b, il[lb], np.inf)
         gap = bin_load.ravel()[hb] - bin_load.ravel()[lb]  # [B, kk]
-        if slots < SORTED_SWAPS_FROM:
-            d = la[..., :, None] - lb_load[..., None, :]  # [B, kk, S, S] what the heavy bin sheds
-            score = np.minimum(d, gap[..., None, None] - d).reshape(num_rows * kk, -1)  # how much the max falls
-            best = score.argmax(-1)  # [B*kk]
-            top = score[np.arange(num_rows * kk), best]
-        else:
-            best, top = best_swaps(la.reshape(-1, slots), lb_load.reshape(-1, slots), gap.ravel())
+        d = la[..., :, None] - lb_load[..., None, :]  # [B, kk, S, S] what the heavy bin sheds
+        score = np.minimum(d, gap[..., None, None] - d).reshape(num_rows * kk, -1)  # how much the max falls
+        best = score.argmax(-1)  # [B*kk]
+        top = score[np.arange(num_rows * kk), best]
         do = top > 1e-12 * gap.ravel()  # [B*kk] the max falls
         if budget is not None:  # each row pays 2 per swap, its heaviest pairs first
             do = do.reshape(num_rows, kk)

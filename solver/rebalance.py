@@ -15,19 +15,21 @@ Policies:
         may double that expert up on a GPU where global would not: auto judges by peak load.)
 
 Threads: a solve runs on one thread by design. It is numpy code with no BLAS call (GPU overlaps
-are sparse pair lists, not matrix products) plus scipy's assignment solver; torch only converts
-the input and the outputs. So it starts no thread pool whatever torch's or the BLAS's settings,
-and its time is one core's (the benchmarks also pin every pool to one thread around it).
+are sparse pair lists, not matrix products), single-threaded numba kernels for its sequential
+loops where numba is installed (:mod:`ray_eplb.solver.compiled`; same plans without it), plus
+scipy's assignment solver; torch only converts the input and the outputs. So it starts no thread
+pool whatever torch's or the BLAS's settings, and its time is one core's (the benchmarks also pin
+every pool to one thread around it).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ray_eplb.solver.counts import METHODS, check_weight, counts_np
+from ray_eplb.solver.counts import METHODS, check_weight
 from ray_eplb.solver.maps import avoidable_duplicates_np, logical_maps_np
 from ray_eplb.solver.migration import align, budget_per_layer, check_old, migrate, peak_load
-from ray_eplb.solver.packing import pack_rounds, place_replicas
+from ray_eplb.solver.packing import counts_and_place, pack_rounds
 
 POLICIES = ("auto", "global", "hierarchical")
 
@@ -172,11 +174,14 @@ def _fresh(
         return _solve(w, num_replicas, num_groups, num_nodes, num_gpus, method, pairs)[0]
     phy2log, peak = _solve(w, num_replicas, 1, 1, num_gpus, method, pairs)
     # Hierarchical can only match or beat a layer where its bound (a node's load spread over
-    # that node's GPUs, with groups packed as _solve packs them) reaches the global max GPU load.
-    bound = _node_bound(w, num_groups, num_nodes, num_gpus)  # [L]
+    # that node's GPUs, with groups packed as _solve packs them: max node load / GPUs per node)
+    # reaches the global max GPU load.
+    groups, node_load = _pack_groups(w, num_groups, num_nodes)  # [L, N, G/N], [L, N]
+    bound = node_load.max(1) / (num_gpus // num_nodes)  # [L]
     maybe = np.nonzero(bound <= peak)[0]
-    if maybe.size:
-        hier, hier_peak = _solve(w[maybe], num_replicas, num_groups, num_nodes, num_gpus, method, pairs)
+    if maybe.size:  # (groups are packed row by row: those of the maybe rows are theirs alone)
+        hier, hier_peak = _solve(w[maybe], num_replicas, num_groups, num_nodes, num_gpus, method, pairs,
+                                 groups[maybe])
         take = hier_peak <= peak[maybe]  # no higher: a tie keeps the locality for free
         phy2log[maybe[take]] = hier[take]
     return phy2log
@@ -191,18 +196,14 @@ def _pack_groups(w: np.ndarray, num_groups: int, num_nodes: int) -> tuple[np.nda
     return groups, node_load
 
 
-def _node_bound(w: np.ndarray, num_groups: int, num_nodes: int, num_gpus: int) -> np.ndarray:
-    """``[L]`` lower bound on the hierarchical plan's max GPU load: max node load / GPUs per node."""
-    return _pack_groups(w, num_groups, num_nodes)[1].max(1) / (num_gpus // num_nodes)
-
-
 def _solve(
     w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, method: str,
-    pairs: int | None = None,
+    pairs: int | None = None, groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Hierarchical placement (global = one node, one group).
 
-    ``w``: ``[L, E]`` float64. Returns ``phy2log [L, R]`` int64 and the max GPU load per layer
+    ``w``: ``[L, E]`` float64; ``groups``: ``[L, N, G/N]`` from :func:`_pack_groups` if already
+    packed. Returns ``phy2log [L, R]`` int64 and the max GPU load per layer
     ``[L]`` float64 (loads split evenly among replicas).
     """
     num_layers, num_experts = w.shape
@@ -213,12 +214,11 @@ def _solve(
         node_experts = None  # every node (the one) holds experts 0..E-1 in order
         node_w = w
     else:
-        groups = _pack_groups(w, num_groups, num_nodes)[0]  # [L, N, G/N]
+        groups = _pack_groups(w, num_groups, num_nodes)[0] if groups is None else groups  # [L, N, G/N]
         size = num_experts // num_groups
         node_experts = (groups[..., None] * size + np.arange(size)).reshape(num_layers, num_nodes, n_node)
         node_w = w[np.arange(num_layers)[:, None, None], node_experts].reshape(num_layers * num_nodes, n_node)
-    counts = counts_np(node_w, slots_node, method)  # [L*N, E/N]
-    slot_owner, gpu_load = place_replicas(node_w, counts, gpus_node, pairs)  # [L*N, P/N, S], [L*N, P/N]
+    slot_owner, gpu_load = counts_and_place(node_w, slots_node, gpus_node, method, pairs)  # [L*N, P/N, S], [L*N, P/N]
     phy2log = slot_owner  # node-local expert ids; map them to logical ids per node
     if node_experts is not None:
         rows = np.arange(num_layers * num_nodes)[:, None, None]

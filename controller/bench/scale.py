@@ -57,7 +57,7 @@ import torch
 from ray_eplb.controller.bench.cases import Case
 from ray_eplb.controller.bench.solver import unavoidable_duplicates
 from ray_eplb.controller.bench.workload import default_traces_dir, load_trace, sample_windows, synthetic_trace
-from ray_eplb.solver import balancedness, duplicate_pairs, rebalance_experts
+from ray_eplb.solver import balancedness, duplicate_pairs, logical_maps, rebalance_experts
 from ray_eplb.solver.baseline import greedy_rebalance_experts
 
 VARIANTS = ("greedy", "fresh", "migrate", "migrate_25", "from_greedy", "no_move")
@@ -208,11 +208,22 @@ def growth_sweep(windows: int, repeats: int, seed: int, quick: bool) -> list[dic
         shapes += [("experts", e, Shape(f"E{e}", 58, e, e + 32, 8, 4, 32)) for e in (128, 256, 512)]
     rows = []
     for axis, value, shape in shapes:
-        res = measure(shape, synthetic_load(shape, windows, seed), repeats, 1, ("greedy", "fresh", "migrate"))
+        load = synthetic_load(shape, windows, seed)
+        res = measure(shape, load, repeats, 1, ("greedy", "fresh", "migrate"))
         rows.append({"axis": axis, "value": value, "shape": shape.name, "fresh_ms": res["fresh"]["ms"],
                          "migrate_ms": res["migrate"]["ms"], "greedy_ms": res["greedy"]["ms"],
-                         "fresh_in_window": res["fresh"]["in_window"], "greedy_in_window": res["greedy"]["in_window"]})
+                         "fresh_in_window": res["fresh"]["in_window"], "greedy_in_window": res["greedy"]["in_window"],
+                         "maps_ms": _maps_ms(shape, load[-1], repeats)})
     return rows
+
+
+def _maps_ms(shape: Shape, w: torch.Tensor, repeats: int) -> float:
+    """Median CPU ms of building the outputs ``log2phy [L, E, R-E+1]`` and ``logcnt`` from a fresh
+    plan of ``w [L, E]``: part of every fresh solve, and the part that grows with ``R - E + 1``."""
+    phy2log = rebalance_experts(w, *shape.args)[0]
+    times: list[float] = []
+    _timed(lambda: logical_maps(phy2log, shape.num_experts), repeats, times)
+    return statistics.median(times) * 1e3
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -255,11 +266,14 @@ def print_report(report: dict) -> None:
             print(f"{row['shape'] + ' / ' + row['load']:34} {v:12} {r['ms']:9.2f} {r['ratio_to_greedy']:8.3f} "
                   f"{r['in_window']:7.4f} {nxt:>7} {r['avoidable_dups']:6d} {r['moved_frac']:6.3f}{extra}")
     if report.get("growth"):
-        print(f"\n{'growth':14} {'value':>6} {'fresh ms':>9} {'migrate ms':>11} {'greedy ms':>10} "
+        print(f"\n{'growth':14} {'value':>6} {'fresh ms':>9} {'of it maps':>10} {'migrate ms':>11} {'greedy ms':>10} "
               f"{'fresh/greedy':>12} {'in-win ours':>11} {'greedy':>7}")
         for g in report["growth"]:
-            print(f"{g['axis']:14} {g['value']:6d} {g['fresh_ms']:9.2f} {g['migrate_ms']:11.2f} {g['greedy_ms']:10.2f} "
+            print(f"{g['axis']:14} {g['value']:6d} {g['fresh_ms']:9.2f} {g.get('maps_ms', float('nan')):10.2f} "
+                  f"{g['migrate_ms']:11.2f} {g['greedy_ms']:10.2f} "
                   f"{g['fresh_ms'] / g['greedy_ms']:12.3f} {g['fresh_in_window']:11.4f} {g['greedy_in_window']:7.4f}")
+        print("'of it maps': building log2phy [L, E, R-E+1] (-1 padded) and logcnt from the plan, timed alone; "
+              "the output grows with R - E + 1, faster than the slots.")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

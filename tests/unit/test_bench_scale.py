@@ -30,7 +30,7 @@ def test_quick_run_reports_every_variant_with_sane_values(tmp_path, capsys):
     assert variants["fresh"]["in_window"] >= variants["greedy"]["in_window"]
     growth = report["growth"]
     assert [g["value"] for g in growth] == [4, 8]
-    assert all(g["fresh_ms"] > 0 and g["greedy_ms"] > 0 for g in growth)
+    assert all(g["fresh_ms"] > 0 and g["greedy_ms"] > 0 and g["maps_ms"] > 0 for g in growth)
     printed = capsys.readouterr().out
     assert "quick / synthetic" in printed and "growth" in printed
 

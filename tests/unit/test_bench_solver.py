@@ -72,6 +72,14 @@ def test_evaluate_targets_pass_and_fail():
     assert got["zero avoidable duplicate pairs"] is False  # 3 - 1 = 2 avoidable
 
 
+def test_evaluate_targets_against_the_fastest_published_time():
+    fast, slow = _row("a 72,8,2,8", None, 0.99, 0.9, 0.9, ms=0.30), _row("b 16,4,2,8", None, 0.99, 0.9, 0.9, ms=0.30)
+    fast["published_fastest_ms"], slow["published_fastest_ms"] = 0.38, 0.21
+    got = {t["target"].split(":")[0]: t for t in evaluate_targets([fast, slow]) if "fastest published" in t["target"]}
+    assert got["a 72,8,2,8"]["passed"] is True and got["b 16,4,2,8"]["passed"] is False
+    assert got["b 16,4,2,8"]["measured"] == "0.300 ms"
+
+
 def _check_report(report, num_windows):
     assert {"ours", "greedy"} <= set(report["solvers"])
     assert report["cases"] and report["targets"]
@@ -112,6 +120,8 @@ def test_smoke_real_trace(tmp_path):
     assert report["synthetic"] is False
     (row,) = report["cases"]
     assert row["case"] == "mixtral_domains 16,4,2,8" and row["target_in_window"] == 0.962
+    assert row["published_fastest_ms"] == bench_solver.PUBLISHED_FASTEST_MS["mixtral_domains 16,4,2,8"]
+    assert any("fastest published" in t["target"] for t in report["targets"])
     assert (row["layers"], row["experts"]) == (3, 8)
     _check_report(report, 4)
 
