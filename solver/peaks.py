@@ -13,7 +13,6 @@ import numpy as np
 
 from ray_eplb.solver.jit import njit
 from ray_eplb.solver.maps import bin_counts, per_slot
-from ray_eplb.solver.packing import SORTED_SWAPS_FROM, best_swaps
 
 TABLE_LIMIT = 1 << 22  # largest [B, P, n] copies table kept
 LIGHT = 8  # the lightest bins the heaviest bin tries
@@ -107,27 +106,19 @@ def lower_peaks(
         load_h = bin_load.ravel()[hb][:, None]  # [F, 1]
         gap = load_h - bin_load.ravel()[lb]  # [F, C]
         room = limit[live][at][:, None]  # [F, 1]
-        if slots < SORTED_SWAPS_FROM:
-            d = la[..., :, None] - lbl[..., None, :]  # [F, C, S, S] what the heavy bin sheds
-            score = np.minimum(d, gap[..., None, None] - d)  # how much the pair's max falls
-            # A swap that brings the heavy bin to the goal without taking the light one past it
-            # comes first; among those, and else, the one that evens the pair most.
-            fix = (load_h[..., None, None] - d <= room[..., None, None]) & (
-                bin_load.ravel()[lb][..., None, None] + d <= room[..., None, None])
-            score = score.reshape(at.size, -1)
-            if fix_first is not None:
-                fix &= fix_first[live][at][:, None, None, None]
-            fixed = np.where(fix.reshape(at.size, -1) & (score > 0), score, -np.inf)
-            best = np.where(np.isfinite(fixed.max(1)), fixed.argmax(1), score.argmax(1))  # [F]
-            top = score[np.arange(at.size), best]
-            pick, best = best // (slots * slots), best % (slots * slots)
-        else:
-            b_all, t_all = best_swaps(np.broadcast_to(la, lbl.shape).reshape(-1, slots), lbl.reshape(-1, slots),
-                                      gap.ravel())
-            t_all = t_all.reshape(at.size, -1)
-            pick = t_all.argmax(1)
-            best = b_all.reshape(at.size, -1)[np.arange(at.size), pick]
-            top = t_all[np.arange(at.size), pick]
+        d = la[..., :, None] - lbl[..., None, :]  # [F, C, S, S] what the heavy bin sheds
+        score = np.minimum(d, gap[..., None, None] - d)  # how much the pair's max falls
+        # A swap that brings the heavy bin to the goal without taking the light one past it
+        # comes first; among those, and else, the one that evens the pair most.
+        fix = (load_h[..., None, None] - d <= room[..., None, None]) & (
+            bin_load.ravel()[lb][..., None, None] + d <= room[..., None, None])
+        score = score.reshape(at.size, -1)
+        if fix_first is not None:
+            fix &= fix_first[live][at][:, None, None, None]
+        fixed = np.where(fix.reshape(at.size, -1) & (score > 0), score, -np.inf)
+        best = np.where(np.isfinite(fixed.max(1)), fixed.argmax(1), score.argmax(1))  # [F]
+        top = score[np.arange(at.size), best]
+        pick, best = best // (slots * slots), best % (slots * slots)
         do = top > 1e-12 * gap[np.arange(at.size), pick]  # [F] the pair's max falls
         # A light bin chosen by several heavy bins goes to the heaviest; the others wait a sweep.
         key = np.where(do, lb[np.arange(at.size), pick], -1 - np.arange(at.size))
