@@ -35,7 +35,8 @@ def test_demo_runs_end_to_end_with_token_auth_on(tmp_path):
     cmd = [sys.executable, "-m", "ray_eplb.controller.cli.main", "demo", "--workers", "4", "--nodes", "2",
            "--windows", "6", "--layers", "4", "--batches-per-window", "2", "--batch-tokens", "64",
            "--interval", "0.3", "--rebalance-period", "0.6", "--out", str(tmp_path / "plots"), "--json"]
-    # With a Chromium here, also look at the Actors page the way a person does (CI has none).
+    # With a Chromium here (.ci/run installs Debian's), also look at the Actors page and the controller's
+    # log page the way a person does.
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser:
         cmd += ["--screenshot", str(tmp_path / "actors.png")]
