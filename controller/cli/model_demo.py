@@ -13,7 +13,7 @@ prose) that route differently, and the run goes through ``--phases`` phases, pha
 The reference is the unpatched model loaded from the same folder: every greedily generated token is
 compared with its token at the same position. A folder without a tokenizer gets byte-level ids
 (:func:`~ray_eplb.actors.hf_tiny.encode`). The cluster and its token authentication are those of
-``ray-eplb demo`` (:func:`ray_eplb.controller.cli.demo.start_cluster`).
+``ray-eplb demo`` (:func:`ray_eplb.controller.cli.cluster.start_cluster`).
 """
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def generate(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, pad:
 def main(argv: list[str] | None = None) -> int:
     a = parse(list(sys.argv[1:] if argv is None else argv))
     from ray_eplb.actors import HFCheckpointSource
-    from ray_eplb.controller.cli.demo import start_cluster
+    from ray_eplb.controller.cli.cluster import start_cluster
 
     t_start = time.monotonic()
     try:
