@@ -165,6 +165,7 @@ def _peaks_kernel(io, il, ic, orig, bin_load, num_owners, limit, budget, light, 
                 held_r[g, io[r, g, s]] += 1
         top = min(light, max(2, PAIRS_PER_SWAP // (slots * slots)), num_bins - 1)
         cand = np.empty(top, dtype=np.int64)  # the lightest bins, lightest first
+        ok_b = np.empty(slots, dtype=np.bool_)  # a light bin's replicas that may move to the heavy bin
         for _ in range(4 * num_bins * slots):
             h = 0
             for g in range(1, num_bins):
@@ -195,20 +196,24 @@ def _peaks_kernel(io, il, ic, orig, bin_load, num_owners, limit, budget, light, 
                 gap = bin_load[r, h] - bin_load[r, lo]
                 if gap <= 0 or best_any >= 0.5 * gap:
                     break  # (lighter bins first: no later pair can even more than gap / 2)
+                for sb in range(slots):  # (depends on the two bins only: checked once per pair of bins)
+                    b = io[r, lo, sb]
+                    b_there = held_r[h, b]
+                    ok_b[sb] = not (b_there >= ic[r, lo, sb] or (b_there > 0 and held_r[lo, b] < 2))
                 for sa in range(slots):
                     a = io[r, h, sa]
                     a_there = held_r[lo, a]
                     if a_there >= ic[r, h, sa] or (a_there > 0 and held_r[h, a] < 2):
                         continue
+                    load_a = il[r, h, sa]
                     for sb in range(slots):
+                        if not ok_b[sb]:
+                            continue
                         b = io[r, lo, sb]
                         if a == b:
                             continue
-                        d = il[r, h, sa] - il[r, lo, sb]
+                        d = load_a - il[r, lo, sb]
                         if d <= 1e-12 * gap or d >= gap:
-                            continue
-                        b_there = held_r[h, b]
-                        if b_there >= ic[r, lo, sb] or (b_there > 0 and held_r[lo, b] < 2):
                             continue
                         cost = (int(b != orig[r, h, sa]) - int(a != orig[r, h, sa])
                                 + int(a != orig[r, lo, sb]) - int(b != orig[r, lo, sb]))
