@@ -35,6 +35,8 @@ def _relocate_kernel(w, own, cnt, target, budget):  # pragma: no cover (compiled
             width = max(width, cnt[r, e], target[r, e])
     where = np.empty((num_experts, width + 1), dtype=np.int64)  # flat slots of each expert
     many = np.zeros(num_experts, dtype=np.int64)
+    gainers = np.empty(num_experts, dtype=np.int64)  # experts below / above their target, ascending
+    losers = np.empty(num_experts, dtype=np.int64)
     for r in range(num_layers):
         surplus = 0
         for e in range(num_experts):
@@ -52,17 +54,38 @@ def _relocate_kernel(w, own, cnt, target, budget):  # pragma: no cover (compiled
                 load[g] += w[r, e] / cnt[r, e]
                 where[e, many[e]] = g * slots + s
                 many[e] += 1
+        num_gain, num_lose = 0, 0
+        for e in range(num_experts):
+            if target[r, e] > cnt[r, e]:
+                gainers[num_gain] = e
+                num_gain += 1
+            elif cnt[r, e] > target[r, e]:
+                losers[num_lose] = e
+                num_lose += 1
         for _ in range(k):
+            # Only experts still off their target are scanned (in ascending order, so a tie
+            # still goes to the lowest expert); one that reached it leaves its list.
             x, xq, y, yq = -1, -1.0, -1, np.inf
-            for e in range(num_experts):
+            kept = 0
+            for i in range(num_gain):
+                e = gainers[i]
                 if target[r, e] > cnt[r, e]:
+                    gainers[kept] = e
+                    kept += 1
                     q = w[r, e] / cnt[r, e]
                     if q > xq:
                         x, xq = e, q
+            num_gain = kept
+            kept = 0
+            for i in range(num_lose):
+                e = losers[i]
                 if cnt[r, e] > target[r, e]:
+                    losers[kept] = e
+                    kept += 1
                     q = w[r, e] / max(cnt[r, e] - 1, 1)
                     if q < yq:
                         y, yq = e, q
+            num_lose = kept
             if x < 0 or y < 0:
                 break
             least = 0
