@@ -166,26 +166,25 @@ def _peaks_kernel(io, il, ic, orig, bin_load, num_owners, limit, budget, light, 
         top = min(light, max(2, PAIRS_PER_SWAP // (slots * slots)), num_bins - 1)
         cand = np.empty(top, dtype=np.int64)  # the lightest bins, lightest first
         ok_b = np.empty(slots, dtype=np.bool_)  # a light bin's replicas that may move to the heavy bin
+        # The bins in (load, index) order, kept sorted as swaps change two loads: the heaviest
+        # (lowest index among equals) and the lightest are read off it, not searched for.
+        order = np.argsort(bin_load[r], kind="mergesort")
+        pos = np.empty(num_bins, dtype=np.int64)
+        for i in range(num_bins):
+            pos[order[i]] = i
         for _ in range(4 * num_bins * slots):
-            h = 0
-            for g in range(1, num_bins):
-                if bin_load[r, g] > bin_load[r, h]:
-                    h = g
+            i = num_bins - 1
+            while i > 0 and bin_load[r, order[i - 1]] == bin_load[r, order[num_bins - 1]]:
+                i -= 1
+            h = order[i]
             if bin_load[r, h] <= limit[r] or budget[r] < 1:
                 break
-            m = 0  # insertion into the sorted candidate list (top is small)
-            for g in range(num_bins):
-                if g == h:
-                    continue
-                x = bin_load[r, g]
-                if m == top and x >= bin_load[r, cand[m - 1]]:
-                    continue
-                j = m if m < top else top - 1
-                while j > 0 and bin_load[r, cand[j - 1]] > x:
-                    cand[j] = cand[j - 1]
-                    j -= 1
-                cand[j] = g
-                if m < top:
+            m = 0
+            for i in range(num_bins):
+                if m == top:
+                    break
+                if order[i] != h:
+                    cand[m] = order[i]
                     m += 1
             best_fix, best_any = -1.0, 0.0
             pick_fix, pick_any = -1, -1
@@ -243,6 +242,20 @@ def _peaks_kernel(io, il, ic, orig, bin_load, num_owners, limit, budget, light, 
             io[r, h, sa], io[r, lo, sb] = b, a
             il[r, h, sa], il[r, lo, sb] = il[r, lo, sb], il[r, h, sa]
             ic[r, h, sa], ic[r, lo, sb] = ic[r, lo, sb], ic[r, h, sa]
+            for g in (h, lo):  # back to its place in the order (the other bins stay sorted)
+                i, x = pos[g], bin_load[r, g]
+                while i > 0 and (bin_load[r, order[i - 1]] > x
+                                 or (bin_load[r, order[i - 1]] == x and order[i - 1] > g)):
+                    order[i] = order[i - 1]
+                    pos[order[i]] = i
+                    i -= 1
+                while i < num_bins - 1 and (bin_load[r, order[i + 1]] < x
+                                            or (bin_load[r, order[i + 1]] == x and order[i + 1] < g)):
+                    order[i] = order[i + 1]
+                    pos[order[i]] = i
+                    i += 1
+                order[i] = g
+                pos[g] = i
         for g in range(num_bins):  # clear the row's copies for the next row
             for s in range(slots):
                 held_r[g, io[r, g, s]] = 0
