@@ -195,16 +195,24 @@ def _peaks_kernel(io, il, ic, orig, bin_load, num_owners, limit, budget, light, 
                 gap = bin_load[r, h] - bin_load[r, lo]
                 if gap <= 0 or best_any >= 0.5 * gap:
                     break  # (lighter bins first: no later pair can even more than gap / 2)
+                lightest = np.inf  # the light bin's lightest replica that may move
                 for sb in range(slots):  # (depends on the two bins only: checked once per pair of bins)
                     b = io[r, lo, sb]
                     b_there = held_r[h, b]
                     ok_b[sb] = not (b_there >= ic[r, lo, sb] or (b_there > 0 and held_r[lo, b] < 2))
+                    if ok_b[sb]:
+                        lightest = min(lightest, il[r, lo, sb])
                 for sa in range(slots):
+                    load_a = il[r, h, sa]
+                    # A pair sheds d <= load_a - lightest and scores at most d: skip the replica when
+                    # that cannot beat the best so far and cannot bring the heavy bin to the goal.
+                    most = load_a - lightest
+                    if most <= best_any and (not fix_first[r] or bin_load[r, h] - most > limit[r]):
+                        continue
                     a = io[r, h, sa]
                     a_there = held_r[lo, a]
                     if a_there >= ic[r, h, sa] or (a_there > 0 and held_r[h, a] < 2):
                         continue
-                    load_a = il[r, h, sa]
                     for sb in range(slots):
                         if not ok_b[sb]:
                             continue
