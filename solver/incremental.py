@@ -93,7 +93,9 @@ def incremental(
         fits = cost <= budget[dup]
         own[dup[fits]] = fixed[fits]
         budget[dup[fits]] -= cost[fits]
-    if goal is not None and peaks_kernel is not None:
+    if goal is not None and slots == 1:
+        pass  # one slot per GPU: a swap exchanges two GPUs' loads, no peak can fall (the peak is the counts')
+    elif goal is not None and peaks_kernel is not None:
         own = lower_peaks(own, per, cap, goal, budget, GOAL_SWEEPS, old.reshape(own.shape), fix_first)
     else:
         own, _ = refine_swaps(own, per, cap, pairs=pairs, sweeps=sweeps, budget=budget)

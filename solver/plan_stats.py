@@ -54,6 +54,7 @@ def _plan_stats_kernel(plan, w, num_gpus):  # pragma: no cover (compiled)
     dup = np.zeros(num_layers, dtype=np.int64)
     ok = np.ones(num_layers, dtype=np.bool_)
     per = np.empty(num_experts)
+    cap = np.empty(num_experts, dtype=np.int64)
     loads = np.empty(slots)
     seen = np.zeros(num_experts, dtype=np.int64)  # copies on the current GPU
     for r in range(num_layers):
@@ -62,22 +63,26 @@ def _plan_stats_kernel(plan, w, num_gpus):  # pragma: no cover (compiled)
         extra = 0
         for e in range(num_experts):
             per[e] = w[r, e] / max(cnt[r, e], 1)
+            cap[e] = (cnt[r, e] + num_gpus - 1) // num_gpus
             extra += max(cnt[r, e] - num_gpus, 0)
         best = -np.inf
         pairs = 0
         for g in range(num_gpus):
             base = g * slots
+            x = 0.0  # (numpy sums fewer than 8 numbers in order)
             for s in range(slots):
                 e = plan[r, base + s]
                 loads[s] = per[e]
+                x += per[e]
                 if seen[e] > 0:
                     pairs += 1
                 seen[e] += 1
-                if seen[e] > (cnt[r, e] + num_gpus - 1) // num_gpus:
+                if seen[e] > cap[e]:
                     ok[r] = False
             for s in range(slots):
                 seen[plan[r, base + s]] = 0
-            x = _pairwise_sum(loads, 0, slots)
+            if slots >= 8:
+                x = _pairwise_sum(loads, 0, slots)
             if x > best:
                 best = x
         peak[r] = best
