@@ -18,7 +18,7 @@ def _random_plan(rng, num_layers, num_experts, num_gpus, slots, stacked):
 @pytest.mark.parametrize("seed", range(40))
 def test_plan_stats_matches_numpy(seed):
     rng = np.random.default_rng(seed)
-    num_gpus, slots = int(rng.integers(1, 12)), int(rng.integers(1, 20))
+    num_gpus, slots = int(rng.integers(1, 12)), int(rng.integers(2, 20))
     num_experts = int(rng.integers(2, num_gpus * slots + 1))
     plan = _random_plan(rng, int(rng.integers(1, 5)), num_experts, num_gpus, slots, seed % 3 == 0)
     w = rng.random((plan.shape[0], num_experts)) * 1000
