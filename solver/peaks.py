@@ -222,10 +222,11 @@ def _peaks_kernel(io, il, ic, orig, bin_load, num_owners, limit, budget, light, 
                         d = load_a - il[r, lo, sb]
                         if d <= 1e-12 * gap or d >= gap:
                             continue
-                        cost = (int(b != orig[r, h, sa]) - int(a != orig[r, h, sa])
-                                + int(a != orig[r, lo, sb]) - int(b != orig[r, lo, sb]))
-                        if cost > budget[r]:
-                            continue
+                        if budget[r] < 2:  # (a swap costs at most 2: checked only when that may not fit)
+                            cost = (int(b != orig[r, h, sa]) - int(a != orig[r, h, sa])
+                                    + int(a != orig[r, lo, sb]) - int(b != orig[r, lo, sb]))
+                            if cost > budget[r]:
+                                continue
                         score = min(d, gap - d)
                         if fix_first[r] and bin_load[r, h] - d <= limit[r] and bin_load[r, lo] + d <= limit[r]:
                             if score > best_fix:
