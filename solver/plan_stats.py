@@ -63,7 +63,7 @@ def _plan_stats_kernel(plan, w, num_gpus):  # pragma: no cover (compiled)
         extra = 0
         for e in range(num_experts):
             per[e] = w[r, e] / max(cnt[r, e], 1)
-            cap[e] = (cnt[r, e] + num_gpus - 1) // num_gpus
+            cap[e] = 1 if cnt[r, e] <= num_gpus else (cnt[r, e] + num_gpus - 1) // num_gpus  # (no division mostly)
             extra += max(cnt[r, e] - num_gpus, 0)
         best = -np.inf
         pairs = 0
