@@ -12,6 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from ray_eplb.solver.jit import njit
+
+if njit is not None:
+    from ray_eplb.solver.kernels_solve import _pairwise_sum
 from ray_eplb.solver.maps import bin_counts, per_slot
 
 TABLE_LIMIT = 1 << 22  # largest [B, P, n] copies table kept
@@ -62,9 +65,8 @@ def lower_peaks(
     limit = goal * (1 + 1e-9) + 1e-12
     if peaks_kernel is not None:
         io = slot_owner.copy()
-        il = per_slot(per_replica, slot_owner)
-        ic = per_slot(cap, slot_owner)
-        peaks_kernel(io, il, ic, slot_owner if orig is None else orig, il.sum(-1), n, limit, budget, LIGHT,
+        peaks_kernel(io, np.ascontiguousarray(per_replica, dtype=np.float64), np.ascontiguousarray(cap, dtype=np.int64),
+                     slot_owner if orig is None else orig, limit, budget, LIGHT,
                      np.ones(num_rows, dtype=np.bool_) if fix_first is None else fix_first)
         return io
     io = slot_owner.reshape(num_rows * num_bins, slots).copy()  # [B*P, S] owner per slot, flat bins
@@ -149,20 +151,31 @@ def lower_peaks(
     return io.reshape(num_rows, num_bins, slots)
 
 
-def _peaks_kernel(io, il, ic, orig, bin_load, num_owners, limit, budget, light, fix_first):  # pragma: no cover
+def _peaks_kernel(io, per_replica, cap, orig, limit, budget, light, fix_first):  # pragma: no cover
     """One row at a time, the heaviest bin first, until it is at its goal: see :func:`lower_peaks`.
 
-    ``io``/``il``/``ic``/``orig`` ``[B, P, S]`` (owner, load, the owner's cap, owner in the
-    starting plan), ``bin_load [B, P]``, ``limit [B]``,
-    ``budget [B]`` (slots that may still differ from ``orig``; updated), all in place. A swap
-    costs the slots it makes differ from ``orig`` less those it makes equal again.
+    ``io``/``orig`` ``[B, P, S]`` (owner, owner in the starting plan), ``per_replica``/``cap``
+    ``[B, n]``, ``limit [B]``, ``budget [B]`` (slots that may still differ from ``orig``;
+    updated); ``io`` and ``budget`` in place. A swap costs the slots it makes differ from
+    ``orig`` less those it makes equal again. Bin loads start as numpy's ``sum(-1)`` of the
+    slot loads gives them.
     """
     num_rows, num_bins, slots = io.shape
+    num_owners = per_replica.shape[1]
     held_r = np.zeros((num_bins, num_owners), dtype=np.int32)  # copies per (bin, owner) of row r
+    il = np.empty(io.shape)  # load per slot
+    ic = np.empty(io.shape, dtype=np.int64)  # the slot owner's cap
+    bin_load = np.empty((num_rows, num_bins))
     for r in range(num_rows):
         for g in range(num_bins):
+            x = 0.0  # (numpy sums fewer than 8 numbers in order)
             for s in range(slots):
-                held_r[g, io[r, g, s]] += 1
+                e = io[r, g, s]
+                held_r[g, e] += 1
+                il[r, g, s] = per_replica[r, e]
+                ic[r, g, s] = cap[r, e]
+                x += il[r, g, s]
+            bin_load[r, g] = x if slots < 8 else _pairwise_sum(il[r, g], 0, slots)
         top = min(light, max(2, PAIRS_PER_SWAP // (slots * slots)), num_bins - 1)
         cand = np.empty(top, dtype=np.int64)  # the lightest bins, lightest first
         ok_b = np.empty(slots, dtype=np.bool_)  # a light bin's replicas that may move to the heavy bin
