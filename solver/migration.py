@@ -17,7 +17,10 @@ balance *and* by how many slots it changes relative to the current one (``old``)
 Its cost follows the slots that change: a layer already at the fresh plan is left before any
 other work, relocations and swaps are compiled loops (numba; numpy code without it) whose work
 is per move, and the fresh alternative is ruled out by a bound from sparse GPU overlaps before
-any assignment solve (which then runs only on GPUs whose expert sets differ).
+any assignment solve (which then runs only on GPUs whose expert sets differ). What the call
+reads off a plan (replica counts, peak, avoidable duplicates, the cap check) comes from one
+compiled pass per plan (:func:`~ray_eplb.solver.plan_stats.plan_stats`), counted once and
+shared; with one slot per GPU the goal swaps are skipped (no swap can lower a peak there).
 """
 from __future__ import annotations
 
