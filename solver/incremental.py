@@ -11,6 +11,7 @@ from ray_eplb.solver.counts import counts_np
 from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts, per_slot
 from ray_eplb.solver.packing import refine_swaps
 from ray_eplb.solver.peaks import lower_peaks, peaks_kernel
+from ray_eplb.solver.plan_stats import plan_stats, plan_stats_kernel
 from ray_eplb.solver.relocate import relocate_kernel
 from ray_eplb.solver.repair import separate_copies_batched, separate_kernel
 
@@ -29,6 +30,7 @@ def incremental(
     sweeps: int | None = None,
     goal: np.ndarray | None = None,
     target: np.ndarray | None = None,
+    cnt: np.ndarray | None = None,
 ) -> np.ndarray:
     """Improve ``old`` for load ``w`` by at most ``budget`` slot changes per layer.
 
@@ -55,7 +57,8 @@ def incremental(
 
     Every expert keeps at least one replica, and no expert is put twice on a GPU.
 
-    Shapes: ``w [L, E]`` float64, ``old [L, R]`` int64, ``budget [L]`` int64 (not modified).
+    Shapes: ``w [L, E]`` float64, ``old [L, R]`` int64, ``budget [L]`` int64 (not modified),
+    ``cnt [L, E]`` (optional, not modified): ``old``'s replicas per expert when already counted.
     Returns ``[L, R]`` int64.
     """
     num_layers, num_experts = w.shape
@@ -68,7 +71,7 @@ def incremental(
     if pairs is None:  # every GPU paired, as in a fresh solve
         pairs = max(4, num_gpus // 2)
     own = old.reshape(num_layers, num_gpus, slots).copy()  # [L, P, S] expert per slot
-    cnt = bin_counts(old, 1, num_experts)[:, 0]  # [L, E] current replicas
+    cnt = bin_counts(old, 1, num_experts)[:, 0] if cnt is None else cnt.copy()  # [L, E] current replicas
     if target is None:
         target = counts_np(w, num_slots, method)  # [L, E]
     relocate(w, own, cnt, target, budget)
@@ -77,7 +80,12 @@ def incremental(
     # Avoidable duplicates left (a foreign old plan's, or a thinned expert's) are swapped apart
     # before any balancing swap: each frees a slot. A layer whose repair does not fit its budget
     # keeps them.
-    dup = np.nonzero(avoidable_duplicates_np(own.reshape(num_layers, -1), num_gpus, num_experts) > 0)[0]
+    if slots == 1:  # nothing can stack
+        dup = np.zeros(0, dtype=np.int64)
+    elif plan_stats_kernel is not None:
+        dup = np.nonzero(plan_stats(own.reshape(num_layers, -1), w, num_gpus)[2] > 0)[0]
+    else:
+        dup = np.nonzero(avoidable_duplicates_np(own.reshape(num_layers, -1), num_gpus, num_experts) > 0)[0]
     if dup.size:
         repair = separate_copies_batched if separate_kernel is None else separate_kernel
         fixed = repair(own[dup], per[dup], cap[dup])
@@ -85,7 +93,9 @@ def incremental(
         fits = cost <= budget[dup]
         own[dup[fits]] = fixed[fits]
         budget[dup[fits]] -= cost[fits]
-    if goal is not None and peaks_kernel is not None:
+    if goal is not None and slots == 1:
+        pass  # one slot per GPU: a swap exchanges two GPUs' loads, no peak can fall (the peak is the counts')
+    elif goal is not None and peaks_kernel is not None:
         own = lower_peaks(own, per, cap, goal, budget, GOAL_SWEEPS, old.reshape(own.shape), fix_first)
     else:
         own, _ = refine_swaps(own, per, cap, pairs=pairs, sweeps=sweeps, budget=budget)

@@ -17,7 +17,10 @@ balance *and* by how many slots it changes relative to the current one (``old``)
 Its cost follows the slots that change: a layer already at the fresh plan is left before any
 other work, relocations and swaps are compiled loops (numba; numpy code without it) whose work
 is per move, and the fresh alternative is ruled out by a bound from sparse GPU overlaps before
-any assignment solve (which then runs only on GPUs whose expert sets differ).
+any assignment solve (which then runs only on GPUs whose expert sets differ). What the call
+reads off a plan (replica counts, peak, avoidable duplicates, the cap check) comes from one
+compiled pass per plan (:func:`~ray_eplb.solver.plan_stats.plan_stats`), counted once and
+shared; with one slot per GPU the goal swaps are skipped (no swap can lower a peak there).
 """
 from __future__ import annotations
 
@@ -27,8 +30,9 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from ray_eplb.solver.incremental import incremental
-from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts
+from ray_eplb.solver.maps import bin_counts
 from ray_eplb.solver.overlap import kept_upper_bound, match_gpus, sparse_overlap
+from ray_eplb.solver.plan_stats import plan_stats
 
 
 def moved_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -173,20 +177,6 @@ def budget_per_layer(max_moves, num_layers: int, num_replicas: int, scope: str) 
     return np.full(num_layers, per, dtype=np.int64), None
 
 
-def _within_cap(plan: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray:
-    """``[L]``: no GPU of ``plan [L, R]`` holds more than ``ceil(count / P)`` of an expert."""
-    num_layers = plan.shape[0]
-    if plan.shape[1] == num_gpus:  # one slot per GPU: nothing can stack
-        return np.ones(num_layers, dtype=bool)
-    srt = np.sort(plan.reshape(num_layers, num_gpus, -1), axis=-1)
-    ok = ~(srt[..., 1:] == srt[..., :-1]).any((1, 2))  # [L] no expert twice on a GPU at all
-    rows = np.nonzero(~ok)[0]
-    if rows.size:
-        held = bin_counts(plan[rows], num_gpus, num_experts)  # [r, P, E]
-        ok[rows] = (held <= -(-held.sum(1, keepdims=True) // num_gpus)).all((1, 2))
-    return ok
-
-
 class FreshCandidate:
     """A from-scratch plan as each layer's alternative to the incremental one (see :func:`migrate`).
 
@@ -197,22 +187,27 @@ class FreshCandidate:
     skipped. Shapes: ``old``, ``fresh`` ``[L, R]`` int64, ``w [L, E]`` float64.
     """
 
-    def __init__(self, old: np.ndarray, fresh: np.ndarray, w: np.ndarray, num_gpus: int):
+    def __init__(self, old: np.ndarray, fresh: np.ndarray, w: np.ndarray, num_gpus: int,
+                 cnt_old: np.ndarray | None = None):
         num_layers, num_experts = w.shape
         self.old, self.fresh, self.w, self.num_gpus = old, fresh, w, num_gpus
-        self.peak = peak_load(fresh, w, num_gpus)  # [L]
-        self.ok = _within_cap(fresh, num_gpus, num_experts)  # [L] no expert stacked beyond its cap
+        # [L, E] replicas, [L] peak, [L] avoidable duplicates (alignment keeps every GPU's set: the
+        # aligned plan's too), [L] no expert stacked beyond its cap.
+        self.cnt, self.peak, self.dups, self.ok = plan_stats(fresh, w, num_gpus, dups=True, cap=True)
+        if cnt_old is None:
+            cnt_old = bin_counts(old, 1, num_experts)[:, 0]
         # [L] lower bound on its moved slots: an expert keeps at most min(old, new) replicas' slots.
-        kept = np.minimum(bin_counts(old, 1, num_experts), bin_counts(fresh, 1, num_experts)).sum((1, 2))
+        kept = np.minimum(cnt_old, self.cnt).sum(1)
         self.fewest = old.shape[1] - kept
         self.tight = np.zeros(num_layers, dtype=bool)  # [L] fewest from GPU overlaps already
         self.plan, self.moves = old.copy(), np.full(num_layers, old.shape[1] + 1)  # aligned rows, [L]
         self.done = np.zeros(num_layers, dtype=bool)
 
-    def pick(self, new: np.ndarray, peak: np.ndarray, moves: np.ndarray):
+    def pick(self, new: np.ndarray, peak: np.ndarray, moves: np.ndarray, dups: np.ndarray | None = None):
         """Per layer, the fresh plan where it dominates ``new [L, R]`` (its ``peak``, ``moves``
         ``[L]``): a peak no higher, no more moves, and better in one of the two (peaks equal
-        within float rounding are a tie). Returns the chosen ``(plan, peak, moves)``."""
+        within float rounding are a tie). Returns the chosen ``(plan, peak, moves, dups)``
+        (``dups [L]``, avoidable duplicates, only when given for ``new``)."""
         # It moves at least `fewest` slots: it can dominate only with a lower peak at no more
         # moves, or an equal peak at fewer (else the alignment is skipped).
         lower, no_higher = self.peak < peak * (1 - 1e-9), self.peak <= peak * (1 + 1e-9)
@@ -229,12 +224,12 @@ class FreshCandidate:
         if rows.size:
             self.plan[rows] = align(self.old[rows], self.fresh[rows], 1, self.num_gpus)
             self.moves[rows] = moved_slots(self.old[rows], self.plan[rows])
-            self.peak[rows] = peak_load(self.plan[rows], self.w[rows], self.num_gpus)  # same sets, other sum order
+            self.peak[rows] = plan_stats(self.plan[rows], self.w[rows], self.num_gpus, dups=False)[1]  # other sum order
             self.done[rows] = True
         lower = self.peak < peak * (1 - 1e-9)
         take = maybe & (self.moves <= moves) & (lower | (self.moves < moves))
         return (np.where(take[:, None], self.plan, new), np.where(take, self.peak, peak),
-                np.where(take, self.moves, moves))
+                np.where(take, self.moves, moves), None if dups is None else np.where(take, self.dups, dups))
 
 
 def hull_spend(gains: np.ndarray, moved: np.ndarray, total: int) -> np.ndarray:
@@ -318,22 +313,25 @@ def migrate(
             if rows.size:
                 out[rows] = migrate(w[rows], old[rows], num_gpus, budget[rows], total, min_gain, method, fresh[rows])
             return out
-    peak_old = peak_load(old, w, num_gpus)  # [L]
-    dup_old = np.zeros(num_layers, dtype=np.int64) if one_slot else avoidable_duplicates_np(old, num_gpus, num_experts)
-    cand = None if fresh is None else FreshCandidate(old, fresh, w, num_gpus)
+    cnt_old, peak_old, dup_old, _ = plan_stats(old, w, num_gpus, dups=not one_slot)  # [L, E], [L], [L]
+    if one_slot:
+        dup_old = np.zeros(num_layers, dtype=np.int64)
+    cand = None if fresh is None else FreshCandidate(old, fresh, w, num_gpus, cnt_old)
     goal = None if cand is None else cand.peak.copy()
-    target = None if fresh is None else bin_counts(fresh, 1, num_experts)[:, 0]
+    target = None if cand is None else cand.cnt
+    count_dups = bool(dup_old.any())
 
     def plan(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        new = incremental(w, old, num_gpus, b, method, goal=goal, target=target)
-        peak, moves = peak_load(new, w, num_gpus), moved_slots(old, new)
+        new = incremental(w, old, num_gpus, b, method, goal=goal, target=target, cnt=cnt_old)
+        _, peak, dups, _ = plan_stats(new, w, num_gpus, dups=count_dups)
+        moves = moved_slots(old, new)
         if cand is not None:
-            new, peak, moves = cand.pick(new, peak, moves)
+            new, peak, moves, dups = cand.pick(new, peak, moves, dups)
         gain = peak_old - peak  # [L] absolute peak reduction
         # Removing an avoidable duplicate frees a slot: always worth it, whatever the hysteresis.
         worth = gain > min_gain * peak_old
-        if dup_old.any():
-            worth |= avoidable_duplicates_np(new, num_gpus, num_experts) < dup_old
+        if count_dups:
+            worth |= dups < dup_old
         return np.where(worth[:, None], new, old), np.where(worth, gain, 0.0), np.where(worth, moves, 0)
 
     new, gain, moves = plan(budget)

@@ -12,6 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from ray_eplb.solver.jit import njit
+
+if njit is not None:
+    from ray_eplb.solver.kernels_solve import _pairwise_sum
 from ray_eplb.solver.maps import bin_counts, per_slot
 
 TABLE_LIMIT = 1 << 22  # largest [B, P, n] copies table kept
@@ -62,9 +65,8 @@ def lower_peaks(
     limit = goal * (1 + 1e-9) + 1e-12
     if peaks_kernel is not None:
         io = slot_owner.copy()
-        il = per_slot(per_replica, slot_owner)
-        ic = per_slot(cap, slot_owner)
-        peaks_kernel(io, il, ic, slot_owner if orig is None else orig, il.sum(-1), n, limit, budget, LIGHT,
+        peaks_kernel(io, np.ascontiguousarray(per_replica, dtype=np.float64), np.ascontiguousarray(cap, dtype=np.int64),
+                     slot_owner if orig is None else orig, limit, budget, LIGHT,
                      np.ones(num_rows, dtype=np.bool_) if fix_first is None else fix_first)
         return io
     io = slot_owner.reshape(num_rows * num_bins, slots).copy()  # [B*P, S] owner per slot, flat bins
@@ -149,42 +151,53 @@ def lower_peaks(
     return io.reshape(num_rows, num_bins, slots)
 
 
-def _peaks_kernel(io, il, ic, orig, bin_load, num_owners, limit, budget, light, fix_first):  # pragma: no cover
+def _peaks_kernel(io, per_replica, cap, orig, limit, budget, light, fix_first):  # pragma: no cover
     """One row at a time, the heaviest bin first, until it is at its goal: see :func:`lower_peaks`.
 
-    ``io``/``il``/``ic``/``orig`` ``[B, P, S]`` (owner, load, the owner's cap, owner in the
-    starting plan), ``bin_load [B, P]``, ``limit [B]``,
-    ``budget [B]`` (slots that may still differ from ``orig``; updated), all in place. A swap
-    costs the slots it makes differ from ``orig`` less those it makes equal again.
+    ``io``/``orig`` ``[B, P, S]`` (owner, owner in the starting plan), ``per_replica``/``cap``
+    ``[B, n]``, ``limit [B]``, ``budget [B]`` (slots that may still differ from ``orig``;
+    updated); ``io`` and ``budget`` in place. A swap costs the slots it makes differ from
+    ``orig`` less those it makes equal again. Bin loads start as numpy's ``sum(-1)`` of the
+    slot loads gives them.
     """
     num_rows, num_bins, slots = io.shape
+    num_owners = per_replica.shape[1]
     held_r = np.zeros((num_bins, num_owners), dtype=np.int32)  # copies per (bin, owner) of row r
+    il = np.empty(io.shape)  # load per slot
+    ic = np.empty(io.shape, dtype=np.int64)  # the slot owner's cap
+    bin_load = np.empty((num_rows, num_bins))
     for r in range(num_rows):
         for g in range(num_bins):
+            x = 0.0  # (numpy sums fewer than 8 numbers in order)
             for s in range(slots):
-                held_r[g, io[r, g, s]] += 1
+                e = io[r, g, s]
+                held_r[g, e] += 1
+                il[r, g, s] = per_replica[r, e]
+                ic[r, g, s] = cap[r, e]
+                x += il[r, g, s]
+            bin_load[r, g] = x if slots < 8 else _pairwise_sum(il[r, g], 0, slots)
         top = min(light, max(2, PAIRS_PER_SWAP // (slots * slots)), num_bins - 1)
         cand = np.empty(top, dtype=np.int64)  # the lightest bins, lightest first
+        ok_b = np.empty(slots, dtype=np.bool_)  # a light bin's replicas that may move to the heavy bin
+        # The bins in (load, index) order, kept sorted as swaps change two loads: the heaviest
+        # (lowest index among equals) and the lightest are read off it, not searched for.
+        order = np.argsort(bin_load[r], kind="mergesort")
+        pos = np.empty(num_bins, dtype=np.int64)
+        for i in range(num_bins):
+            pos[order[i]] = i
         for _ in range(4 * num_bins * slots):
-            h = 0
-            for g in range(1, num_bins):
-                if bin_load[r, g] > bin_load[r, h]:
-                    h = g
+            i = num_bins - 1
+            while i > 0 and bin_load[r, order[i - 1]] == bin_load[r, order[num_bins - 1]]:
+                i -= 1
+            h = order[i]
             if bin_load[r, h] <= limit[r] or budget[r] < 1:
                 break
-            m = 0  # insertion into the sorted candidate list (top is small)
-            for g in range(num_bins):
-                if g == h:
-                    continue
-                x = bin_load[r, g]
-                if m == top and x >= bin_load[r, cand[m - 1]]:
-                    continue
-                j = m if m < top else top - 1
-                while j > 0 and bin_load[r, cand[j - 1]] > x:
-                    cand[j] = cand[j - 1]
-                    j -= 1
-                cand[j] = g
-                if m < top:
+            m = 0
+            for i in range(num_bins):
+                if m == top:
+                    break
+                if order[i] != h:
+                    cand[m] = order[i]
                     m += 1
             best_fix, best_any = -1.0, 0.0
             pick_fix, pick_any = -1, -1
@@ -195,25 +208,38 @@ def _peaks_kernel(io, il, ic, orig, bin_load, num_owners, limit, budget, light, 
                 gap = bin_load[r, h] - bin_load[r, lo]
                 if gap <= 0 or best_any >= 0.5 * gap:
                     break  # (lighter bins first: no later pair can even more than gap / 2)
+                lightest = np.inf  # the light bin's lightest replica that may move
+                for sb in range(slots):  # (depends on the two bins only: checked once per pair of bins)
+                    b = io[r, lo, sb]
+                    b_there = held_r[h, b]
+                    ok_b[sb] = not (b_there >= ic[r, lo, sb] or (b_there > 0 and held_r[lo, b] < 2))
+                    if ok_b[sb]:
+                        lightest = min(lightest, il[r, lo, sb])
                 for sa in range(slots):
+                    load_a = il[r, h, sa]
+                    # A pair sheds d <= load_a - lightest and scores at most d: skip the replica when
+                    # that cannot beat the best so far and cannot bring the heavy bin to the goal.
+                    most = load_a - lightest
+                    if most <= best_any and (not fix_first[r] or bin_load[r, h] - most > limit[r]):
+                        continue
                     a = io[r, h, sa]
                     a_there = held_r[lo, a]
                     if a_there >= ic[r, h, sa] or (a_there > 0 and held_r[h, a] < 2):
                         continue
                     for sb in range(slots):
+                        if not ok_b[sb]:
+                            continue
                         b = io[r, lo, sb]
                         if a == b:
                             continue
-                        d = il[r, h, sa] - il[r, lo, sb]
+                        d = load_a - il[r, lo, sb]
                         if d <= 1e-12 * gap or d >= gap:
                             continue
-                        b_there = held_r[h, b]
-                        if b_there >= ic[r, lo, sb] or (b_there > 0 and held_r[lo, b] < 2):
-                            continue
-                        cost = (int(b != orig[r, h, sa]) - int(a != orig[r, h, sa])
-                                + int(a != orig[r, lo, sb]) - int(b != orig[r, lo, sb]))
-                        if cost > budget[r]:
-                            continue
+                        if budget[r] < 2:  # (a swap costs at most 2: checked only when that may not fit)
+                            cost = (int(b != orig[r, h, sa]) - int(a != orig[r, h, sa])
+                                    + int(a != orig[r, lo, sb]) - int(b != orig[r, lo, sb]))
+                            if cost > budget[r]:
+                                continue
                         score = min(d, gap - d)
                         if fix_first[r] and bin_load[r, h] - d <= limit[r] and bin_load[r, lo] + d <= limit[r]:
                             if score > best_fix:
@@ -238,6 +264,20 @@ def _peaks_kernel(io, il, ic, orig, bin_load, num_owners, limit, budget, light, 
             io[r, h, sa], io[r, lo, sb] = b, a
             il[r, h, sa], il[r, lo, sb] = il[r, lo, sb], il[r, h, sa]
             ic[r, h, sa], ic[r, lo, sb] = ic[r, lo, sb], ic[r, h, sa]
+            for g in (h, lo):  # back to its place in the order (the other bins stay sorted)
+                i, x = pos[g], bin_load[r, g]
+                while i > 0 and (bin_load[r, order[i - 1]] > x
+                                 or (bin_load[r, order[i - 1]] == x and order[i - 1] > g)):
+                    order[i] = order[i - 1]
+                    pos[order[i]] = i
+                    i -= 1
+                while i < num_bins - 1 and (bin_load[r, order[i + 1]] < x
+                                            or (bin_load[r, order[i + 1]] == x and order[i + 1] < g)):
+                    order[i] = order[i + 1]
+                    pos[order[i]] = i
+                    i += 1
+                order[i] = g
+                pos[g] = i
         for g in range(num_bins):  # clear the row's copies for the next row
             for s in range(slots):
                 held_r[g, io[r, g, s]] = 0

@@ -34,7 +34,10 @@ def _relocate_kernel(w, own, cnt, target, budget):  # pragma: no cover (compiled
         for e in range(num_experts):
             width = max(width, cnt[r, e], target[r, e])
     where = np.empty((num_experts, width + 1), dtype=np.int64)  # flat slots of each expert
+    where_g = np.empty((num_experts, width + 1), dtype=np.int64)  # their GPUs (no division in the loops)
     many = np.zeros(num_experts, dtype=np.int64)
+    gainers = np.empty(num_experts, dtype=np.int64)  # experts below / above their target, ascending
+    losers = np.empty(num_experts, dtype=np.int64)
     for r in range(num_layers):
         surplus = 0
         for e in range(num_experts):
@@ -51,18 +54,40 @@ def _relocate_kernel(w, own, cnt, target, budget):  # pragma: no cover (compiled
                 e = own[r, g, s]
                 load[g] += w[r, e] / cnt[r, e]
                 where[e, many[e]] = g * slots + s
+                where_g[e, many[e]] = g
                 many[e] += 1
+        num_gain, num_lose = 0, 0
+        for e in range(num_experts):
+            if target[r, e] > cnt[r, e]:
+                gainers[num_gain] = e
+                num_gain += 1
+            elif cnt[r, e] > target[r, e]:
+                losers[num_lose] = e
+                num_lose += 1
         for _ in range(k):
+            # Only experts still off their target are scanned (in ascending order, so a tie
+            # still goes to the lowest expert); one that reached it leaves its list.
             x, xq, y, yq = -1, -1.0, -1, np.inf
-            for e in range(num_experts):
+            kept = 0
+            for i in range(num_gain):
+                e = gainers[i]
                 if target[r, e] > cnt[r, e]:
+                    gainers[kept] = e
+                    kept += 1
                     q = w[r, e] / cnt[r, e]
                     if q > xq:
                         x, xq = e, q
+            num_gain = kept
+            kept = 0
+            for i in range(num_lose):
+                e = losers[i]
                 if cnt[r, e] > target[r, e]:
+                    losers[kept] = e
+                    kept += 1
                     q = w[r, e] / max(cnt[r, e] - 1, 1)
                     if q < yq:
                         y, yq = e, q
+            num_lose = kept
             if x < 0 or y < 0:
                 break
             least = 0
@@ -76,7 +101,7 @@ def _relocate_kernel(w, own, cnt, target, budget):  # pragma: no cover (compiled
             per_y, joins = w[r, y] / cnt[r, y], w[r, x] / (cnt[r, x] + 1)
             best, best_copies, best_after = -1, 0, np.inf
             for i in range(many[y]):
-                g = where[y, i] // slots
+                g = where_g[y, i]
                 cy, cx = 0, 0
                 for s in range(slots):
                     cy += own[r, g, s] == y
@@ -90,17 +115,19 @@ def _relocate_kernel(w, own, cnt, target, budget):  # pragma: no cover (compiled
             if best < 0:
                 break  # no GPU may take this pair: the layer stops relocating
             for i in range(many[y]):  # the first slot of y on that GPU
-                if where[y, i] // slots == best:
+                if where_g[y, i] == best:
                     pick = i
                     break
             for i in range(many[y]):
-                if where[y, i] // slots == best and where[y, i] < where[y, pick]:
+                if where_g[y, i] == best and where[y, i] < where[y, pick]:
                     pick = i
             slot = where[y, pick]
             own[r, best, slot % slots] = x
             many[y] -= 1
             where[y, pick] = where[y, many[y]]
+            where_g[y, pick] = where_g[y, many[y]]
             where[x, many[x]] = slot
+            where_g[x, many[x]] = best
             many[x] += 1
             budget[r] -= 1
             # Loads: every replica of x and y changes its share.
@@ -109,9 +136,9 @@ def _relocate_kernel(w, own, cnt, target, budget):  # pragma: no cover (compiled
             cnt[r, y] -= 1
             new_x, new_y = w[r, x] / cnt[r, x], w[r, y] / cnt[r, y]
             for i in range(many[x]):
-                load[where[x, i] // slots] += new_x - old_x
+                load[where_g[x, i]] += new_x - old_x
             for i in range(many[y]):
-                load[where[y, i] // slots] += new_y - old_y
+                load[where_g[y, i]] += new_y - old_y
             load[best] += old_x - old_y  # the changed slot held y's old share, not x's
 
 

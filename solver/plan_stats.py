@@ -1,0 +1,93 @@
+"""What the migration-aware planner reads off a plan, in one pass: replica counts, peak GPU load,
+avoidable duplicates, and whether any GPU stacks an expert beyond its cap.
+
+:func:`plan_stats` is compiled (numba) where available: one loop over the slots instead of a
+dozen numpy calls (a bincount, a gather, a sort, reductions), which cost more in dispatch than
+in arithmetic at the production shapes. It gives exactly what the numpy code gives (the GPU
+loads are summed as numpy sums a row), and that numpy code is the fallback.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ray_eplb.solver.jit import njit
+from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts
+
+if njit is not None:
+    from ray_eplb.solver.kernels_solve import _pairwise_sum
+else:  # pragma: no cover
+    _pairwise_sum = None
+
+
+def plan_stats(
+    plan: np.ndarray, w: np.ndarray, num_gpus: int, dups: bool = True, cap: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """``(cnt [L, E] int64, peak [L] float64, dups [L] int64, within_cap [L] bool)`` of
+    ``plan [L, R]`` under ``w [L, E]``: replicas per expert, the max GPU load (an expert's load
+    split evenly among its replicas, as :func:`~ray_eplb.solver.migration.peak_load`), avoidable
+    duplicates (as :func:`~ray_eplb.solver.maps.avoidable_duplicates_np`; ``None`` unless
+    ``dups``), and whether no GPU holds more than ``ceil(count / P)`` copies of an expert
+    (``None`` unless ``cap``)."""
+    num_layers, num_experts = w.shape
+    if plan_stats_kernel is not None and num_layers:
+        cnt, peak, dup, ok = plan_stats_kernel(np.ascontiguousarray(plan), np.ascontiguousarray(w), num_gpus)
+        return cnt, peak, dup if dups else None, ok if cap else None
+    cnt = bin_counts(plan, 1, num_experts)[:, 0]  # [L, E]
+    flat = plan + (np.arange(num_layers) * num_experts)[:, None]
+    per = (w / np.maximum(cnt, 1)).ravel()[flat]  # [L, R]
+    peak = per.reshape(num_layers, num_gpus, -1).sum(-1).max(1) if num_layers else np.zeros(0)
+    dup = avoidable_duplicates_np(plan, num_gpus, num_experts) if dups else None
+    ok = None
+    if cap:
+        held = bin_counts(plan, num_gpus, num_experts)  # [L, P, E]
+        ok = (held <= -(-cnt[:, None, :] // num_gpus)).all((1, 2))
+    return cnt, peak, dup, ok
+
+
+def _plan_stats_kernel(plan, w, num_gpus):  # pragma: no cover (compiled)
+    """:func:`plan_stats` for ``plan [L, R]`` int64, ``w [L, E]`` float64, one layer at a time."""
+    num_layers, num_slots = plan.shape
+    num_experts = w.shape[1]
+    slots = num_slots // num_gpus
+    cnt = np.zeros((num_layers, num_experts), dtype=np.int64)
+    peak = np.zeros(num_layers)
+    dup = np.zeros(num_layers, dtype=np.int64)
+    ok = np.ones(num_layers, dtype=np.bool_)
+    per = np.empty(num_experts)
+    cap = np.empty(num_experts, dtype=np.int64)
+    loads = np.empty(slots)
+    seen = np.zeros(num_experts, dtype=np.int64)  # copies on the current GPU
+    for r in range(num_layers):
+        for i in range(num_slots):
+            cnt[r, plan[r, i]] += 1
+        extra = 0
+        for e in range(num_experts):
+            per[e] = w[r, e] / max(cnt[r, e], 1)
+            cap[e] = 1 if cnt[r, e] <= num_gpus else (cnt[r, e] + num_gpus - 1) // num_gpus  # (no division mostly)
+            extra += max(cnt[r, e] - num_gpus, 0)
+        best = -np.inf
+        pairs = 0
+        for g in range(num_gpus):
+            base = g * slots
+            x = 0.0  # (numpy sums fewer than 8 numbers in order)
+            for s in range(slots):
+                e = plan[r, base + s]
+                loads[s] = per[e]
+                x += per[e]
+                if seen[e] > 0:
+                    pairs += 1
+                seen[e] += 1
+                if seen[e] > cap[e]:
+                    ok[r] = False
+            for s in range(slots):
+                seen[plan[r, base + s]] = 0
+            if slots >= 8:
+                x = _pairwise_sum(loads, 0, slots)
+            if x > best:
+                best = x
+        peak[r] = best
+        dup[r] = pairs - extra
+    return cnt, peak, dup, ok
+
+
+plan_stats_kernel = njit(cache=True, nogil=True)(_plan_stats_kernel) if njit is not None else None
