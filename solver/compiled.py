@@ -21,8 +21,8 @@ import numpy as np
 
 from ray_eplb.solver.jit import AVAILABLE
 from ray_eplb.solver.kernels_place import (  # noqa: F401 (the kernels, called as compiled.<name>)
-    _best_swap,
     _order_desc,
+    _scan_rows,
     _scan_swaps,
     any_surplus,
     maps_kernel,

@@ -60,7 +60,7 @@ def refine_kernel(io, il, ic, bin_load, num_owners, k, sweeps, budget, use_budge
                 for s in range(slots):
                     in_h[io[h, s]] = 0
                     in_l[io[lo, s]] = 0
-                best, pick = _best_swap(la, lb, gap) if slots >= 24 else _scan_swaps(la, lb, gap)
+                best, pick = _scan_swaps(la, lb, gap) if slots < 12 else _scan_rows(la, lb, gap)
                 do = best > 1e-12 * gap
                 if use_budget and do:
                     spent += 1
@@ -87,48 +87,60 @@ def refine_kernel(io, il, ic, bin_load, num_owners, k, sweeps, budget, use_budge
 
 
 @_jit
-def _best_swap(la, lb, gap):  # pragma: no cover (compiled)
-    """The first ``(a, b)`` in row-major order maximising ``min(d, gap - d)``, ``d = la[a] - lb[b]``
-    (``la``/``lb`` ``[S]``; what ``argmax`` over the ``S x S`` scores returns), in ``O(S log S)``.
+def _row_top(x, lb, gap):  # pragma: no cover (compiled)
+    """``max_b min(d, gap - d)``, ``d = x - lb[b]`` (``lb [S]``): branch-free, four running maxima
+    (the maximum of a set does not depend on the order it is taken in; no NaN arises from the
+    ``-inf``/``+inf`` markers)."""
+    m0 = m1 = m2 = m3 = -np.inf
+    n = lb.size
+    b = 0
+    while b + 4 <= n:
+        d0, d1, d2, d3 = x - lb[b], x - lb[b + 1], x - lb[b + 2], x - lb[b + 3]
+        e0, e1, e2, e3 = gap - d0, gap - d1, gap - d2, gap - d3
+        v0, v1 = (d0 if d0 < e0 else e0), (d1 if d1 < e1 else e1)
+        v2, v3 = (d2 if d2 < e2 else e2), (d3 if d3 < e3 else e3)
+        m0, m1 = (v0 if v0 > m0 else m0), (v1 if v1 > m1 else m1)
+        m2, m3 = (v2 if v2 > m2 else m2), (v3 if v3 > m3 else m3)
+        b += 4
+    while b < n:
+        d0 = x - lb[b]
+        e0 = gap - d0
+        v0 = d0 if d0 < e0 else e0
+        m0 = v0 if v0 > m0 else m0
+        b += 1
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    return m2 if m2 > m0 else m0
 
-    Along ``lb`` ascending, ``d`` falls and ``gap - d`` rises (float rounding is monotone), so
-    ``d >= gap - d`` holds on a prefix; the score is ``gap - d`` there (rising) and ``d`` after
-    (falling): a row's maximum is at the last prefix or the first suffix position. Only a row
-    that beats the best so far is scanned for its first maximal ``b``. Returns ``(score, a*S + b)``.
-    """
+
+@_jit
+def _scan_rows(la, lb, gap):  # pragma: no cover (compiled)
+    """The first ``(a, b)`` in row-major order maximising ``min(d, gap - d)``, ``d = la[a] - lb[b]``
+    (``la``/``lb`` ``[S]``; what ``argmax`` over the ``S x S`` scores returns) and its score, as
+    ``(score, a*S + b)``. Two passes: each row's best score (:func:`_row_top`, branch-free), then
+    the first maximal ``b`` of the first row that reaches the overall best. Same result as
+    :func:`_scan_swaps`; faster from about 12 slots (1.2x at 17 slots, 2x at 24-32 with 16 pairs
+    a sweep, against the sorted search it replaces there)."""
     slots = la.size
-    order = np.argsort(lb)
-    best, pick = -np.inf, 0
+    best, at = -np.inf, -1
     for a in range(slots):
         if la[a] == -np.inf:
             continue
-        lo_, hi_ = 0, slots  # first position where d < gap - d
-        while lo_ < hi_:
-            mid = (lo_ + hi_) // 2
-            d = la[a] - lb[order[mid]]
-            if d >= gap - d:
-                lo_ = mid + 1
-            else:
-                hi_ = mid
-        top = -np.inf
-        if lo_ > 0:
-            d = la[a] - lb[order[lo_ - 1]]
-            top = min(d, gap - d)
-        if lo_ < slots:
-            d = la[a] - lb[order[lo_]]
-            top = max(top, min(d, gap - d))
+        top = _row_top(la[a], lb, gap)
         if top > best:
-            for b in range(slots):
-                d = la[a] - lb[b]
-                if min(d, gap - d) == top:
-                    best, pick = top, a * slots + b
-                    break
-    return best, pick
+            best, at = top, a
+    if at >= 0:
+        for b in range(slots):
+            d = la[at] - lb[b]
+            if min(d, gap - d) == best:
+                return best, at * slots + b
+    return best, 0
 
 
 @_jit
 def _scan_swaps(la, lb, gap):  # pragma: no cover (compiled)
-    """:func:`_best_swap` by the plain ``S x S`` scan (faster below about 24 slots)."""
+    """:func:`_scan_rows` by the plain ``S x S`` scan, keeping the first strict improvement (the
+    fastest below 12 slots)."""
     slots = la.size
     best, pick = -np.inf, 0
     for a in range(slots):
@@ -145,10 +157,13 @@ def _scan_swaps(la, lb, gap):  # pragma: no cover (compiled)
 @_jit
 def _order_desc(v, out, tmp, keys, ktmp, hist):  # pragma: no cover (compiled)
     """``out [n]``: the stable order of ``v [n]`` (finite, >= 0) by value descending, i.e. what
-    ``np.argsort(-v, kind="stable")`` gives. An LSD radix sort on the complemented bit patterns
-    (a non-negative double's bits order as the value does), 8 bits a pass, skipping the bytes
-    all keys share: branch-free, 2x numba's merge sort on a hundred values. ``tmp``, ``keys``,
-    ``ktmp`` ``[n]`` and ``hist [256]``: scratch."""
+    ``np.argsort(-v, kind="stable")`` gives. An LSD radix sort on the top three bytes of the
+    complemented bit patterns (a non-negative double's bits order as the value does: sign,
+    exponent and 12 mantissa bits), 8 bits a pass, skipping the bytes all keys share, then an
+    insertion sort on the whole keys, which moves only keys whose top bytes tie (few: they
+    agree to 1 part in 4096, or are equal and already in order). Twice as fast on a hundred
+    values as all eight passes, which were 2x numba's merge sort. ``tmp``, ``keys``, ``ktmp``
+    ``[n]`` and ``hist [256]``: scratch."""
     n = v.size
     bits = v.view(np.uint64)
     same_and, same_or = ~np.uint64(0), np.uint64(0)
@@ -161,7 +176,7 @@ def _order_desc(v, out, tmp, keys, ktmp, hist):  # pragma: no cover (compiled)
     varies = same_and ^ same_or
     src_i, dst_i, src_k, dst_k = out, tmp, keys, ktmp
     moved = False
-    for p in range(8):
+    for p in range(5, 8):
         shift = np.uint64(8 * p)
         if (varies >> shift) & np.uint64(255) == 0:
             continue
@@ -182,6 +197,14 @@ def _order_desc(v, out, tmp, keys, ktmp, hist):  # pragma: no cover (compiled)
         moved = not moved
     if moved:
         out[:] = tmp
+        keys[:] = ktmp
+    for i in range(1, n):  # stable: a key moves only past strictly larger ones
+        key, idx = keys[i], out[i]
+        j = i - 1
+        while j >= 0 and keys[j] > key:
+            keys[j + 1], out[j + 1] = keys[j], out[j]
+            j -= 1
+        keys[j + 1], out[j + 1] = key, idx
     return out
 
 

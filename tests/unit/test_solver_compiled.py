@@ -154,3 +154,38 @@ def test_switch_off_and_no_ray():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={"RAY_EPLB_NUMBA": env, "PATH": "/usr/bin:/bin"}).stdout.split()
         assert out == [enabled, "False"]
+
+
+@needs_numba
+def test_swap_scans_agree():
+    """Both compiled swap searches return numpy's argmax over the ``S x S`` scores (ties, blocked slots)."""
+    from ray_eplb.solver.kernels_place import _scan_rows, _scan_swaps
+
+    rng = np.random.default_rng(11)
+    for trial in range(400):
+        s = int(rng.integers(1, 40))
+        la, lb = rng.integers(0, 6, s) / 4.0, rng.integers(0, 6, s) / 4.0  # many equal loads and scores
+        if trial % 2:
+            la, lb = rng.random(s), rng.random(s)
+        la[rng.random(s) < 0.2] = -np.inf
+        lb[rng.random(s) < 0.2] = np.inf
+        gap = float(rng.choice([0.25, 0.5, 1.0, rng.random()]))
+        d = la[:, None] - lb[None, :]
+        score = np.minimum(d, gap - d).ravel()
+        want = (score.max(), int(score.argmax()))
+        assert _scan_swaps(la, lb, gap) == want
+        assert _scan_rows(la, lb, gap) == want
+
+
+@needs_numba
+def test_order_desc_is_stable_argsort():
+    from ray_eplb.solver.kernels_place import _order_desc
+
+    rng = np.random.default_rng(5)
+    for trial in range(300):
+        n = int(rng.integers(1, 300))
+        v = [rng.random(n) ** 3, np.round(rng.random(n) * 8) / 8, 1 + rng.integers(0, 3, n) * 1e-12][trial % 3]
+        v[rng.random(n) < 0.2] = 0.0
+        scratch = [np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.uint64),
+                   np.empty(n, dtype=np.uint64), np.empty(256, dtype=np.int64)]
+        np.testing.assert_array_equal(_order_desc(v, *scratch), np.argsort(-v, kind="stable"))
