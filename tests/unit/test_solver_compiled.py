@@ -189,3 +189,16 @@ def test_order_desc_is_stable_argsort():
         scratch = [np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.uint64),
                    np.empty(n, dtype=np.uint64), np.empty(256, dtype=np.int64)]
         np.testing.assert_array_equal(_order_desc(v, *scratch), np.argsort(-v, kind="stable"))
+
+
+@needs_numba
+@pytest.mark.parametrize("scale", [1e-315, 1e-300, 1.0, 1e300])
+def test_counts_and_place_same_at_extreme_scales(monkeypatch, scale):
+    """Rows are scaled by a power of two before the counts: subnormal and huge loads too."""
+    from ray_eplb.solver.packing import counts_and_place
+
+    rng = np.random.default_rng(31)
+    w = loads(rng, 4, 40, 2) * scale
+    (o1, l1), (o2, l2) = both(monkeypatch, counts_and_place, w, 64, 8, "hybrid_tail")
+    np.testing.assert_array_equal(o1, o2)
+    np.testing.assert_array_equal(l1, l2)
