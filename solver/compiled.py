@@ -23,7 +23,6 @@ from ray_eplb.solver.jit import AVAILABLE
 from ray_eplb.solver.kernels_place import (  # noqa: F401 (the kernels, called as compiled.<name>)
     _order_desc,
     _scan_rows,
-    _scan_swaps,
     any_surplus,
     maps_kernel,
     refine_kernel,

@@ -23,6 +23,7 @@ def refine_kernel(io, il, ic, bin_load, num_owners, k, sweeps, budget, use_budge
     in_l = np.zeros(num_owners, dtype=np.int64)  # ... and in its light bin
     la = np.empty(slots)  # heavy-bin loads (-inf: may not leave)
     lb = np.empty(slots)  # light-bin loads (+inf: may not leave)
+    tops = np.empty(slots)  # scratch of the swap search
     order = np.empty(num_bins, dtype=np.int64)  # bins of a row by load, lightest first
     quiet = 0
     for sweep in range(sweeps):
@@ -60,7 +61,7 @@ def refine_kernel(io, il, ic, bin_load, num_owners, k, sweeps, budget, use_budge
                 for s in range(slots):
                     in_h[io[h, s]] = 0
                     in_l[io[lo, s]] = 0
-                best, pick = _scan_swaps(la, lb, gap) if slots < 12 else _scan_rows(la, lb, gap)
+                best, pick = _scan_rows(la, lb, gap, tops)
                 do = best > 1e-12 * gap
                 if use_budget and do:
                     spent += 1
@@ -87,71 +88,36 @@ def refine_kernel(io, il, ic, bin_load, num_owners, k, sweeps, budget, use_budge
 
 
 @_jit
-def _row_top(x, lb, gap):  # pragma: no cover (compiled)
-    """``max_b min(d, gap - d)``, ``d = x - lb[b]`` (``lb [S]``): branch-free, four running maxima
-    (the maximum of a set does not depend on the order it is taken in; no NaN arises from the
-    ``-inf``/``+inf`` markers)."""
-    m0 = m1 = m2 = m3 = -np.inf
-    n = lb.size
-    b = 0
-    while b + 4 <= n:
-        d0, d1, d2, d3 = x - lb[b], x - lb[b + 1], x - lb[b + 2], x - lb[b + 3]
-        e0, e1, e2, e3 = gap - d0, gap - d1, gap - d2, gap - d3
-        v0, v1 = (d0 if d0 < e0 else e0), (d1 if d1 < e1 else e1)
-        v2, v3 = (d2 if d2 < e2 else e2), (d3 if d3 < e3 else e3)
-        m0, m1 = (v0 if v0 > m0 else m0), (v1 if v1 > m1 else m1)
-        m2, m3 = (v2 if v2 > m2 else m2), (v3 if v3 > m3 else m3)
-        b += 4
-    while b < n:
-        d0 = x - lb[b]
-        e0 = gap - d0
-        v0 = d0 if d0 < e0 else e0
-        m0 = v0 if v0 > m0 else m0
-        b += 1
-    m0 = m1 if m1 > m0 else m0
-    m2 = m3 if m3 > m2 else m2
-    return m2 if m2 > m0 else m0
-
-
-@_jit
-def _scan_rows(la, lb, gap):  # pragma: no cover (compiled)
+def _scan_rows(la, lb, gap, tops):  # pragma: no cover (compiled)
     """The first ``(a, b)`` in row-major order maximising ``min(d, gap - d)``, ``d = la[a] - lb[b]``
     (``la``/``lb`` ``[S]``; what ``argmax`` over the ``S x S`` scores returns) and its score, as
-    ``(score, a*S + b)``. Two passes: each row's best score (:func:`_row_top`, branch-free), then
-    the first maximal ``b`` of the first row that reaches the overall best. Same result as
-    :func:`_scan_swaps`; faster from about 12 slots (1.2x at 17 slots, 2x at 24-32 with 16 pairs
-    a sweep, against the sorted search it replaces there)."""
+    ``(score, a*S + b)``. Two passes: every row's best score into ``tops [S]`` (scratch), one
+    light replica at a time against all heavy ones (a branch-free element-wise maximum the
+    compiler vectorises; a maximum does not depend on the order it is taken in, and no NaN
+    arises from the ``-inf``/``+inf`` markers), then the first maximal ``b`` of the first row
+    that reaches the overall best. Against a one-pass scan keeping the first strict improvement:
+    2x faster at 17 slots (qwen3_235b 136's refinement), 1.2-1.4x at 9, as fast at 5; 2-4x the
+    sorted search (binary search per heavy replica) it replaces from 24 slots."""
     slots = la.size
+    for a in range(slots):
+        tops[a] = -np.inf
+    for b in range(slots):
+        y = lb[b]
+        for a in range(slots):
+            d = la[a] - y
+            e = gap - d
+            v = d if d < e else e
+            tops[a] = v if v > tops[a] else tops[a]
     best, at = -np.inf, -1
     for a in range(slots):
-        if la[a] == -np.inf:
-            continue
-        top = _row_top(la[a], lb, gap)
-        if top > best:
-            best, at = top, a
+        if tops[a] > best:
+            best, at = tops[a], a
     if at >= 0:
         for b in range(slots):
             d = la[at] - lb[b]
             if min(d, gap - d) == best:
                 return best, at * slots + b
     return best, 0
-
-
-@_jit
-def _scan_swaps(la, lb, gap):  # pragma: no cover (compiled)
-    """:func:`_scan_rows` by the plain ``S x S`` scan, keeping the first strict improvement (the
-    fastest below 12 slots)."""
-    slots = la.size
-    best, pick = -np.inf, 0
-    for a in range(slots):
-        if la[a] == -np.inf:
-            continue
-        for b in range(slots):
-            d = la[a] - lb[b]
-            score = min(d, gap - d)
-            if score > best:
-                best, pick = score, a * slots + b
-    return best, pick
 
 
 @_jit

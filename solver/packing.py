@@ -268,8 +268,8 @@ def refine_swaps(
     take no owner over its cap in its new bin (of equally good swaps, the first in ``(a, b)``
     order: exactly what an ``argmax`` over the ``S x S`` scores returns). Bins of equal load sort
     in bin order. Stops when two sweeps change nothing, or after ``sweeps`` sweeps. Both the numpy
-    code and the compiled kernel score all ``S x S`` swaps of a pair (the kernel from 12 slots
-    per bin as each heavy replica's best score, branch-free, then the first pair reaching the best).
+    code and the compiled kernel score all ``S x S`` swaps of a pair (the kernel as each heavy
+    replica's best score, branch-free and vectorised, then the first pair reaching the best).
 
     ``budget`` (``[B]`` int64, updated in place): slot changes each row may still make; a swap
     changes two slots, and a row stops swapping when it cannot pay for one.
