@@ -201,3 +201,12 @@ def test_counts_and_place_same_at_extreme_scales(monkeypatch, scale):
     (o1, l1), (o2, l2) = both(monkeypatch, counts_and_place, w, 64, 8, "hybrid_tail")
     np.testing.assert_array_equal(o1, o2)
     np.testing.assert_array_equal(l1, l2)
+
+
+def test_minus_ones_is_full_of_minus_one():
+    from ray_eplb.solver.maps import minus_ones
+
+    for shape in [(0,), (1,), (3, 5, 7), (2, 1, 4097)]:
+        out = minus_ones(shape)
+        assert out.dtype == np.int64 and out.shape == shape
+        np.testing.assert_array_equal(out, np.full(shape, -1, dtype=np.int64))
