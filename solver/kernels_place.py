@@ -264,26 +264,35 @@ def rounds_kernel(load, num_bins):  # pragma: no cover (compiled)
 def any_surplus(slot_owner, cap):  # pragma: no cover (compiled)
     """Whether :func:`~ray_eplb.solver.repair.surplus_copies` marks any slot of ``slot_owner
     [B, P, S]`` (``cap [B, n]``): an owner over its cap in a bin, or doubled up in a bin while it
-    covers fewer bins than ``min(count, P)``."""
+    covers fewer bins than ``min(count, P)``. Touches only the owners present (``P*S`` per row,
+    not ``P*n``: 9x fewer steps at 32 slots per GPU on 64 GPUs with 256 experts)."""
     num_rows, num_bins, slots = slot_owner.shape
     n = cap.shape[1]
     held = np.zeros((num_bins, n), dtype=np.int64)
+    bins = np.zeros(n, dtype=np.int64)  # bins an owner covers
+    total = np.zeros(n, dtype=np.int64)  # its copies
+    doubled = np.zeros(n, dtype=np.bool_)  # twice or more in some bin
     for r in range(num_rows):
-        held[:] = 0
         for b in range(num_bins):
             for s in range(slots):
-                held[b, slot_owner[r, b, s]] += 1
-        for e in range(n):
-            bins, total, doubled = 0, 0, False
-            for b in range(num_bins):
+                e = slot_owner[r, b, s]
+                held[b, e] += 1
                 c = held[b, e]
                 if c > cap[r, e]:
                     return True
-                bins += c > 0
-                total += c
-                doubled |= c >= 2
-            if doubled and bins < min(total, num_bins):
-                return True
+                bins[e] += c == 1
+                doubled[e] |= c == 2
+                total[e] += 1
+        for b in range(num_bins):
+            for s in range(slots):
+                e = slot_owner[r, b, s]
+                if doubled[e] and bins[e] < min(total[e], num_bins):
+                    return True
+        for b in range(num_bins):
+            for s in range(slots):
+                e = slot_owner[r, b, s]
+                held[b, e] = 0
+                bins[e], total[e], doubled[e] = 0, 0, False
     return False
 
 

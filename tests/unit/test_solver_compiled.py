@@ -210,3 +210,19 @@ def test_minus_ones_is_full_of_minus_one():
         out = minus_ones(shape)
         assert out.dtype == np.int64 and out.shape == shape
         np.testing.assert_array_equal(out, np.full(shape, -1, dtype=np.int64))
+
+
+@needs_numba
+def test_any_surplus_on_random_plans():
+    """The compiled check against the numpy marking on plans with and without surplus copies."""
+    rng = np.random.default_rng(17)
+    found = set()
+    for _ in range(300):
+        n, bins, slots = int(rng.integers(1, 12)), int(rng.integers(1, 6)), int(rng.integers(1, 6))
+        owner = rng.integers(0, n, (int(rng.integers(1, 4)), bins, slots))
+        counts = np.stack([np.bincount(row.ravel(), minlength=n) for row in owner])
+        cap = np.maximum(-(-counts // bins) + rng.integers(-1, 2, counts.shape), 1)
+        want = bool(surplus_copies(owner, cap).any())
+        assert compiled.any_surplus(owner, cap) == want
+        found.add(want)
+    assert found == {True, False}
