@@ -14,6 +14,11 @@ compiles; the stages call the kernels then, and their numpy code otherwise. The 
 (numba's on-disk cache: a fresh process loads them in a fraction of a second once any process
 compiled them) and warmed up once on a tiny input the first time this module is imported, so no
 solve pays the compile. They are single-threaded (no ``parallel=True``): a solve runs on one core.
+
+Editing the kernels: numba's cache checks only the stamp of the file a kernel is defined in, so
+:func:`solve_kernel` (in ``kernels_solve.py``) keeps the compiled code of the ``kernels_place.py``
+kernels it calls until its own file changes or its cache entries (``solver/__pycache__/*.nbi``,
+``*.nbc``) are removed; after an edit of ``kernels_place.py`` remove them before timing or testing.
 """
 from __future__ import annotations
 
@@ -21,9 +26,8 @@ import numpy as np
 
 from ray_eplb.solver.jit import AVAILABLE
 from ray_eplb.solver.kernels_place import (  # noqa: F401 (the kernels, called as compiled.<name>)
-    _best_swap,
     _order_desc,
-    _scan_swaps,
+    _scan_rows,
     any_surplus,
     maps_kernel,
     refine_kernel,

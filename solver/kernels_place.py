@@ -23,6 +23,7 @@ def refine_kernel(io, il, ic, bin_load, num_owners, k, sweeps, budget, use_budge
     in_l = np.zeros(num_owners, dtype=np.int64)  # ... and in its light bin
     la = np.empty(slots)  # heavy-bin loads (-inf: may not leave)
     lb = np.empty(slots)  # light-bin loads (+inf: may not leave)
+    tops = np.empty(slots)  # scratch of the swap search
     order = np.empty(num_bins, dtype=np.int64)  # bins of a row by load, lightest first
     quiet = 0
     for sweep in range(sweeps):
@@ -60,7 +61,7 @@ def refine_kernel(io, il, ic, bin_load, num_owners, k, sweeps, budget, use_budge
                 for s in range(slots):
                     in_h[io[h, s]] = 0
                     in_l[io[lo, s]] = 0
-                best, pick = _best_swap(la, lb, gap) if slots >= 24 else _scan_swaps(la, lb, gap)
+                best, pick = _scan_rows(la, lb, gap, tops)
                 do = best > 1e-12 * gap
                 if use_budget and do:
                     spent += 1
@@ -87,68 +88,48 @@ def refine_kernel(io, il, ic, bin_load, num_owners, k, sweeps, budget, use_budge
 
 
 @_jit
-def _best_swap(la, lb, gap):  # pragma: no cover (compiled)
+def _scan_rows(la, lb, gap, tops):  # pragma: no cover (compiled)
     """The first ``(a, b)`` in row-major order maximising ``min(d, gap - d)``, ``d = la[a] - lb[b]``
-    (``la``/``lb`` ``[S]``; what ``argmax`` over the ``S x S`` scores returns), in ``O(S log S)``.
-
-    Along ``lb`` ascending, ``d`` falls and ``gap - d`` rises (float rounding is monotone), so
-    ``d >= gap - d`` holds on a prefix; the score is ``gap - d`` there (rising) and ``d`` after
-    (falling): a row's maximum is at the last prefix or the first suffix position. Only a row
-    that beats the best so far is scanned for its first maximal ``b``. Returns ``(score, a*S + b)``.
-    """
+    (``la``/``lb`` ``[S]``; what ``argmax`` over the ``S x S`` scores returns) and its score, as
+    ``(score, a*S + b)``. Two passes: every row's best score into ``tops [S]`` (scratch), one
+    light replica at a time against all heavy ones (a branch-free element-wise maximum the
+    compiler vectorises; a maximum does not depend on the order it is taken in, and no NaN
+    arises from the ``-inf``/``+inf`` markers), then the first maximal ``b`` of the first row
+    that reaches the overall best. Against a one-pass scan keeping the first strict improvement:
+    2x faster at 17 slots (qwen3_235b 136's refinement), 1.2-1.4x at 9, as fast at 5; 2-4x the
+    sorted search (binary search per heavy replica) it replaces from 24 slots."""
     slots = la.size
-    order = np.argsort(lb)
-    best, pick = -np.inf, 0
     for a in range(slots):
-        if la[a] == -np.inf:
-            continue
-        lo_, hi_ = 0, slots  # first position where d < gap - d
-        while lo_ < hi_:
-            mid = (lo_ + hi_) // 2
-            d = la[a] - lb[order[mid]]
-            if d >= gap - d:
-                lo_ = mid + 1
-            else:
-                hi_ = mid
-        top = -np.inf
-        if lo_ > 0:
-            d = la[a] - lb[order[lo_ - 1]]
-            top = min(d, gap - d)
-        if lo_ < slots:
-            d = la[a] - lb[order[lo_]]
-            top = max(top, min(d, gap - d))
-        if top > best:
-            for b in range(slots):
-                d = la[a] - lb[b]
-                if min(d, gap - d) == top:
-                    best, pick = top, a * slots + b
-                    break
-    return best, pick
-
-
-@_jit
-def _scan_swaps(la, lb, gap):  # pragma: no cover (compiled)
-    """:func:`_best_swap` by the plain ``S x S`` scan (faster below about 24 slots)."""
-    slots = la.size
-    best, pick = -np.inf, 0
+        tops[a] = -np.inf
+    for b in range(slots):
+        y = lb[b]
+        for a in range(slots):
+            d = la[a] - y
+            e = gap - d
+            v = d if d < e else e
+            tops[a] = v if v > tops[a] else tops[a]
+    best, at = -np.inf, -1
     for a in range(slots):
-        if la[a] == -np.inf:
-            continue
+        if tops[a] > best:
+            best, at = tops[a], a
+    if at >= 0:
         for b in range(slots):
-            d = la[a] - lb[b]
-            score = min(d, gap - d)
-            if score > best:
-                best, pick = score, a * slots + b
-    return best, pick
+            d = la[at] - lb[b]
+            if min(d, gap - d) == best:
+                return best, at * slots + b
+    return best, 0
 
 
 @_jit
 def _order_desc(v, out, tmp, keys, ktmp, hist):  # pragma: no cover (compiled)
     """``out [n]``: the stable order of ``v [n]`` (finite, >= 0) by value descending, i.e. what
-    ``np.argsort(-v, kind="stable")`` gives. An LSD radix sort on the complemented bit patterns
-    (a non-negative double's bits order as the value does), 8 bits a pass, skipping the bytes
-    all keys share: branch-free, 2x numba's merge sort on a hundred values. ``tmp``, ``keys``,
-    ``ktmp`` ``[n]`` and ``hist [256]``: scratch."""
+    ``np.argsort(-v, kind="stable")`` gives. An LSD radix sort on the top three bytes of the
+    complemented bit patterns (a non-negative double's bits order as the value does: sign,
+    exponent and 12 mantissa bits), 8 bits a pass, skipping the bytes all keys share, then an
+    insertion sort on the whole keys, which moves only keys whose top bytes tie (few: they
+    agree to 1 part in 4096, or are equal and already in order). Twice as fast on a hundred
+    values as all eight passes, which were 2x numba's merge sort. ``tmp``, ``keys``, ``ktmp``
+    ``[n]`` and ``hist [256]``: scratch."""
     n = v.size
     bits = v.view(np.uint64)
     same_and, same_or = ~np.uint64(0), np.uint64(0)
@@ -161,7 +142,7 @@ def _order_desc(v, out, tmp, keys, ktmp, hist):  # pragma: no cover (compiled)
     varies = same_and ^ same_or
     src_i, dst_i, src_k, dst_k = out, tmp, keys, ktmp
     moved = False
-    for p in range(8):
+    for p in range(5, 8):
         shift = np.uint64(8 * p)
         if (varies >> shift) & np.uint64(255) == 0:
             continue
@@ -182,6 +163,14 @@ def _order_desc(v, out, tmp, keys, ktmp, hist):  # pragma: no cover (compiled)
         moved = not moved
     if moved:
         out[:] = tmp
+        keys[:] = ktmp
+    for i in range(1, n):  # stable: a key moves only past strictly larger ones
+        key, idx = keys[i], out[i]
+        j = i - 1
+        while j >= 0 and keys[j] > key:
+            keys[j + 1], out[j + 1] = keys[j], out[j]
+            j -= 1
+        keys[j + 1], out[j + 1] = key, idx
     return out
 
 
@@ -275,26 +264,35 @@ def rounds_kernel(load, num_bins):  # pragma: no cover (compiled)
 def any_surplus(slot_owner, cap):  # pragma: no cover (compiled)
     """Whether :func:`~ray_eplb.solver.repair.surplus_copies` marks any slot of ``slot_owner
     [B, P, S]`` (``cap [B, n]``): an owner over its cap in a bin, or doubled up in a bin while it
-    covers fewer bins than ``min(count, P)``."""
+    covers fewer bins than ``min(count, P)``. Touches only the owners present (``P*S`` per row,
+    not ``P*n``: 9x fewer steps at 32 slots per GPU on 64 GPUs with 256 experts)."""
     num_rows, num_bins, slots = slot_owner.shape
     n = cap.shape[1]
     held = np.zeros((num_bins, n), dtype=np.int64)
+    bins = np.zeros(n, dtype=np.int64)  # bins an owner covers
+    total = np.zeros(n, dtype=np.int64)  # its copies
+    doubled = np.zeros(n, dtype=np.bool_)  # twice or more in some bin
     for r in range(num_rows):
-        held[:] = 0
         for b in range(num_bins):
             for s in range(slots):
-                held[b, slot_owner[r, b, s]] += 1
-        for e in range(n):
-            bins, total, doubled = 0, 0, False
-            for b in range(num_bins):
+                e = slot_owner[r, b, s]
+                held[b, e] += 1
                 c = held[b, e]
                 if c > cap[r, e]:
                     return True
-                bins += c > 0
-                total += c
-                doubled |= c >= 2
-            if doubled and bins < min(total, num_bins):
-                return True
+                bins[e] += c == 1
+                doubled[e] |= c == 2
+                total[e] += 1
+        for b in range(num_bins):
+            for s in range(slots):
+                e = slot_owner[r, b, s]
+                if doubled[e] and bins[e] < min(total[e], num_bins):
+                    return True
+        for b in range(num_bins):
+            for s in range(slots):
+                e = slot_owner[r, b, s]
+                held[b, e] = 0
+                bins[e], total[e], doubled[e] = 0, 0, False
     return False
 
 

@@ -17,6 +17,16 @@ def bin_counts(owner: np.ndarray, num_bins: int, num_experts: int) -> np.ndarray
     )
 
 
+def minus_ones(shape: tuple[int, ...]) -> np.ndarray:
+    """An int64 array of ``shape`` filled with ``-1``, written as bytes (``-1`` is all ones in two's
+    complement, so a byte fill, i.e. ``memset``, writes it). The ``-1`` padded ``log2phy`` is the
+    largest array of a solve (213 MB at 58 x 256 experts, 2048 slots): measured on it, 33-34 ms
+    against 38-76 ms for ``np.full(shape, -1)`` (median 76), and 14 against 16-35 ms at 91 MB."""
+    out = np.empty(shape, dtype=np.int64)
+    out.view(np.uint8).fill(255)
+    return out
+
+
 def logical_maps(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Invert a slot map.
 
@@ -53,7 +63,7 @@ def logical_maps_np(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, 
     num_layers, num_slots = phy2log.shape
     width = num_slots - num_experts + 1
     if compiled.ENABLED:  # the same maps, compiled
-        log2phy = np.full((num_layers, num_experts, width), -1, dtype=np.int64)
+        log2phy = minus_ones((num_layers, num_experts, width))
         logcnt, most = compiled.maps_kernel(np.ascontiguousarray(phy2log, dtype=np.int64), log2phy)
         if most > width:
             raise ValueError(f"an expert has {most} replicas, more than R - E + 1 = {width}")
@@ -67,7 +77,7 @@ def logical_maps_np(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, 
     rank = np.arange(num_slots) - first[sorted_flat]  # [L, R] replica index within its expert
     if logcnt.max(initial=0) > width:
         raise ValueError(f"an expert has {int(logcnt.max())} replicas, more than R - E + 1 = {width}")
-    log2phy = np.full(num_layers * num_experts * width, -1, dtype=np.int64)
+    log2phy = minus_ones((num_layers * num_experts * width,))
     log2phy[(sorted_flat * width + rank).ravel()] = order.ravel()
     return log2phy.reshape(num_layers, num_experts, width), logcnt.astype(np.int64)
 

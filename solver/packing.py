@@ -267,9 +267,9 @@ def refine_swaps(
     light bin with ``0 < load_a - load_b < gap``, which lowers the pair's max) among swaps that
     take no owner over its cap in its new bin (of equally good swaps, the first in ``(a, b)``
     order: exactly what an ``argmax`` over the ``S x S`` scores returns). Bins of equal load sort
-    in bin order. Stops when two sweeps change nothing, or after ``sweeps`` sweeps. The numpy
-    code scores all ``S x S`` swaps of a pair; the compiled kernel finds the same swap by a
-    search in the sorted light-bin loads from 24 slots per bin, so its cost grows gently with ``S``.
+    in bin order. Stops when two sweeps change nothing, or after ``sweeps`` sweeps. Both the numpy
+    code and the compiled kernel score all ``S x S`` swaps of a pair (the kernel as each heavy
+    replica's best score, branch-free and vectorised, then the first pair reaching the best).
 
     ``budget`` (``[B]`` int64, updated in place): slot changes each row may still make; a swap
     changes two slots, and a row stops swapping when it cannot pay for one.

@@ -154,3 +154,75 @@ def test_switch_off_and_no_ray():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={"RAY_EPLB_NUMBA": env, "PATH": "/usr/bin:/bin"}).stdout.split()
         assert out == [enabled, "False"]
+
+
+@needs_numba
+def test_swap_search_is_argmax():
+    """The compiled swap search returns numpy's argmax over the ``S x S`` scores (ties, blocked slots)."""
+    from ray_eplb.solver.kernels_place import _scan_rows
+
+    rng = np.random.default_rng(11)
+    for trial in range(400):
+        s = int(rng.integers(1, 40))
+        la, lb = rng.integers(0, 6, s) / 4.0, rng.integers(0, 6, s) / 4.0  # many equal loads and scores
+        if trial % 2:
+            la, lb = rng.random(s), rng.random(s)
+        la[rng.random(s) < 0.2] = -np.inf
+        lb[rng.random(s) < 0.2] = np.inf
+        gap = float(rng.choice([0.25, 0.5, 1.0, rng.random()]))
+        d = la[:, None] - lb[None, :]
+        score = np.minimum(d, gap - d).ravel()
+        want = (score.max(), int(score.argmax()))
+        assert _scan_rows(la, lb, gap, np.empty(s)) == want
+
+
+@needs_numba
+def test_order_desc_is_stable_argsort():
+    from ray_eplb.solver.kernels_place import _order_desc
+
+    rng = np.random.default_rng(5)
+    for trial in range(300):
+        n = int(rng.integers(1, 300))
+        v = [rng.random(n) ** 3, np.round(rng.random(n) * 8) / 8, 1 + rng.integers(0, 3, n) * 1e-12][trial % 3]
+        v[rng.random(n) < 0.2] = 0.0
+        scratch = [np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.uint64),
+                   np.empty(n, dtype=np.uint64), np.empty(256, dtype=np.int64)]
+        np.testing.assert_array_equal(_order_desc(v, *scratch), np.argsort(-v, kind="stable"))
+
+
+@needs_numba
+@pytest.mark.parametrize("scale", [1e-315, 1e-300, 1.0, 1e300])
+def test_counts_and_place_same_at_extreme_scales(monkeypatch, scale):
+    """Rows are scaled by a power of two before the counts: subnormal and huge loads too."""
+    from ray_eplb.solver.packing import counts_and_place
+
+    rng = np.random.default_rng(31)
+    w = loads(rng, 4, 40, 2) * scale
+    (o1, l1), (o2, l2) = both(monkeypatch, counts_and_place, w, 64, 8, "hybrid_tail")
+    np.testing.assert_array_equal(o1, o2)
+    np.testing.assert_array_equal(l1, l2)
+
+
+def test_minus_ones_is_full_of_minus_one():
+    from ray_eplb.solver.maps import minus_ones
+
+    for shape in [(0,), (1,), (3, 5, 7), (2, 1, 4097)]:
+        out = minus_ones(shape)
+        assert out.dtype == np.int64 and out.shape == shape
+        np.testing.assert_array_equal(out, np.full(shape, -1, dtype=np.int64))
+
+
+@needs_numba
+def test_any_surplus_on_random_plans():
+    """The compiled check against the numpy marking on plans with and without surplus copies."""
+    rng = np.random.default_rng(17)
+    found = set()
+    for _ in range(300):
+        n, bins, slots = int(rng.integers(1, 12)), int(rng.integers(1, 6)), int(rng.integers(1, 6))
+        owner = rng.integers(0, n, (int(rng.integers(1, 4)), bins, slots))
+        counts = np.stack([np.bincount(row.ravel(), minlength=n) for row in owner])
+        cap = np.maximum(-(-counts // bins) + rng.integers(-1, 2, counts.shape), 1)
+        want = bool(surplus_copies(owner, cap).any())
+        assert compiled.any_surplus(owner, cap) == want
+        found.add(want)
+    assert found == {True, False}
