@@ -15,10 +15,10 @@ compiles; the stages call the kernels then, and their numpy code otherwise. The 
 compiled them) and warmed up once on a tiny input the first time this module is imported, so no
 solve pays the compile. They are single-threaded (no ``parallel=True``): a solve runs on one core.
 
-Editing the kernels: numba's cache checks only the stamp of the file a kernel is defined in, so
-:func:`solve_kernel` (in ``kernels_solve.py``) keeps the compiled code of the ``kernels_place.py``
-kernels it calls until its own file changes or its cache entries (``solver/__pycache__/*.nbi``,
-``*.nbc``) are removed; after an edit of ``kernels_place.py`` remove them before timing or testing.
+numba's cache checks only the stamp of the file a kernel is defined in, so :func:`solve_kernel` (in
+``kernels_solve.py``) could keep compiled code of the ``kernels_place.py`` kernels it calls after an
+edit there; :func:`ray_eplb.solver.jit.drop_stale_cache` removes the solver's cache entries whenever
+any solver source changed, so that cannot happen.
 """
 from __future__ import annotations
 
