@@ -151,6 +151,21 @@ def lower_peaks(
     return io.reshape(num_rows, num_bins, slots)
 
 
+def _move(order, sl, i, g, x):  # pragma: no cover
+    """Move bin ``g`` (now of load ``x``) from place ``i`` of ``order``/``sl`` (``[P]``: the bins
+    in (load, index) order and their loads) to where it belongs among its neighbours; returns
+    its new place."""
+    n = order.shape[0]
+    while i > 0 and (sl[i - 1] > x or (sl[i - 1] == x and order[i - 1] > g)):
+        order[i], sl[i] = order[i - 1], sl[i - 1]
+        i -= 1
+    while i < n - 1 and (sl[i + 1] < x or (sl[i + 1] == x and order[i + 1] < g)):
+        order[i], sl[i] = order[i + 1], sl[i + 1]
+        i += 1
+    order[i], sl[i] = g, x
+    return i
+
+
 def _peaks_kernel(io, per_replica, cap, orig, limit, budget, light, fix_first):  # pragma: no cover
     """One row at a time, the heaviest bin first, until it is at its goal: see :func:`lower_peaks`.
 
@@ -162,42 +177,49 @@ def _peaks_kernel(io, per_replica, cap, orig, limit, budget, light, fix_first): 
     """
     num_rows, num_bins, slots = io.shape
     num_owners = per_replica.shape[1]
-    held_r = np.zeros((num_bins, num_owners), dtype=np.int32)  # copies per (bin, owner) of row r
-    il = np.empty(io.shape)  # load per slot
-    ic = np.empty(io.shape, dtype=np.int64)  # the slot owner's cap
-    bin_load = np.empty((num_rows, num_bins))
+    held = np.zeros((num_bins, num_owners), dtype=np.int32)  # copies per (bin, owner) of the row
+    il = np.empty((num_bins, slots))  # the row's load per slot
+    ic = np.empty((num_bins, slots), dtype=np.int64)  # the row's slot owner's cap
+    load = np.empty(num_bins)  # the row's bin loads
+    top = min(light, max(2, PAIRS_PER_SWAP // (slots * slots)), num_bins - 1)
+    cand = np.empty(top, dtype=np.int64)  # the lightest bins, lightest first
+    ok_slot = np.empty(slots, dtype=np.int64)  # a light bin's replicas that may move to the heavy bin:
+    ok_own = np.empty(slots, dtype=np.int64)  # their slots, owners and loads
+    ok_load = np.empty(slots)
+    order = np.empty(num_bins, dtype=np.int64)
+    sl = np.empty(num_bins)  # load[order]: the order's loads, read without an indirection
+    cand_at = np.empty(top, dtype=np.int64)  # where each light bin is in the order
     for r in range(num_rows):
+        own, start = io[r], orig[r]  # [P, S] views
+        lim, spend, fix = limit[r], budget[r], fix_first[r]
         for g in range(num_bins):
             x = 0.0  # (numpy sums fewer than 8 numbers in order)
             for s in range(slots):
-                e = io[r, g, s]
-                held_r[g, e] += 1
-                il[r, g, s] = per_replica[r, e]
-                ic[r, g, s] = cap[r, e]
-                x += il[r, g, s]
-            bin_load[r, g] = x if slots < 8 else _pairwise_sum(il[r, g], 0, slots)
-        top = min(light, max(2, PAIRS_PER_SWAP // (slots * slots)), num_bins - 1)
-        cand = np.empty(top, dtype=np.int64)  # the lightest bins, lightest first
-        ok_b = np.empty(slots, dtype=np.bool_)  # a light bin's replicas that may move to the heavy bin
+                e = own[g, s]
+                held[g, e] += 1
+                il[g, s] = per_replica[r, e]
+                ic[g, s] = cap[r, e]
+                x += il[g, s]
+            load[g] = x if slots < 8 else _pairwise_sum(il[g], 0, slots)
         # The bins in (load, index) order, kept sorted as swaps change two loads: the heaviest
         # (lowest index among equals) and the lightest are read off it, not searched for.
-        order = np.argsort(bin_load[r], kind="mergesort")
-        pos = np.empty(num_bins, dtype=np.int64)
+        order[:] = np.argsort(load, kind="mergesort")
         for i in range(num_bins):
-            pos[order[i]] = i
+            sl[i] = load[order[i]]
         for _ in range(4 * num_bins * slots):
             i = num_bins - 1
-            while i > 0 and bin_load[r, order[i - 1]] == bin_load[r, order[num_bins - 1]]:
+            while i > 0 and sl[i - 1] == sl[num_bins - 1]:
                 i -= 1
-            h = order[i]
-            if bin_load[r, h] <= limit[r] or budget[r] < 1:
+            h, h_at = order[i], i
+            load_h = load[h]
+            if load_h <= lim or spend < 1:
                 break
             m = 0
             for i in range(num_bins):
                 if m == top:
                     break
                 if order[i] != h:
-                    cand[m] = order[i]
+                    cand[m], cand_at[m] = order[i], i
                     m += 1
             best_fix, best_any = -1.0, 0.0
             pick_fix, pick_any = -1, -1
@@ -205,43 +227,48 @@ def _peaks_kernel(io, per_replica, cap, orig, limit, budget, light, fix_first): 
                 if pick_fix >= 0:
                     break  # a fixing swap with a lighter bin was found
                 lo = cand[q]
-                gap = bin_load[r, h] - bin_load[r, lo]
+                load_lo = load[lo]
+                gap = load_h - load_lo
                 if gap <= 0 or best_any >= 0.5 * gap:
                     break  # (lighter bins first: no later pair can even more than gap / 2)
-                lightest = np.inf  # the light bin's lightest replica that may move
+                lightest, heaviest = np.inf, -np.inf  # the light bin's lightest/heaviest replica that may move
+                nb = 0  # the light bin's replicas that may move to the heavy bin, in slot order
                 for sb in range(slots):  # (depends on the two bins only: checked once per pair of bins)
-                    b = io[r, lo, sb]
-                    b_there = held_r[h, b]
-                    ok_b[sb] = not (b_there >= ic[r, lo, sb] or (b_there > 0 and held_r[lo, b] < 2))
-                    if ok_b[sb]:
-                        lightest = min(lightest, il[r, lo, sb])
+                    b = own[lo, sb]
+                    b_there = held[h, b]
+                    if not (b_there >= ic[lo, sb] or (b_there > 0 and held[lo, b] < 2)):
+                        x = il[lo, sb]
+                        ok_slot[nb], ok_own[nb], ok_load[nb] = sb, b, x
+                        nb += 1
+                        lightest = min(lightest, x)
+                        heaviest = max(heaviest, x)
                 for sa in range(slots):
-                    load_a = il[r, h, sa]
-                    # A pair sheds d <= load_a - lightest and scores at most d: skip the replica when
-                    # that cannot beat the best so far and cannot bring the heavy bin to the goal.
+                    load_a = il[h, sa]
+                    # A pair sheds d in [load_a - heaviest, load_a - lightest] and scores min(d, gap - d):
+                    # skip the replica when no such score can beat the best so far and no such d can
+                    # bring the heavy bin to the goal (both bounds are exact in floating point).
                     most = load_a - lightest
-                    if most <= best_any and (not fix_first[r] or bin_load[r, h] - most > limit[r]):
+                    if min(most, gap - (load_a - heaviest)) <= best_any and (not fix or load_h - most > lim):
                         continue
-                    a = io[r, h, sa]
-                    a_there = held_r[lo, a]
-                    if a_there >= ic[r, h, sa] or (a_there > 0 and held_r[h, a] < 2):
+                    a = own[h, sa]
+                    a_there = held[lo, a]
+                    if a_there >= ic[h, sa] or (a_there > 0 and held[h, a] < 2):
                         continue
-                    for sb in range(slots):
-                        if not ok_b[sb]:
-                            continue
-                        b = io[r, lo, sb]
+                    for k in range(nb):
+                        b = ok_own[k]
                         if a == b:
                             continue
-                        d = load_a - il[r, lo, sb]
+                        d = load_a - ok_load[k]
                         if d <= 1e-12 * gap or d >= gap:
                             continue
-                        if budget[r] < 2:  # (a swap costs at most 2: checked only when that may not fit)
-                            cost = (int(b != orig[r, h, sa]) - int(a != orig[r, h, sa])
-                                    + int(a != orig[r, lo, sb]) - int(b != orig[r, lo, sb]))
-                            if cost > budget[r]:
+                        sb = ok_slot[k]
+                        if spend < 2:  # (a swap costs at most 2: checked only when that may not fit)
+                            cost = (int(b != start[h, sa]) - int(a != start[h, sa])
+                                    + int(a != start[lo, sb]) - int(b != start[lo, sb]))
+                            if cost > spend:
                                 continue
                         score = min(d, gap - d)
-                        if fix_first[r] and bin_load[r, h] - d <= limit[r] and bin_load[r, lo] + d <= limit[r]:
+                        if fix and load_h - d <= lim and load_lo + d <= lim:
                             if score > best_fix:
                                 best_fix, pick_fix = score, (q * slots + sa) * slots + sb
                         elif score > best_any:
@@ -249,38 +276,35 @@ def _peaks_kernel(io, per_replica, cap, orig, limit, budget, light, fix_first): 
             pick = pick_fix if pick_fix >= 0 else pick_any
             if pick < 0:
                 break  # the heaviest bin cannot be lowered: neither can the peak
-            lo = cand[pick // (slots * slots)]
+            lo, lo_at = cand[pick // (slots * slots)], cand_at[pick // (slots * slots)]
             sa, sb = (pick // slots) % slots, pick % slots
-            a, b = io[r, h, sa], io[r, lo, sb]
-            budget[r] -= (int(b != orig[r, h, sa]) - int(a != orig[r, h, sa])
-                          + int(a != orig[r, lo, sb]) - int(b != orig[r, lo, sb]))
-            held_r[h, a] -= 1
-            held_r[lo, a] += 1
-            held_r[lo, b] -= 1
-            held_r[h, b] += 1
-            shed = il[r, h, sa] - il[r, lo, sb]
-            bin_load[r, h] -= shed
-            bin_load[r, lo] += shed
-            io[r, h, sa], io[r, lo, sb] = b, a
-            il[r, h, sa], il[r, lo, sb] = il[r, lo, sb], il[r, h, sa]
-            ic[r, h, sa], ic[r, lo, sb] = ic[r, lo, sb], ic[r, h, sa]
-            for g in (h, lo):  # back to its place in the order (the other bins stay sorted)
-                i, x = pos[g], bin_load[r, g]
-                while i > 0 and (bin_load[r, order[i - 1]] > x
-                                 or (bin_load[r, order[i - 1]] == x and order[i - 1] > g)):
-                    order[i] = order[i - 1]
-                    pos[order[i]] = i
-                    i -= 1
-                while i < num_bins - 1 and (bin_load[r, order[i + 1]] < x
-                                            or (bin_load[r, order[i + 1]] == x and order[i + 1] < g)):
-                    order[i] = order[i + 1]
-                    pos[order[i]] = i
-                    i += 1
-                order[i] = g
-                pos[g] = i
+            a, b = own[h, sa], own[lo, sb]
+            spend -= (int(b != start[h, sa]) - int(a != start[h, sa])
+                      + int(a != start[lo, sb]) - int(b != start[lo, sb]))
+            held[h, a] -= 1
+            held[lo, a] += 1
+            held[lo, b] -= 1
+            held[h, b] += 1
+            shed = il[h, sa] - il[lo, sb]
+            load[h] -= shed
+            load[lo] += shed
+            own[h, sa], own[lo, sb] = b, a
+            il[h, sa], il[lo, sb] = il[lo, sb], il[h, sa]
+            ic[h, sa], ic[lo, sb] = ic[lo, sb], ic[h, sa]
+            # Each back to its place in the order (the other bins stay sorted), the heavy bin first.
+            sl[lo_at] = load[lo]  # (the light bin's new load, as the heavy bin's move sees it)
+            h_to = _move(order, sl, h_at, h, load[h])
+            if h_to < h_at and h_to <= lo_at < h_at:  # the bins it passed each moved up one place
+                lo_at += 1
+            elif h_to > h_at and h_at < lo_at <= h_to:
+                lo_at -= 1
+            _move(order, sl, lo_at, lo, load[lo])
+        budget[r] = spend
         for g in range(num_bins):  # clear the row's copies for the next row
             for s in range(slots):
-                held_r[g, io[r, g, s]] = 0
+                held[g, own[g, s]] = 0
 
 
+if njit is not None:
+    _move = njit(cache=True, nogil=True, inline="always")(_move)
 peaks_kernel = njit(cache=True, nogil=True)(_peaks_kernel) if njit is not None else None
