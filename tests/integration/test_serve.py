@@ -7,33 +7,14 @@ The deployment attaches by name to the test run's controller and workers (``conf
 runs without its HTTP proxy (no port to collide with) and is shut down at the end, so the tests
 after this one find the cluster as before; the controller's configuration and placement are put
 back too (the placement as a new epoch of the same map)."""
-import importlib.util
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from examples_loader import load_example
 
 pytestmark = pytest.mark.timeout(180)
 serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install -e '.[serve]')")
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "serve_moe.py"
-
-
-def load_example():
-    """Import examples/serve_moe.py; Serve pickles its deployment class by value (the replica
-    processes cannot import a file that is not a package)."""
-    import ray.cloudpickle
-
-    name = "ray_eplb_example_serve_moe"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLE)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        ray.cloudpickle.register_pickle_by_value(mod)
-    return sys.modules[name]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +23,7 @@ def served(runtime):
 
     from ray_eplb.actors.ray_worker import NAMESPACE
 
-    ex = load_example()
+    ex = load_example("serve_moe.py")
     topo = runtime.topology
     spec = ex.ModelSpec(num_layers=topo.num_layers, num_experts=topo.num_experts, top_k=2,
                         hidden_size=runtime.source.hidden_size, ffn_size=runtime.source.ffn_size, vocab_size=64,

@@ -5,37 +5,21 @@ responses routed by the new epoch follow.
 
 Its own namespace and CPU-sliver ranks (beside the test run's runtime, which holds every
 ``eplb_rank`` slot); Serve is shut down at the end."""
-import importlib.util
 import json
 import socket
-import sys
 import threading
 import time
 import urllib.error
-from pathlib import Path
 
 import pytest
+from examples_loader import load_example
 
 pytestmark = pytest.mark.timeout(180)
 transformers = pytest.importorskip("transformers")
 serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install -e '.[serve]')")
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "serve_hf_moe.py"
 NAMESPACE = "ray_eplb_serve_hf_test"
 NEW = 10
-
-
-def load_example():
-    import ray.cloudpickle
-
-    name = "ray_eplb_example_serve_hf_moe"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLE)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        ray.cloudpickle.register_pickle_by_value(mod)
-    return sys.modules[name]
 
 
 def free_port():
@@ -55,7 +39,7 @@ def test_http_generation_matches_the_unpatched_model_during_a_rebalance(ray_sess
     from ray_eplb.controller.config import ControllerConfig
     from ray_eplb.topology import Placement
 
-    ex = load_example()
+    ex = load_example("serve_hf_moe.py")
     folder = str(save_tiny_model(tmp_path / "tiny", "qwen3_moe"))
     ref = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     source = HFCheckpointSource(folder)
