@@ -44,13 +44,14 @@ def start_cluster(a: argparse.Namespace):
 
     where = a.token_where = enable_token_auth()  # ray.init() would on its own; ray.cluster_utils.Cluster does not
     print(f"[demo] token authentication {f'on (token: {where})' if where else 'OFF (RAY_AUTH_MODE says so)'}")
-    if a.nodes == 1 and not a.keep:
-        ray.init(address="local", log_to_driver=False, **dash, **node_args[0])
-        return None, frac
     from ray.cluster_utils import Cluster
 
     # --keep: raylets not tied to this process, so they outlive it (see ray_eplb.controller.cli.keep).
-    cluster = Cluster(initialize_head=True, head_node_args=dict(**dash, **node_args[0]), shutdown_at_exit=not a.keep)
+    # The head's dashboard agent on a port of its own choosing: Ray's default (52365) is held by any other
+    # Ray on this machine, and an agent that cannot bind it never registers, so the dashboard could not
+    # show the logs of actors on that node (added raylets already pick a free port).
+    head = dict(**dash, **node_args[0], dashboard_agent_listen_port=None)
+    cluster = Cluster(initialize_head=True, head_node_args=head, shutdown_at_exit=not a.keep)
     for args in node_args[1:]:
         cluster.add_node(**args)
     ray.init(address=cluster.address, log_to_driver=False)
