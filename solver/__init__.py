@@ -21,3 +21,28 @@ from ray_eplb.solver.counts import replica_counts
 from ray_eplb.solver.rebalance import rebalance_experts
 
 __all__ += ["replica_counts", "rebalance_experts"]
+
+
+def _warm_up_migration() -> None:
+    """Compile (or load from numba's cache) the migration-aware planner's kernels now, on tiny plans,
+    so the first migration-aware call of a process (a controller's first round) pays no compile.
+    The fresh solve's kernels are warmed up by :mod:`ray_eplb.solver.compiled`."""
+    import torch
+
+    from ray_eplb.solver import compiled
+
+    if not compiled.ENABLED:
+        return
+    weight = torch.tensor([[9.0, 5.0, 3.0, 2.0, 1.0, 1.0, 1.0, 1.0]] * 2)  # [L=2, E=8]
+    old = torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6, 7, 1, 2, 3]] * 2)  # [L, R=12]: expert 0 twice on GPU 0
+    for max_moves in (None, 0.25):
+        rebalance_experts(weight, 12, 2, 2, 4, old_phy2log=old, max_moves=max_moves)
+
+
+try:
+    _warm_up_migration()
+except Exception as exc:  # noqa: BLE001 (a numba that cannot compile these must not break the solver)
+    import warnings
+
+    warnings.warn(f"ray_eplb.solver: warming up the migration-aware kernels failed ({type(exc).__name__}: {exc}); "
+                  "they compile on first use", RuntimeWarning, stacklevel=1)
