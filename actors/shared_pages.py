@@ -36,6 +36,12 @@ def _madvise():
     return _libc.madvise
 
 
+def _is_store(parts: list[str]) -> bool:
+    """Whether a ``/proc/self/maps`` (or ``smaps`` header) line, split in 6, is a shared mapping of
+    Ray's object store."""
+    return len(parts) == 6 and parts[1][3] == "s" and "plasma" in os.path.basename(parts[5].strip())
+
+
 def store_mappings(maps_path: str = "/proc/self/maps") -> list[tuple[int, int]]:
     """``(start, end)`` addresses of this process's shared mappings of Ray's object store."""
     out = []
@@ -43,7 +49,7 @@ def store_mappings(maps_path: str = "/proc/self/maps") -> list[tuple[int, int]]:
         with open(maps_path) as f:
             for line in f:
                 parts = line.split(maxsplit=5)
-                if len(parts) == 6 and parts[1][3] == "s" and "plasma" in os.path.basename(parts[5]):
+                if _is_store(parts):
                     start, end = (int(a, 16) for a in parts[0].split("-"))
                     out.append((start, end))
     except OSError:
@@ -104,8 +110,7 @@ def store_resident_bytes(smaps_path: str = "/proc/self/smaps") -> int:
             for line in f:
                 head = line.split(maxsplit=1)[0]
                 if "-" in head and not head.endswith(":"):  # a mapping's header line
-                    parts = line.split(maxsplit=5)
-                    inside = len(parts) == 6 and parts[1][3] == "s" and "plasma" in os.path.basename(parts[5])
+                    inside = _is_store(line.split(maxsplit=5))
                 elif inside and head == "Rss:":
                     total += int(line.split()[1]) * 1024
     except OSError:

@@ -130,8 +130,7 @@ class ExpertWorker(EpochSwap):
 
     def _recycle(self, dropped: list[Table]) -> None:
         """Under the lock: give the buffers that only ``dropped`` tables used back to the staging pool."""
-        live = {id(w) for t in [*self._tables.values(), self._staged, self._partial] if t is not None
-                for row in t.weights for w in row}
+        live = {id(w) for w in self._weights_in_use()}
         self.staging.recycle((w for t in dropped for row in t.weights for w in row), live)
 
     def _weights_in_use(self) -> list[torch.Tensor]:
