@@ -31,6 +31,7 @@ def incremental(
     goal: np.ndarray | None = None,
     target: np.ndarray | None = None,
     cnt: np.ndarray | None = None,
+    old_dups: np.ndarray | None = None,
 ) -> np.ndarray:
     """Improve ``old`` for load ``w`` by at most ``budget`` slot changes per layer.
 
@@ -58,8 +59,10 @@ def incremental(
     Every expert keeps at least one replica, and no expert is put twice on a GPU.
 
     Shapes: ``w [L, E]`` float64, ``old [L, R]`` int64, ``budget [L]`` int64 (not modified),
-    ``cnt [L, E]`` (optional, not modified): ``old``'s replicas per expert when already counted.
-    Returns ``[L, R]`` int64.
+    ``cnt [L, E]`` (optional, not modified): ``old``'s replicas per expert when already counted;
+    ``old_dups [L]`` (optional): ``old``'s avoidable duplicates when already counted (a layer
+    without any, where no expert has more replicas than GPUs before or after, has none after the
+    relocations either, so it is not searched for them). Returns ``[L, R]`` int64.
     """
     num_layers, num_experts = w.shape
     num_slots = old.shape[1]
@@ -74,18 +77,25 @@ def incremental(
     cnt = bin_counts(old, 1, num_experts)[:, 0] if cnt is None else cnt.copy()  # [L, E] current replicas
     if target is None:
         target = counts_np(w, num_slots, method)  # [L, E]
+    # Layers where an avoidable duplicate may be left after the relocations: one in ``old``, or an
+    # expert on more GPUs than there are (thinning it can leave a stack avoidable). A relocation
+    # puts its gainer on a GPU without a copy unless the gainer outnumbers the GPUs.
+    if old_dups is None:
+        may_dup = np.arange(num_layers)
+    else:
+        may_dup = np.nonzero((old_dups > 0) | (cnt.max(1) > num_gpus) | (target.max(1) > num_gpus))[0]
     relocate(w, own, cnt, target, budget)
     per = w / cnt
     cap = -(-cnt // num_gpus)
     # Avoidable duplicates left (a foreign old plan's, or a thinned expert's) are swapped apart
     # before any balancing swap: each frees a slot. A layer whose repair does not fit its budget
     # keeps them.
-    if slots == 1:  # nothing can stack
+    if slots == 1 or not may_dup.size:  # nothing can stack
         dup = np.zeros(0, dtype=np.int64)
     elif plan_stats_kernel is not None:
-        dup = np.nonzero(plan_stats(own.reshape(num_layers, -1), w, num_gpus)[2] > 0)[0]
+        dup = may_dup[plan_stats(own[may_dup].reshape(may_dup.size, -1), w[may_dup], num_gpus)[2] > 0]
     else:
-        dup = np.nonzero(avoidable_duplicates_np(own.reshape(num_layers, -1), num_gpus, num_experts) > 0)[0]
+        dup = may_dup[avoidable_duplicates_np(own[may_dup].reshape(may_dup.size, -1), num_gpus, num_experts) > 0]
     if dup.size:
         repair = separate_copies_batched if separate_kernel is None else separate_kernel
         fixed = repair(own[dup], per[dup], cap[dup])

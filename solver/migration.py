@@ -322,7 +322,7 @@ def migrate(
     count_dups = bool(dup_old.any())
 
     def plan(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        new = incremental(w, old, num_gpus, b, method, goal=goal, target=target, cnt=cnt_old)
+        new = incremental(w, old, num_gpus, b, method, goal=goal, target=target, cnt=cnt_old, old_dups=dup_old)
         _, peak, dups, _ = plan_stats(new, w, num_gpus, dups=count_dups)
         moves = moved_slots(old, new)
         if cand is not None:
