@@ -228,16 +228,20 @@ def growth_sweep(windows: int, repeats: int, seed: int, quick: bool) -> list[dic
 
 def growth_ratios(rows: list[dict]) -> dict | None:
     """The growth from the fewest to the most slots per GPU of the sweep ``rows``: ``{from, to,
-    plan, call_full, call_used, maps_full}`` (each the ratio of the two rows' times; ``plan`` is
-    the fresh call less its full-width maps), or ``None`` without two such rows."""
+    plan, plan_used, call_full, call_used, maps_full, maps_used}`` (each the ratio of the two rows'
+    times; ``plan`` is the fresh call less its full-width maps, ``plan_used`` the used-width call
+    less its maps: the same plan, estimated with a smaller, so less noisy, difference), or ``None``
+    without two such rows."""
     spg = sorted((g for g in rows if g["axis"] == "slots_per_gpu"), key=lambda g: g["value"])
     if len(spg) < 2:
         return None
     lo, hi = spg[0], spg[-1]
     return {"from": lo["value"], "to": hi["value"],
             "plan": (hi["fresh_ms"] - hi["maps_ms"]) / (lo["fresh_ms"] - lo["maps_ms"]),
+            "plan_used": (hi["fresh_used_ms"] - hi["maps_used_ms"]) / (lo["fresh_used_ms"] - lo["maps_used_ms"]),
             "call_full": hi["fresh_ms"] / lo["fresh_ms"], "call_used": hi["fresh_used_ms"] / lo["fresh_used_ms"],
-            "maps_full": hi["maps_ms"] / lo["maps_ms"]}
+            "maps_full": hi["maps_ms"] / lo["maps_ms"], "maps_used": hi["maps_used_ms"] / lo["maps_used_ms"],
+            "width_used": hi["used_width"] / lo["used_width"]}
 
 
 def _maps_ms(shape: Shape, w: torch.Tensor, repeats: int) -> tuple[float, float, int]:
@@ -308,9 +312,10 @@ def print_report(report: dict) -> None:
               "M = R - E + 1 (the default, 'fresh ms') / the most replicas of an expert (log2phy_width='used').")
         r = report.get("growth_ratios")
         if r:
-            print(f"slots per GPU {r['from']} -> {r['to']} ({r['to'] / r['from']:.0f}x the slots): plan (fresh less "
-                  f"its maps) x{r['plan']:.2f}, whole call at full width x{r['call_full']:.2f}, at used width "
-                  f"x{r['call_used']:.2f} (full-width maps alone x{r['maps_full']:.2f})")
+            print(f"slots per GPU {r['from']} -> {r['to']} ({r['to'] / r['from']:.0f}x the slots): plan (call less "
+                  f"its maps) x{r['plan']:.2f} at full width, x{r['plan_used']:.2f} at used width; whole call at "
+                  f"full width x{r['call_full']:.2f}, at used width x{r['call_used']:.2f}; maps alone "
+                  f"x{r['maps_full']:.2f} / x{r['maps_used']:.2f}; used width x{r['width_used']:.2f}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
