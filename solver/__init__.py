@@ -2,10 +2,13 @@
 
 Public API:
     replica_counts(weight [X, n], num_phy, method="hybrid_tail") -> counts [X, n]
-    rebalance_experts(weight [L, E], num_replicas, num_groups, num_nodes, num_gpus, *, policy, method)
-        -> (phy2log [L, R], log2phy [L, E, R-E+1], logcnt [L, E])
+    rebalance_experts(weight [L, E], num_replicas, num_groups, num_nodes, num_gpus, *, policy, method,
+                      old_phy2log, max_moves, budget_scope, min_gain, log2phy_width="full")
+        -> (phy2log [L, R], log2phy [L, E, M], logcnt [L, E])
+        M = R-E+1 with log2phy_width="full" (DeepSeek's shape, the default), the most replicas any
+        expert has with "used" (the same entries without all -1 columns), or a given int
     balancedness / balancedness_per_layer / gpu_loads / duplicate_pairs (metrics)
-    logical_maps(phy2log, num_experts) -> (log2phy, logcnt)
+    logical_maps(phy2log [L, R], num_experts, width=None) -> (log2phy [L, E, M], logcnt [L, E])
 """
 from ray_eplb.solver.maps import logical_maps
 from ray_eplb.solver.metrics import balancedness, balancedness_per_layer, duplicate_pairs, gpu_loads

@@ -29,9 +29,10 @@ from ray_eplb.solver.kernels_place import (  # noqa: F401 (the kernels, called a
     _order_desc,
     _scan_rows,
     any_surplus,
-    maps_kernel,
+    fill_maps_kernel,
     refine_kernel,
     rounds_kernel,
+    slot_counts_kernel,
     snake_kernel,
 )
 from ray_eplb.solver.kernels_solve import _pairwise_sum, counts_kernel, solve_kernel  # noqa: F401
@@ -51,7 +52,8 @@ def warm_up() -> None:
     rounds_kernel(w, 2)
     for dhondt in (False, True):
         solve_kernel(w, 8, 2, 1, 2, 1, dhondt)
-    maps_kernel(io.reshape(2, 4), np.full((2, 4, 5), -1, dtype=np.int64))
+    slot_counts_kernel(io.reshape(2, 4), 4)
+    fill_maps_kernel(io.reshape(2, 4), np.full((2, 4, 5), -1, dtype=np.int64))
     any_surplus(io.reshape(1, 4, 2), np.ones((1, 4), dtype=np.int64))
     for dhondt in (False, True):
         counts_kernel(w, w.sum(1), 9, 1, dhondt)

@@ -297,28 +297,28 @@ def any_surplus(slot_owner, cap):  # pragma: no cover (compiled)
 
 
 @_jit
-def maps_kernel(phy2log, log2phy):  # pragma: no cover (compiled)
-    """:func:`~ray_eplb.solver.maps.logical_maps_np` for ``phy2log [L, R]`` int64 with ids in
-    ``[0, E)``: fills ``log2phy [L, E, R-E+1]`` (``-1`` on entry; allocated by numpy, which asks
-    the OS for huge pages: this output is the largest array of a solve) with each expert's slots
-    in ascending order. Returns ``logcnt [L, E]`` int64 and the largest count; writes nothing
-    when that exceeds ``R - E + 1`` (the caller rejects it)."""
+def slot_counts_kernel(phy2log, num_experts):  # pragma: no cover (compiled)
+    """``logcnt [L, E]`` int64, the slots of each expert per row of ``phy2log [L, R]`` int64 (ids in
+    ``[0, E)``): what :func:`~ray_eplb.solver.maps.logical_maps_np` counts before it sizes ``log2phy``."""
     num_layers, num_slots = phy2log.shape
-    num_experts, width = log2phy.shape[1], log2phy.shape[2]
     logcnt = np.zeros((num_layers, num_experts), dtype=np.int64)
-    most = 0
     for r in range(num_layers):
         for s in range(num_slots):
             logcnt[r, phy2log[r, s]] += 1
-        for e in range(num_experts):
-            most = max(most, logcnt[r, e])
-    if most > width:
-        return logcnt, most
-    fill = np.zeros(num_experts, dtype=np.int64)
+    return logcnt
+
+
+@_jit
+def fill_maps_kernel(phy2log, log2phy):  # pragma: no cover (compiled)
+    """Fill ``log2phy [L, E, M]`` (``-1`` on entry; allocated by numpy, which asks the OS for huge
+    pages: at full width this output is the largest array of a solve) with each expert's slots of
+    ``phy2log [L, R]`` int64 in ascending order. ``M`` must be at least the most slots of any expert
+    (the caller checks it with :func:`slot_counts_kernel`)."""
+    num_layers, num_slots = phy2log.shape
+    fill = np.zeros(log2phy.shape[1], dtype=np.int64)
     for r in range(num_layers):
         fill[:] = 0
         for s in range(num_slots):
             e = phy2log[r, s]
             log2phy[r, e, fill[e]] = s
             fill[e] += 1
-    return logcnt, most

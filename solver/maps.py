@@ -27,59 +27,101 @@ def minus_ones(shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def logical_maps(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+WIDTHS = ("full", "used")
+
+
+def check_width(width: object, name: str = "width") -> None:
+    """Raise ``ValueError`` unless ``width`` is ``None``, ``"full"``, ``"used"`` or a positive int
+    (see :func:`logical_maps`); ``name`` is the argument's name in the message."""
+    if width is None or (isinstance(width, str) and width in WIDTHS):
+        return
+    if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1:
+        raise ValueError(f"{name}={width!r} must be 'full', 'used' or a positive int")
+
+
+def map_width(logcnt: np.ndarray, num_slots: int, width: int | str | None = None) -> int:
+    """The ``log2phy`` width ``M`` for replica counts ``logcnt [L, E]`` of ``num_slots`` slots per
+    layer: ``None``/``"full"``: ``R - E + 1``; ``"used"``: the most replicas of any expert in any
+    layer (at least 1); an int: itself. Raises ``ValueError`` when an expert has more than
+    ``R - E + 1`` replicas (so another has none) or when an int is below the most replicas."""
+    check_width(width)
+    num_layers, num_experts = logcnt.shape
+    full = num_slots - num_experts + 1
+    most = int(logcnt.max(initial=0))
+    if most > full:
+        raise ValueError(f"an expert has {most} replicas, more than R - E + 1 = {full}")
+    if isinstance(width, str) or width is None:
+        return max(most, 1) if width == "used" else full
+    if width < most:
+        layer, expert = np.unravel_index(int(np.argmax(logcnt)), logcnt.shape)
+        raise ValueError(f"log2phy width={int(width)} is less than {most}, the replicas of expert {expert} "
+                         f"in layer {layer}")
+    return int(width)
+
+
+def logical_maps(
+    phy2log: torch.Tensor, num_experts: int, width: int | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Invert a slot map.
 
     Args:
         phy2log: ``[L, R]`` int64, the logical expert held by each slot.
         num_experts: ``E``, the number of logical experts.
+        width: ``M``, the width of ``log2phy``. ``None`` or ``"full"``: ``R - E + 1`` (DeepSeek's
+            contract: room for the most replicas one expert can have); ``"used"``: the most
+            replicas any expert has in any layer of this map (at least 1), counted before the
+            output is allocated; an int: that width (at least the most replicas, else
+            ``ValueError`` naming both).
 
     Returns:
-        ``log2phy [L, E, M]`` int64 with ``M = R - E + 1``: the slots of each logical expert in
-        ascending slot order, padded with ``-1``; and ``logcnt [L, E]`` int64, replicas per expert.
+        ``log2phy [L, E, M]`` int64: the slots of each logical expert in ascending slot order,
+        padded with ``-1``; and ``logcnt [L, E]`` int64, replicas per expert.
     """
     if phy2log.dim() != 2:
         raise ValueError(f"phy2log must be 2-D [layers, slots], got shape {tuple(phy2log.shape)}")
     num_layers, num_slots = phy2log.shape
     if num_slots < num_experts:
         raise ValueError(f"phy2log has {num_slots} slots, fewer than num_experts={num_experts}")
+    check_width(width)
     phy2log = phy2log.to(torch.int64)
     if phy2log.numel() and (int(phy2log.min()) < 0 or int(phy2log.max()) >= num_experts):
         raise ValueError(
             f"phy2log holds expert ids outside [0, {num_experts}): "
             f"min={int(phy2log.min())}, max={int(phy2log.max())}"
         )
-    log2phy, logcnt = logical_maps_np(phy2log.detach().cpu().numpy(), num_experts)
+    log2phy, logcnt = logical_maps_np(phy2log.detach().cpu().numpy(), num_experts, width)
     return torch.from_numpy(log2phy).to(phy2log.device), torch.from_numpy(logcnt).to(phy2log.device)
 
 
-def logical_maps_np(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`logical_maps` on a ``phy2log [L, R]`` int64 array (numpy in, numpy out).
+def logical_maps_np(
+    phy2log: np.ndarray, num_experts: int, width: int | str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`logical_maps` on a ``phy2log [L, R]`` int64 array (numpy in, numpy out): ``log2phy
+    [L, E, M]`` and ``logcnt [L, E]``, ``M`` chosen by ``width`` as there.
 
-    Raises ``ValueError`` when an expert has more than ``R - E + 1`` replicas (so another has
-    none). Single-threaded numpy on purpose: torch's parallel fill of the large ``-1`` padded
-    array measured 3x faster on an idle machine but milliseconds slower on a busy one.
+    Counts first, then allocates ``log2phy`` at its final width and writes each expert's slots
+    once. Raises ``ValueError`` when an expert has more than ``R - E + 1`` replicas (so another has
+    none), whatever the width. Single-threaded numpy on purpose: torch's parallel fill of the large
+    ``-1`` padded array measured 3x faster on an idle machine but milliseconds slower on a busy one.
     """
     num_layers, num_slots = phy2log.shape
-    width = num_slots - num_experts + 1
     if compiled.ENABLED:  # the same maps, compiled
-        log2phy = minus_ones((num_layers, num_experts, width))
-        logcnt, most = compiled.maps_kernel(np.ascontiguousarray(phy2log, dtype=np.int64), log2phy)
-        if most > width:
-            raise ValueError(f"an expert has {most} replicas, more than R - E + 1 = {width}")
+        phy2log = np.ascontiguousarray(phy2log, dtype=np.int64)
+        logcnt = compiled.slot_counts_kernel(phy2log, num_experts)
+        log2phy = minus_ones((num_layers, num_experts, map_width(logcnt, num_slots, width)))
+        compiled.fill_maps_kernel(phy2log, log2phy)
         return log2phy, logcnt
-    flat = phy2log + (np.arange(num_layers) * num_experts)[:, None]  # [L, R] row-unique expert ids
     logcnt = bin_counts(phy2log, 1, num_experts)[:, 0]  # [L, E]
+    m = map_width(logcnt, num_slots, width)
+    flat = phy2log + (np.arange(num_layers) * num_experts)[:, None]  # [L, R] row-unique expert ids
     keys = phy2log.astype(np.int16) if num_experts < 2**15 else phy2log  # int16: numpy radix-sorts it
     order = np.argsort(keys, axis=1, kind="stable")  # [L, R] slots grouped by expert, ascending
     sorted_flat = flat.ravel()[order + (np.arange(num_layers) * num_slots)[:, None]]  # [L, R]
     first = (np.cumsum(logcnt, 1) - logcnt).ravel()  # [L*E] start of each expert's run
     rank = np.arange(num_slots) - first[sorted_flat]  # [L, R] replica index within its expert
-    if logcnt.max(initial=0) > width:
-        raise ValueError(f"an expert has {int(logcnt.max())} replicas, more than R - E + 1 = {width}")
-    log2phy = minus_ones((num_layers * num_experts * width,))
-    log2phy[(sorted_flat * width + rank).ravel()] = order.ravel()
-    return log2phy.reshape(num_layers, num_experts, width), logcnt.astype(np.int64)
+    log2phy = minus_ones((num_layers * num_experts * m,))
+    log2phy[(sorted_flat * m + rank).ravel()] = order.ravel()
+    return log2phy.reshape(num_layers, num_experts, m), logcnt.astype(np.int64)
 
 
 def avoidable_duplicates_np(

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ray_eplb.solver.counts import METHODS, check_weight
-from ray_eplb.solver.maps import avoidable_duplicates_np, logical_maps_np
+from ray_eplb.solver.maps import avoidable_duplicates_np, check_width, logical_maps_np
 from ray_eplb.solver.migration import align, budget_per_layer, check_old, migrate, peak_load
 from ray_eplb.solver.packing import counts_and_place, pack_rounds
 
@@ -53,6 +53,7 @@ def rebalance_experts(
     max_moves: int | float | None = None,
     budget_scope: str = "layer",
     min_gain: float = 0.0,
+    log2phy_width: int | str = "full",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Place ``num_replicas`` physical experts (slots) per layer onto ``num_gpus`` GPUs.
 
@@ -79,11 +80,20 @@ def rebalance_experts(
             layers: spent on the layers with the highest peak reduction per moved slot).
         min_gain: hysteresis; a layer whose max GPU load would fall by less than this fraction
             keeps ``old_phy2log``.
+        log2phy_width: ``M``, the width of the returned ``log2phy``. ``"full"`` (default):
+            ``R - E + 1``, DeepSeek's shape, for callers that copy it into a buffer of exactly that
+            shape. ``"used"``: the most replicas any expert has in the returned plan (over all
+            layers, at least 1): the same entries without the all ``-1`` columns, for callers that
+            pad it to their own buffer (vLLM) or use only ``phy2log``; at many slots per GPU the
+            full width is most of the call's time and memory (58 x 256 experts on 2048 slots:
+            ``M = 1793``, 213 MB). An int: that width (at least the most replicas of the plan,
+            else ``ValueError``). The plan does not depend on it.
 
     Returns:
-        ``phy2log [L, R]``: logical expert of each slot; ``log2phy [L, E, R-E+1]``: slots of each
-        expert, ``-1`` padded; ``logcnt [L, E]``: replicas per expert. All int64, on ``weight``'s
-        device. Replicas of one expert share a GPU only when it has more replicas than its GPUs.
+        ``phy2log [L, R]``: logical expert of each slot; ``log2phy [L, E, M]``: slots of each
+        expert in ascending order, ``-1`` padded (``log2phy[..., :k]`` is the same for every
+        ``M >= k``); ``logcnt [L, E]``: replicas per expert. All int64, on ``weight``'s device.
+        Replicas of one expert share a GPU only when it has more replicas than its GPUs.
     """
     w = check_weight(weight)  # [L, E] float64 numpy
     num_replicas = _check_positive_int("num_replicas", num_replicas)
@@ -99,14 +109,18 @@ def rebalance_experts(
         raise ValueError(f"num_replicas={num_replicas} is not divisible by num_gpus={num_gpus}")
     if num_gpus % num_nodes:
         raise ValueError(f"num_gpus={num_gpus} is not divisible by num_nodes={num_nodes}")
-    need = working_memory_bytes(num_layers, num_experts, num_replicas)
+    check_width(log2phy_width, "log2phy_width")
+    if log2phy_width is None:
+        raise ValueError("log2phy_width=None must be 'full', 'used' or a positive int")
+    # The width's floor: "used" is not known before the plan, and is at least 1.
+    width = {"full": num_replicas - num_experts + 1, "used": 1}.get(log2phy_width, log2phy_width)
+    need = working_memory_bytes(num_layers, num_experts, num_replicas, int(width))
     free = free_memory_bytes() if need > 2**28 else None  # asked only for large shapes: it reads /proc
     if free is not None and need > free:
         raise ValueError(
             f"num_replicas={num_replicas} for {num_layers} layers x {num_experts} experts needs about "
-            f"{need / 2**30:.1f} GiB of working memory (log2phy [L, E, R-E+1] alone is "
-            f"{8 * num_layers * num_experts * (num_replicas - num_experts + 1) / 2**30:.1f} GiB); "
-            f"{free / 2**30:.1f} GiB are free"
+            f"{need / 2**30:.1f} GiB of working memory (log2phy [L, E, {width}] alone is "
+            f"{8 * num_layers * num_experts * width / 2**30:.1f} GiB); {free / 2**30:.1f} GiB are free"
         )
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r} is not one of {POLICIES}")
@@ -143,7 +157,7 @@ def rebalance_experts(
         fresh = _fresh(w, num_replicas, num_groups, num_nodes, num_gpus, policy, method, hier_ok)
         # With an old placement: incremental, or the fresh plan relabelled where it dominates.
         phy2log = fresh if old_phy2log is None else migrate(w, old, num_gpus, budget, total, min_gain, method, fresh)
-    log2phy, logcnt = logical_maps_np(phy2log, num_experts)
+    log2phy, logcnt = logical_maps_np(phy2log, num_experts, log2phy_width)
     device = weight.device
     return (
         torch.from_numpy(phy2log).to(device),
@@ -227,10 +241,13 @@ def _solve(
     return phy2log.reshape(num_layers, num_replicas), gpu_load.max(1)
 
 
-def working_memory_bytes(num_layers: int, num_experts: int, num_replicas: int) -> int:
-    """A floor on the bytes one solve holds at once: the ``log2phy [L, E, R-E+1]`` int64 output
-    plus about sixteen ``[L, R]`` int64/float64 working arrays."""
-    return 8 * num_layers * (num_experts * (num_replicas - num_experts + 1) + 16 * num_replicas)
+def working_memory_bytes(num_layers: int, num_experts: int, num_replicas: int, width: int | None = None) -> int:
+    """A floor on the bytes one solve holds at once: the ``log2phy [L, E, width]`` int64 output
+    (``width`` default ``R - E + 1``) plus about sixteen ``[L, R]`` int64/float64 working arrays.
+    ``rebalance_experts(..., log2phy_width="used")`` passes ``width=1``, the floor of a width not
+    known before the plan (``R - E + 1`` would be a bound, but the one the option is there to avoid)."""
+    width = num_replicas - num_experts + 1 if width is None else width
+    return 8 * num_layers * (num_experts * width + 16 * num_replicas)
 
 
 def free_memory_bytes() -> int | None:

@@ -85,6 +85,7 @@ class RayEplbPolicy:
             policy=cls.policy, method=cls.method, old_phy2log=old,
             max_moves=cls.max_moves if old is not None else None,
             min_gain=cls.min_gain if old is not None else 0.0,
+            log2phy_width="used",  # vLLM takes phy2log only: the narrowest log2phy costs least
         )
         return phy2log.to(device="cpu", dtype=torch.int64).contiguous()
 

@@ -33,7 +33,11 @@ next-window balancedness (mean over windows of ``sum mean GPU load / sum max GPU
 duplicates (duplicate (layer, GPU) pairs beyond the unavoidable ones, summed over windows), and
 slots moved (fraction of slots changed against the starting plan, or against the variant's own
 previous plan). A growth sweep times the fresh solve, the migration-aware call and the greedy as
-slots per GPU (8..32), layers and experts grow.
+slots per GPU (8..32), layers and experts grow; there the fresh solve is also timed with
+``log2phy_width="used"`` (``log2phy [L, E, M]`` only as wide as the most replicas of an expert,
+instead of ``R - E + 1``), and building the maps alone at either width, and the growth from the
+fewest to the most slots per GPU is printed as ratios: the plan (fresh call less its full-width
+maps), the whole call at full width and at the used width.
 
 Single-threaded by design: torch runs on one thread and every BLAS/OpenMP pool numpy or scipy
 loaded is limited to one thread (threadpoolctl) for the whole run, so the times are one core's;
@@ -148,6 +152,7 @@ def measure(shape: Shape, load: torch.Tensor, repeats: int, greedy_repeats: int 
     args, p = shape.args, shape.num_gpus
     ours = {
         "fresh": lambda w, old: rebalance_experts(w, *args),
+        "fresh_used": lambda w, old: rebalance_experts(w, *args, log2phy_width="used"),
         "migrate": lambda w, old: rebalance_experts(w, *args, old_phy2log=old),
         "migrate_25": lambda w, old: rebalance_experts(w, *args, old_phy2log=old, max_moves=0.25),
         "from_greedy": lambda w, old: rebalance_experts(w, *args, old_phy2log=old),
@@ -172,8 +177,8 @@ def measure(shape: Shape, load: torch.Tensor, repeats: int, greedy_repeats: int 
                 plan_fresh = ph
                 start = prev["fresh"]
             else:
-                start = {"migrate": prev_fresh, "migrate_25": prev_fresh, "from_greedy": prev_greedy,
-                         "no_move": plan_fresh}[v]
+                start = {"fresh_used": prev_fresh, "migrate": prev_fresh, "migrate_25": prev_fresh,
+                         "from_greedy": prev_greedy, "no_move": plan_fresh}[v]
                 ph, _, cnt = _timed(lambda w=w, v=v, start=start: ours[v](w, start), repeats, times[v])
             if v not in variants:
                 continue
@@ -197,7 +202,8 @@ def measure(shape: Shape, load: torch.Tensor, repeats: int, greedy_repeats: int 
 
 
 def growth_sweep(windows: int, repeats: int, seed: int, quick: bool) -> list[dict]:
-    """Fresh, migration-aware and greedy times as slots per GPU, layers and experts grow."""
+    """Fresh (full and used ``log2phy`` width), migration-aware and greedy times, and the maps alone
+    at both widths, as slots per GPU, layers and experts grow."""
     if quick:
         shapes = [("slots_per_gpu", 4, Shape("s4", 4, 48, 64, 4, 2, 16)),
                   ("slots_per_gpu", 8, Shape("s8", 4, 48, 128, 4, 2, 16))]
@@ -209,21 +215,47 @@ def growth_sweep(windows: int, repeats: int, seed: int, quick: bool) -> list[dic
     rows = []
     for axis, value, shape in shapes:
         load = synthetic_load(shape, windows, seed)
-        res = measure(shape, load, repeats, 1, ("greedy", "fresh", "migrate"))
+        res = measure(shape, load, repeats, 1, ("greedy", "fresh", "fresh_used", "migrate"))
+        maps_ms, maps_used_ms, used_width = _maps_ms(shape, load[-1], repeats)
         rows.append({"axis": axis, "value": value, "shape": shape.name, "fresh_ms": res["fresh"]["ms"],
-                         "migrate_ms": res["migrate"]["ms"], "greedy_ms": res["greedy"]["ms"],
-                         "fresh_in_window": res["fresh"]["in_window"], "greedy_in_window": res["greedy"]["in_window"],
-                         "maps_ms": _maps_ms(shape, load[-1], repeats)})
+                     "fresh_used_ms": res["fresh_used"]["ms"], "migrate_ms": res["migrate"]["ms"],
+                     "greedy_ms": res["greedy"]["ms"], "fresh_in_window": res["fresh"]["in_window"],
+                     "greedy_in_window": res["greedy"]["in_window"], "maps_ms": maps_ms,
+                     "maps_used_ms": maps_used_ms, "full_width": shape.num_replicas - shape.num_experts + 1,
+                     "used_width": used_width})
     return rows
 
 
-def _maps_ms(shape: Shape, w: torch.Tensor, repeats: int) -> float:
-    """Median CPU ms of building the outputs ``log2phy [L, E, R-E+1]`` and ``logcnt`` from a fresh
-    plan of ``w [L, E]``: part of every fresh solve, and the part that grows with ``R - E + 1``."""
+def growth_ratios(rows: list[dict]) -> dict | None:
+    """The growth from the fewest to the most slots per GPU of the sweep ``rows``: ``{from, to,
+    plan, plan_used, call_full, call_used, maps_full, maps_used}`` (each the ratio of the two rows'
+    times; ``plan`` is the fresh call less its full-width maps, ``plan_used`` the used-width call
+    less its maps: the same plan, estimated with a smaller, so less noisy, difference), or ``None``
+    without two such rows."""
+    spg = sorted((g for g in rows if g["axis"] == "slots_per_gpu"), key=lambda g: g["value"])
+    if len(spg) < 2:
+        return None
+    lo, hi = spg[0], spg[-1]
+    return {"from": lo["value"], "to": hi["value"],
+            "plan": (hi["fresh_ms"] - hi["maps_ms"]) / (lo["fresh_ms"] - lo["maps_ms"]),
+            "plan_used": (hi["fresh_used_ms"] - hi["maps_used_ms"]) / (lo["fresh_used_ms"] - lo["maps_used_ms"]),
+            "call_full": hi["fresh_ms"] / lo["fresh_ms"], "call_used": hi["fresh_used_ms"] / lo["fresh_used_ms"],
+            "maps_full": hi["maps_ms"] / lo["maps_ms"], "maps_used": hi["maps_used_ms"] / lo["maps_used_ms"],
+            "width_used": hi["used_width"] / lo["used_width"]}
+
+
+def _maps_ms(shape: Shape, w: torch.Tensor, repeats: int) -> tuple[float, float, int]:
+    """Median CPU ms of building the outputs ``log2phy [L, E, M]`` and ``logcnt`` from a fresh plan
+    of ``w [L, E]`` at the full width ``M = R - E + 1`` (part of every default fresh solve, and the
+    part that grows with ``R - E + 1``) and at the used width; and that used width. The two are
+    timed in turns."""
     phy2log = rebalance_experts(w, *shape.args)[0]
-    times: list[float] = []
-    _timed(lambda: logical_maps(phy2log, shape.num_experts), repeats, times)
-    return statistics.median(times) * 1e3
+    full: list[float] = []
+    used: list[float] = []
+    for _ in range(repeats):
+        _timed(lambda: logical_maps(phy2log, shape.num_experts), 1, full)
+        log2phy = _timed(lambda: logical_maps(phy2log, shape.num_experts, "used"), 1, used)[0]
+    return statistics.median(full) * 1e3, statistics.median(used) * 1e3, int(log2phy.shape[2])
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -250,6 +282,7 @@ def run(args: argparse.Namespace) -> dict:
                                           "variants": res})
     if not args.no_sweep:
         report["growth"] = growth_sweep(args.windows if args.quick else 3, args.repeats, args.seed, args.quick)
+        report["growth_ratios"] = growth_ratios(report["growth"])
     return report
 
 
@@ -266,14 +299,23 @@ def print_report(report: dict) -> None:
             print(f"{row['shape'] + ' / ' + row['load']:34} {v:12} {r['ms']:9.2f} {r['ratio_to_greedy']:8.3f} "
                   f"{r['in_window']:7.4f} {nxt:>7} {r['avoidable_dups']:6d} {r['moved_frac']:6.3f}{extra}")
     if report.get("growth"):
-        print(f"\n{'growth':14} {'value':>6} {'fresh ms':>9} {'of it maps':>10} {'migrate ms':>11} {'greedy ms':>10} "
-              f"{'fresh/greedy':>12} {'in-win ours':>11} {'greedy':>7}")
+        print(f"\n{'growth':14} {'value':>6} {'fresh ms':>9} {'of it maps':>10} {'used-width ms':>13} "
+              f"{'of it maps':>10} {'width':>11} {'migrate ms':>11} {'greedy ms':>10} {'fresh/greedy':>12} "
+              f"{'in-win ours':>11} {'greedy':>7}")
         for g in report["growth"]:
-            print(f"{g['axis']:14} {g['value']:6d} {g['fresh_ms']:9.2f} {g.get('maps_ms', float('nan')):10.2f} "
-                  f"{g['migrate_ms']:11.2f} {g['greedy_ms']:10.2f} "
-                  f"{g['fresh_ms'] / g['greedy_ms']:12.3f} {g['fresh_in_window']:11.4f} {g['greedy_in_window']:7.4f}")
-        print("'of it maps': building log2phy [L, E, R-E+1] (-1 padded) and logcnt from the plan, timed alone; "
-              "the output grows with R - E + 1, faster than the slots.")
+            width = f"{g['full_width']}/{g['used_width']}"
+            print(f"{g['axis']:14} {g['value']:6d} {g['fresh_ms']:9.2f} {g['maps_ms']:10.2f} "
+                  f"{g['fresh_used_ms']:13.2f} {g['maps_used_ms']:10.2f} {width:>11} {g['migrate_ms']:11.2f} "
+                  f"{g['greedy_ms']:10.2f} {g['fresh_ms'] / g['greedy_ms']:12.3f} {g['fresh_in_window']:11.4f} "
+                  f"{g['greedy_in_window']:7.4f}")
+        print("'of it maps': building log2phy [L, E, M] (-1 padded) and logcnt from the plan, timed alone; 'width': "
+              "M = R - E + 1 (the default, 'fresh ms') / the most replicas of an expert (log2phy_width='used').")
+        r = report.get("growth_ratios")
+        if r:
+            print(f"slots per GPU {r['from']} -> {r['to']} ({r['to'] / r['from']:.0f}x the slots): plan (call less "
+                  f"its maps) x{r['plan']:.2f} at full width, x{r['plan_used']:.2f} at used width; whole call at "
+                  f"full width x{r['call_full']:.2f}, at used width x{r['call_used']:.2f}; maps alone "
+                  f"x{r['maps_full']:.2f} / x{r['maps_used']:.2f}; used width x{r['width_used']:.2f}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

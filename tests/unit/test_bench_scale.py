@@ -31,8 +31,14 @@ def test_quick_run_reports_every_variant_with_sane_values(tmp_path, capsys):
     growth = report["growth"]
     assert [g["value"] for g in growth] == [4, 8]
     assert all(g["fresh_ms"] > 0 and g["greedy_ms"] > 0 and g["maps_ms"] > 0 for g in growth)
+    for g in growth:  # the used-width column: as wide as the most replicas, never wider than R - E + 1
+        assert g["fresh_used_ms"] > 0 and g["maps_used_ms"] > 0
+        assert 1 <= g["used_width"] <= g["full_width"] == {4: 64 - 48 + 1, 8: 128 - 48 + 1}[g["value"]]
+    ratios = report["growth_ratios"]
+    assert (ratios["from"], ratios["to"]) == (4, 8)
+    assert ratios["call_used"] == pytest.approx(growth[1]["fresh_used_ms"] / growth[0]["fresh_used_ms"])
     printed = capsys.readouterr().out
-    assert "quick / synthetic" in printed and "growth" in printed
+    assert "quick / synthetic" in printed and "growth" in printed and "slots per GPU 4 -> 8" in printed
 
 
 def test_tile_load_copies_trace_layers_side_by_side():
