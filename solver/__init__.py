@@ -7,6 +7,7 @@ Public API:
         -> (phy2log [L, R], log2phy [L, E, M], logcnt [L, E])
         M = R-E+1 with log2phy_width="full" (DeepSeek's shape, the default), the most replicas any
         expert has with "used" (the same entries without all -1 columns), or a given int
+    place_experts(same arguments, without log2phy_width) -> phy2log [L, R]: the plan alone
     balancedness / balancedness_per_layer / gpu_loads / duplicate_pairs (metrics)
     logical_maps(phy2log [L, R], num_experts, width=None) -> (log2phy [L, E, M], logcnt [L, E])
 """
@@ -21,9 +22,9 @@ __all__ = [
     "logical_maps",
 ]
 from ray_eplb.solver.counts import replica_counts
-from ray_eplb.solver.rebalance import rebalance_experts
+from ray_eplb.solver.rebalance import place_experts, rebalance_experts
 
-__all__ += ["replica_counts", "rebalance_experts"]
+__all__ += ["place_experts", "replica_counts", "rebalance_experts"]
 
 
 def _warm_up_migration() -> None:

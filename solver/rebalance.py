@@ -95,6 +95,54 @@ def rebalance_experts(
         ``M >= k``); ``logcnt [L, E]``: replicas per expert. All int64, on ``weight``'s device.
         Replicas of one expert share a GPU only when it has more replicas than its GPUs.
     """
+    if log2phy_width is None:
+        raise ValueError("log2phy_width=None must be 'full', 'used' or a positive int")
+    phy2log = _plan(weight, num_replicas, num_groups, num_nodes, num_gpus, policy, method, old_phy2log, max_moves,
+                    budget_scope, min_gain, log2phy_width)
+    log2phy, logcnt = logical_maps_np(phy2log, weight.shape[1], log2phy_width)
+    device = weight.device
+    return (
+        torch.from_numpy(phy2log).to(device),
+        torch.from_numpy(log2phy).to(device),
+        torch.from_numpy(logcnt).to(device),
+    )
+
+
+def place_experts(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    policy: str = "auto",
+    method: str = "hybrid_tail",
+    old_phy2log: torch.Tensor | None = None,
+    max_moves: int | float | None = None,
+    budget_scope: str = "layer",
+    min_gain: float = 0.0,
+) -> torch.Tensor:
+    """The plan alone: :func:`rebalance_experts`' ``phy2log [L, R]`` int64 on ``weight``'s device,
+    the same for the same arguments, without the derived ``log2phy`` and ``logcnt``.
+
+    For callers that take only the slot map (vLLM's policy interface, SGLang, our controller):
+    its time grows with the slots, while a ``-1`` padded ``log2phy [L, E, M]`` grows with
+    ``E x M``, and ``M`` (``R - E + 1``, or the most replicas of an expert) grows faster than the
+    slots (58 x 256 experts on 64 GPUs, 8 -> 32 slots per GPU: ``R - E + 1`` 257 -> 1793, the most
+    replicas 74 -> 367). Arguments as :func:`rebalance_experts`; the same ``ValueError``s.
+    """
+    phy2log = _plan(weight, num_replicas, num_groups, num_nodes, num_gpus, policy, method, old_phy2log, max_moves,
+                    budget_scope, min_gain, None)
+    return torch.from_numpy(phy2log).to(weight.device)
+
+
+def _plan(
+    weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, policy: str,
+    method: str, old_phy2log: torch.Tensor | None, max_moves: int | float | None, budget_scope: str,
+    min_gain: float, log2phy_width: int | str | None,
+) -> np.ndarray:
+    """Validate the arguments and solve: ``phy2log [L, R]`` int64 numpy. ``log2phy_width``: the
+    width of the ``log2phy`` the caller will build (``None``: none), for the working-memory check."""
     w = check_weight(weight)  # [L, E] float64 numpy
     num_replicas = _check_positive_int("num_replicas", num_replicas)
     num_groups = _check_positive_int("num_groups", num_groups)
@@ -109,18 +157,20 @@ def rebalance_experts(
         raise ValueError(f"num_replicas={num_replicas} is not divisible by num_gpus={num_gpus}")
     if num_gpus % num_nodes:
         raise ValueError(f"num_gpus={num_gpus} is not divisible by num_nodes={num_nodes}")
-    check_width(log2phy_width, "log2phy_width")
     if log2phy_width is None:
-        raise ValueError("log2phy_width=None must be 'full', 'used' or a positive int")
-    # The width's floor: "used" is not known before the plan, and is at least 1.
-    width = {"full": num_replicas - num_experts + 1, "used": 1}.get(log2phy_width, log2phy_width)
-    need = working_memory_bytes(num_layers, num_experts, num_replicas, int(width))
+        width = 0
+    else:
+        check_width(log2phy_width, "log2phy_width")
+        # The width's floor: "used" is not known before the plan, and is at least 1.
+        width = int({"full": num_replicas - num_experts + 1, "used": 1}.get(log2phy_width, log2phy_width))
+    need = working_memory_bytes(num_layers, num_experts, num_replicas, width)
     free = free_memory_bytes() if need > 2**28 else None  # asked only for large shapes: it reads /proc
     if free is not None and need > free:
+        what = (f"log2phy [L, E, {width}] alone is {8 * num_layers * num_experts * width / 2**30:.1f} GiB" if width
+                else "the plan alone, without log2phy")
         raise ValueError(
             f"num_replicas={num_replicas} for {num_layers} layers x {num_experts} experts needs about "
-            f"{need / 2**30:.1f} GiB of working memory (log2phy [L, E, {width}] alone is "
-            f"{8 * num_layers * num_experts * width / 2**30:.1f} GiB); {free / 2**30:.1f} GiB are free"
+            f"{need / 2**30:.1f} GiB of working memory ({what}); {free / 2**30:.1f} GiB are free"
         )
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r} is not one of {POLICIES}")
@@ -157,13 +207,7 @@ def rebalance_experts(
         fresh = _fresh(w, num_replicas, num_groups, num_nodes, num_gpus, policy, method, hier_ok)
         # With an old placement: incremental, or the fresh plan relabelled where it dominates.
         phy2log = fresh if old_phy2log is None else migrate(w, old, num_gpus, budget, total, min_gain, method, fresh)
-    log2phy, logcnt = logical_maps_np(phy2log, num_experts, log2phy_width)
-    device = weight.device
-    return (
-        torch.from_numpy(phy2log).to(device),
-        torch.from_numpy(log2phy).to(device),
-        torch.from_numpy(logcnt).to(device),
-    )
+    return phy2log
 
 
 def _fresh(
@@ -245,7 +289,8 @@ def working_memory_bytes(num_layers: int, num_experts: int, num_replicas: int, w
     """A floor on the bytes one solve holds at once: the ``log2phy [L, E, width]`` int64 output
     (``width`` default ``R - E + 1``) plus about sixteen ``[L, R]`` int64/float64 working arrays.
     ``rebalance_experts(..., log2phy_width="used")`` passes ``width=1``, the floor of a width not
-    known before the plan (``R - E + 1`` would be a bound, but the one the option is there to avoid)."""
+    known before the plan (``R - E + 1`` would be a bound, but the one the option is there to avoid);
+    :func:`place_experts` ``width=0`` (no ``log2phy``)."""
     width = num_replicas - num_experts + 1 if width is None else width
     return 8 * num_layers * (num_experts * width + 16 * num_replicas)
 

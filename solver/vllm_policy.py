@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from ray_eplb.solver.rebalance import POLICIES, rebalance_experts
+from ray_eplb.solver.rebalance import POLICIES, place_experts
 
 
 class RayEplbPolicy:
-    """vLLM EPLB policy backed by :func:`ray_eplb.solver.rebalance_experts`.
+    """vLLM EPLB policy backed by :func:`ray_eplb.solver.place_experts` (``rebalance_experts``' plan).
 
     Settings are class attributes (vLLM calls the class, never an instance); make a variant with
     :meth:`configured`, e.g. ``RayEplbPolicy.configured(max_moves=0.25)``.
@@ -80,12 +80,11 @@ class RayEplbPolicy:
             raise ValueError(f"weight has shape {tuple(weight.shape)}, expected [L, E] (or [W, L, E])")
         groups = 1 if not num_groups or num_groups < 0 else int(num_groups)
         old = cls._usable_old(old_global_expert_indices, weight.shape, num_replicas)
-        phy2log, _, _ = rebalance_experts(
+        phy2log = place_experts(  # vLLM takes phy2log only: no log2phy is built
             weight.to(torch.float64), num_replicas, groups, num_nodes, num_ranks,
             policy=cls.policy, method=cls.method, old_phy2log=old,
             max_moves=cls.max_moves if old is not None else None,
             min_gain=cls.min_gain if old is not None else 0.0,
-            log2phy_width="used",  # vLLM takes phy2log only: the narrowest log2phy costs least
         )
         return phy2log.to(device="cpu", dtype=torch.int64).contiguous()
 

@@ -1,4 +1,5 @@
-"""The width of ``log2phy``: ``rebalance_experts(..., log2phy_width=...)`` and ``logical_maps(..., width=...)``.
+"""The width of ``log2phy``: ``rebalance_experts(..., log2phy_width=...)`` and ``logical_maps(..., width=...)``;
+and the plan alone, ``place_experts``.
 
 Expected maps are built here from ``phy2log`` with numpy loops, not with the solver's helpers.
 """
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from ray_eplb.controller.bench.workload import synthetic_trace
-from ray_eplb.solver import compiled, logical_maps, rebalance_experts
+from ray_eplb.solver import compiled, logical_maps, place_experts, rebalance_experts
 from ray_eplb.solver.maps import logical_maps_np
 from ray_eplb.solver.rebalance import working_memory_bytes
 from ray_eplb.solver.vllm_policy import RayEplbPolicy
@@ -117,3 +118,27 @@ def test_the_working_memory_check_counts_the_width_asked_for():
     assert working_memory_bytes(58, 256, 2048, 1793) == working_memory_bytes(58, 256, 2048)
     with pytest.raises(ValueError, match=r"log2phy \[L, E, 10000000\] alone is"):
         rebalance_experts(torch.rand(26, 64), 128, 8, 4, 32, log2phy_width=10_000_000)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_place_experts_is_the_plan_of_rebalance_experts(shape):
+    w0, w1 = _load(4, 64, seed=12), _load(4, 64, seed=13)
+    fresh = place_experts(w0, *shape)
+    assert fresh.dtype == torch.int64 and tuple(fresh.shape) == (4, shape[0])
+    assert torch.equal(fresh, rebalance_experts(w0, *shape)[0])
+    for kwargs in ({}, {"max_moves": 0.25}, {"max_moves": 3, "min_gain": 0.01}, {"policy": "global"}):
+        got = place_experts(w1, *shape, old_phy2log=fresh, **kwargs)
+        assert torch.equal(got, rebalance_experts(w1, *shape, old_phy2log=fresh, **kwargs)[0]), kwargs
+
+
+def test_place_experts_checks_its_arguments_as_rebalance_experts_does():
+    with pytest.raises(ValueError, match=r"num_replicas=6 is smaller than the number of experts 8"):
+        place_experts(torch.ones(2, 8), 6, 1, 1, 2)
+    with pytest.raises(ValueError, match=r"num_replicas=9 is not divisible by num_gpus=2"):
+        place_experts(torch.ones(2, 8), 9, 1, 1, 2)
+    with pytest.raises(ValueError, match=r"policy='best' is not one of"):
+        place_experts(torch.ones(2, 8), 8, 1, 1, 2, policy="best")
+    with pytest.raises(TypeError):  # no log2phy, so no width to choose
+        place_experts(torch.ones(2, 8), 8, 1, 1, 2, log2phy_width="used")
+    # Its working memory has no log2phy: 58 x 256 experts on 2**18 slots need about 1.8 GiB, not 29 GiB.
+    assert working_memory_bytes(58, 256, 2**18, 0) < 2 * 2**30 < 29 * 2**30 < working_memory_bytes(58, 256, 2**18)
