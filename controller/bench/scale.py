@@ -35,9 +35,9 @@ slots moved (fraction of slots changed against the starting plan, or against the
 previous plan). A growth sweep times the fresh solve, the migration-aware call and the greedy as
 slots per GPU (8..32), layers and experts grow; there the fresh solve is also timed with
 ``log2phy_width="used"`` (``log2phy [L, E, M]`` only as wide as the most replicas of an expert,
-instead of ``R - E + 1``), and building the maps alone at either width, and the growth from the
-fewest to the most slots per GPU is printed as ratios: the plan (fresh call less its full-width
-maps), the whole call at full width and at the used width.
+instead of ``R - E + 1``), the plan alone (``place_experts``: ``phy2log`` only), and building the
+maps alone at either width, and the growth from the fewest to the most slots per GPU is printed as
+ratios: the plan, the whole call at full width and at the used width.
 
 Single-threaded by design: torch runs on one thread and every BLAS/OpenMP pool numpy or scipy
 loaded is limited to one thread (threadpoolctl) for the whole run, so the times are one core's;
@@ -61,7 +61,7 @@ import torch
 from ray_eplb.controller.bench.cases import Case
 from ray_eplb.controller.bench.solver import unavoidable_duplicates
 from ray_eplb.controller.bench.workload import default_traces_dir, load_trace, sample_windows, synthetic_trace
-from ray_eplb.solver import balancedness, duplicate_pairs, logical_maps, rebalance_experts
+from ray_eplb.solver import balancedness, duplicate_pairs, logical_maps, place_experts, rebalance_experts
 from ray_eplb.solver.baseline import greedy_rebalance_experts
 
 VARIANTS = ("greedy", "fresh", "migrate", "migrate_25", "from_greedy", "no_move")
@@ -153,6 +153,7 @@ def measure(shape: Shape, load: torch.Tensor, repeats: int, greedy_repeats: int 
     ours = {
         "fresh": lambda w, old: rebalance_experts(w, *args),
         "fresh_used": lambda w, old: rebalance_experts(w, *args, log2phy_width="used"),
+        "plan": lambda w, old: place_experts(w, *args),
         "migrate": lambda w, old: rebalance_experts(w, *args, old_phy2log=old),
         "migrate_25": lambda w, old: rebalance_experts(w, *args, old_phy2log=old, max_moves=0.25),
         "from_greedy": lambda w, old: rebalance_experts(w, *args, old_phy2log=old),
@@ -177,9 +178,11 @@ def measure(shape: Shape, load: torch.Tensor, repeats: int, greedy_repeats: int 
                 plan_fresh = ph
                 start = prev["fresh"]
             else:
-                start = {"fresh_used": prev_fresh, "migrate": prev_fresh, "migrate_25": prev_fresh,
-                         "from_greedy": prev_greedy, "no_move": plan_fresh}[v]
-                ph, _, cnt = _timed(lambda w=w, v=v, start=start: ours[v](w, start), repeats, times[v])
+                start = {"fresh_used": prev_fresh, "plan": prev_fresh, "migrate": prev_fresh,
+                         "migrate_25": prev_fresh, "from_greedy": prev_greedy, "no_move": plan_fresh}[v]
+                out = _timed(lambda w=w, v=v, start=start: ours[v](w, start), repeats, times[v])
+                # place_experts returns the plan alone: its replica counts are taken after the clock.
+                ph, cnt = (out, logical_maps(out, shape.num_experts, "used")[1]) if v == "plan" else (out[0], out[2])
             if v not in variants:
                 continue
             inw[v].append(balancedness(ph, cnt, w, p))
@@ -202,8 +205,8 @@ def measure(shape: Shape, load: torch.Tensor, repeats: int, greedy_repeats: int 
 
 
 def growth_sweep(windows: int, repeats: int, seed: int, quick: bool) -> list[dict]:
-    """Fresh (full and used ``log2phy`` width), migration-aware and greedy times, and the maps alone
-    at both widths, as slots per GPU, layers and experts grow."""
+    """Fresh (full and used ``log2phy`` width, and the plan alone), migration-aware and greedy times,
+    and the maps alone at both widths, as slots per GPU, layers and experts grow."""
     if quick:
         shapes = [("slots_per_gpu", 4, Shape("s4", 4, 48, 64, 4, 2, 16)),
                   ("slots_per_gpu", 8, Shape("s8", 4, 48, 128, 4, 2, 16))]
@@ -215,10 +218,11 @@ def growth_sweep(windows: int, repeats: int, seed: int, quick: bool) -> list[dic
     rows = []
     for axis, value, shape in shapes:
         load = synthetic_load(shape, windows, seed)
-        res = measure(shape, load, repeats, 1, ("greedy", "fresh", "fresh_used", "migrate"))
+        res = measure(shape, load, repeats, 1, ("greedy", "fresh", "fresh_used", "plan", "migrate"))
         maps_ms, maps_used_ms, used_width = _maps_ms(shape, load[-1], repeats)
         rows.append({"axis": axis, "value": value, "shape": shape.name, "fresh_ms": res["fresh"]["ms"],
-                     "fresh_used_ms": res["fresh_used"]["ms"], "migrate_ms": res["migrate"]["ms"],
+                     "fresh_used_ms": res["fresh_used"]["ms"], "plan_ms": res["plan"]["ms"],
+                     "migrate_ms": res["migrate"]["ms"],
                      "greedy_ms": res["greedy"]["ms"], "fresh_in_window": res["fresh"]["in_window"],
                      "greedy_in_window": res["greedy"]["in_window"], "maps_ms": maps_ms,
                      "maps_used_ms": maps_used_ms, "full_width": shape.num_replicas - shape.num_experts + 1,
@@ -228,17 +232,15 @@ def growth_sweep(windows: int, repeats: int, seed: int, quick: bool) -> list[dic
 
 def growth_ratios(rows: list[dict]) -> dict | None:
     """The growth from the fewest to the most slots per GPU of the sweep ``rows``: ``{from, to,
-    plan, plan_used, call_full, call_used, maps_full, maps_used}`` (each the ratio of the two rows'
-    times; ``plan`` is the fresh call less its full-width maps, ``plan_used`` the used-width call
-    less its maps: the same plan, estimated with a smaller, so less noisy, difference), or ``None``
+    plan, call_full, call_used, maps_full, maps_used, width_used}`` (each the ratio of the two rows'
+    figures; ``plan``: ``place_experts``, the plan alone, timed as a call of its own), or ``None``
     without two such rows."""
     spg = sorted((g for g in rows if g["axis"] == "slots_per_gpu"), key=lambda g: g["value"])
     if len(spg) < 2:
         return None
     lo, hi = spg[0], spg[-1]
     return {"from": lo["value"], "to": hi["value"],
-            "plan": (hi["fresh_ms"] - hi["maps_ms"]) / (lo["fresh_ms"] - lo["maps_ms"]),
-            "plan_used": (hi["fresh_used_ms"] - hi["maps_used_ms"]) / (lo["fresh_used_ms"] - lo["maps_used_ms"]),
+            "plan": hi["plan_ms"] / lo["plan_ms"],
             "call_full": hi["fresh_ms"] / lo["fresh_ms"], "call_used": hi["fresh_used_ms"] / lo["fresh_used_ms"],
             "maps_full": hi["maps_ms"] / lo["maps_ms"], "maps_used": hi["maps_used_ms"] / lo["maps_used_ms"],
             "width_used": hi["used_width"] / lo["used_width"]}
@@ -299,23 +301,24 @@ def print_report(report: dict) -> None:
             print(f"{row['shape'] + ' / ' + row['load']:34} {v:12} {r['ms']:9.2f} {r['ratio_to_greedy']:8.3f} "
                   f"{r['in_window']:7.4f} {nxt:>7} {r['avoidable_dups']:6d} {r['moved_frac']:6.3f}{extra}")
     if report.get("growth"):
-        print(f"\n{'growth':14} {'value':>6} {'fresh ms':>9} {'of it maps':>10} {'used-width ms':>13} "
+        print(f"\n{'growth':14} {'value':>6} {'plan ms':>8} {'fresh ms':>9} {'of it maps':>10} {'used-width ms':>13} "
               f"{'of it maps':>10} {'width':>11} {'migrate ms':>11} {'greedy ms':>10} {'fresh/greedy':>12} "
               f"{'in-win ours':>11} {'greedy':>7}")
         for g in report["growth"]:
             width = f"{g['full_width']}/{g['used_width']}"
-            print(f"{g['axis']:14} {g['value']:6d} {g['fresh_ms']:9.2f} {g['maps_ms']:10.2f} "
+            print(f"{g['axis']:14} {g['value']:6d} {g['plan_ms']:8.2f} {g['fresh_ms']:9.2f} {g['maps_ms']:10.2f} "
                   f"{g['fresh_used_ms']:13.2f} {g['maps_used_ms']:10.2f} {width:>11} {g['migrate_ms']:11.2f} "
                   f"{g['greedy_ms']:10.2f} {g['fresh_ms'] / g['greedy_ms']:12.3f} {g['fresh_in_window']:11.4f} "
                   f"{g['greedy_in_window']:7.4f}")
-        print("'of it maps': building log2phy [L, E, M] (-1 padded) and logcnt from the plan, timed alone; 'width': "
-              "M = R - E + 1 (the default, 'fresh ms') / the most replicas of an expert (log2phy_width='used').")
+        print("'plan ms': place_experts, the plan alone (phy2log); 'of it maps': building log2phy [L, E, M] (-1 "
+              "padded) and logcnt from the plan, timed alone; 'width': M = R - E + 1 (the default, 'fresh ms') / the "
+              "most replicas of an expert (log2phy_width='used').")
         r = report.get("growth_ratios")
         if r:
-            print(f"slots per GPU {r['from']} -> {r['to']} ({r['to'] / r['from']:.0f}x the slots): plan (call less "
-                  f"its maps) x{r['plan']:.2f} at full width, x{r['plan_used']:.2f} at used width; whole call at "
-                  f"full width x{r['call_full']:.2f}, at used width x{r['call_used']:.2f}; maps alone "
-                  f"x{r['maps_full']:.2f} / x{r['maps_used']:.2f}; used width x{r['width_used']:.2f}")
+            print(f"slots per GPU {r['from']} -> {r['to']} ({r['to'] / r['from']:.0f}x the slots): the plan "
+                  f"(place_experts) x{r['plan']:.2f}; rebalance_experts at full width x{r['call_full']:.2f}, at used "
+                  f"width x{r['call_used']:.2f}; maps alone x{r['maps_full']:.2f} / x{r['maps_used']:.2f}; used "
+                  f"width x{r['width_used']:.2f}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

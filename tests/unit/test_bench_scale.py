@@ -37,6 +37,8 @@ def test_quick_run_reports_every_variant_with_sane_values(tmp_path, capsys):
     ratios = report["growth_ratios"]
     assert (ratios["from"], ratios["to"]) == (4, 8)
     assert ratios["call_used"] == pytest.approx(growth[1]["fresh_used_ms"] / growth[0]["fresh_used_ms"])
+    assert all(g["plan_ms"] > 0 for g in growth)  # the plan alone (place_experts), timed as its own call
+    assert ratios["plan"] == pytest.approx(growth[1]["plan_ms"] / growth[0]["plan_ms"])
     printed = capsys.readouterr().out
     assert "quick / synthetic" in printed and "growth" in printed and "slots per GPU 4 -> 8" in printed
 
