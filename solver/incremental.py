@@ -9,7 +9,7 @@ import numpy as np
 
 from ray_eplb.solver.counts import counts_np
 from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts, per_slot
-from ray_eplb.solver.packing import refine_swaps
+from ray_eplb.solver.packing import refine_swaps, refine_sweeps
 from ray_eplb.solver.peaks import lower_peaks, peaks_kernel
 from ray_eplb.solver.plan_stats import plan_stats, plan_stats_kernel
 from ray_eplb.solver.relocate import relocate_kernel
@@ -70,7 +70,7 @@ def incremental(
     fix_first = 2 * budget < num_slots  # a tight budget: prefer swaps that bring a GPU to the goal at once
     budget = budget.astype(np.int64).copy()
     if sweeps is None:
-        sweeps = 3 if slots < 12 else slots // 2
+        sweeps = refine_sweeps(slots)
     if pairs is None:  # every GPU paired, as in a fresh solve
         pairs = max(4, num_gpus // 2)
     own = old.reshape(num_layers, num_gpus, slots).copy()  # [L, P, S] expert per slot
