@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import operator
 from typing import Any, NamedTuple
 
 import torch
@@ -9,6 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from ray_eplb.solver.maps import logical_maps
 from ray_eplb.topology.shape import Topology
+
+
+def _every_expert_placed(logcnt: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the first expert with no slot in ``logcnt [L, E]``."""
+    if bool((logcnt == 0).any()):
+        layer, expert = (logcnt == 0).nonzero()[0].tolist()
+        raise ValueError(f"expert {expert} of layer {layer} has no slot")
 
 
 class MapId(NamedTuple):
@@ -57,9 +65,7 @@ class Placement(BaseModel):
         log2phy, logcnt = logical_maps(self.phy2log, t.num_experts)
         if not torch.equal(logcnt, self.logcnt.to(logcnt.device)):
             raise ValueError("logcnt does not match phy2log")
-        if bool((logcnt == 0).any()):
-            layer, expert = (logcnt == 0).nonzero()[0].tolist()
-            raise ValueError(f"expert {expert} of layer {layer} has no slot")
+        _every_expert_placed(logcnt)
         if not torch.equal(log2phy, self.log2phy.to(log2phy.device)):
             raise ValueError("log2phy does not invert phy2log")
         return self
@@ -78,10 +84,26 @@ class Placement(BaseModel):
 
     @classmethod
     def from_phy2log(cls, topology: Topology, phy2log: torch.Tensor, epoch: int = 0) -> "Placement":
-        """Build a placement from its slot map ``phy2log [L, R]``."""
+        """Build a placement from its slot map ``phy2log [L, R]`` (any integer sequence).
+
+        Checked as the constructor checks it (shape, expert ids in range, every expert placed,
+        ``epoch >= 0``); ``log2phy`` and ``logcnt`` are derived here once, so the constructor's
+        check that they invert ``phy2log`` (a second derivation and a comparison: at 58 x 256 experts
+        on 2048 slots, 213 MB each) is not repeated.
+        """
+        try:
+            epoch = operator.index(epoch)
+        except TypeError:
+            raise ValueError(f"epoch={epoch!r} must be an int >= 0") from None
+        if epoch < 0:
+            raise ValueError(f"epoch={epoch} must be an int >= 0")
         phy2log = torch.as_tensor(phy2log, dtype=torch.int64)
+        want = (topology.num_layers, topology.num_slots)
+        if tuple(phy2log.shape) != want:
+            raise ValueError(f"phy2log has shape {tuple(phy2log.shape)}, the topology needs {want}")
         log2phy, logcnt = logical_maps(phy2log, topology.num_experts)
-        return cls(topology=topology, epoch=epoch, phy2log=phy2log, log2phy=log2phy, logcnt=logcnt)
+        _every_expert_placed(logcnt)
+        return cls.model_construct(topology=topology, epoch=epoch, phy2log=phy2log, log2phy=log2phy, logcnt=logcnt)
 
     @classmethod
     def identity(cls, topology: Topology, epoch: int = 0) -> "Placement":
@@ -123,16 +145,17 @@ class Placement(BaseModel):
 def plan(topology: Topology, weight: torch.Tensor, *, epoch: int = 0, **solver_kwargs: Any) -> Placement:
     """Solve a placement for ``weight [L, E]`` on ``topology`` (typed front of ``rebalance_experts``).
 
-    ``solver_kwargs`` go to :func:`ray_eplb.solver.rebalance_experts` (``policy``, ``method``).
+    ``solver_kwargs`` go to :func:`ray_eplb.solver.place_experts` (``policy``, ``method``,
+    ``old_phy2log``, ...); the maps are derived once, by :meth:`Placement.from_phy2log`.
     """
-    from ray_eplb.solver import rebalance_experts
+    from ray_eplb.solver import place_experts
 
     if tuple(weight.shape) != (topology.num_layers, topology.num_experts):
         raise ValueError(
             f"weight has shape {tuple(weight.shape)}, the topology needs "
             f"({topology.num_layers}, {topology.num_experts})"
         )
-    phy2log, log2phy, logcnt = rebalance_experts(
+    phy2log = place_experts(
         weight, topology.num_slots, topology.num_groups, topology.num_nodes, topology.num_gpus, **solver_kwargs
     )
-    return Placement(topology=topology, epoch=epoch, phy2log=phy2log, log2phy=log2phy, logcnt=logcnt)
+    return Placement.from_phy2log(topology, phy2log, epoch)

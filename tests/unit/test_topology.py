@@ -91,6 +91,17 @@ def test_from_phy2log_matches_the_solver_maps():
     assert torch.equal(p.phy2log, phy2log) and torch.equal(p.log2phy, log2phy) and torch.equal(p.logcnt, logcnt)
     # The direct constructor accepts the same three maps.
     assert torch.equal(Placement(topology=t, phy2log=phy2log, log2phy=log2phy, logcnt=logcnt).phy2log, phy2log)
+    # from_phy2log derives the maps once and skips the constructor's re-derivation: what it builds
+    # still passes the full check, is frozen, and is the same value.
+    again = Placement.model_validate(dict(p.__dict__))
+    assert again == p and again.digest() == p.digest() and torch.equal(again.log2phy, p.log2phy)
+    with pytest.raises(ValueError):
+        p.epoch = 3
+    with pytest.raises(ValueError, match=r"phy2log has shape \(1, 12\), the topology needs \(2, 12\)"):
+        Placement.from_phy2log(t, phy2log[:1])
+    # plan() goes through it: the same placement as the solver's maps.
+    q = plan(t, weight, epoch=4)
+    assert q.epoch == 4 and torch.equal(q.phy2log, phy2log) and torch.equal(q.log2phy, log2phy)
 
 
 def test_placement_validation_errors():
