@@ -20,7 +20,7 @@ from ray_eplb.solver.maps import bin_counts, per_slot
 TABLE_LIMIT = 1 << 22  # largest [B, P, n] copies table kept
 # The lightest bins the heaviest bin tries. Measured against 8 (``ray-eplb bench --migration``, and
 # the goal swaps alone on captured Kimi-K2-like and Qwen3-like inputs): 10-12% less time in the
-# search for the same moved slots and in-window balance within 0.01%; next-window balance the same
+# search, moved slots within 1% and in-window balance within 0.01%; next-window balance the same
 # on the traces except dsv2lite 288, +0.31% with a 25% budget and +0.17% without one.
 LIGHT = 4
 PAIRS_PER_SWAP = 512  # fewer (at least 2) where bins hold many slots: the kernel tries ~this many replica pairs
