@@ -103,7 +103,9 @@ class Recovery:
                 committed = placement_from_record(self.topology, rec)
                 pending = rec.get("pending")
                 self.placement = placement_from_record(self.topology, pending) if pending else committed
-                self._placements = {self.placement.epoch: self.placement}
+                # Traffic is still routed by the committed map until every rank is on the pending one:
+                # its placement stays known, or the telemetry counted under it would be left unmapped.
+                self._placements = {committed.epoch: committed, self.placement.epoch: self.placement}
                 self._next_epoch = max(self._next_epoch, int(rec.get("next_epoch", 0)), self.placement.epoch + 1)
                 self._loop_intent = rec.get("loop", "idle")
                 self._recovery = f"restored epoch {self.placement.epoch}" + (" (rolled forward)" if pending else "")

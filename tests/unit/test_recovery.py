@@ -68,9 +68,12 @@ def test_a_pending_map_is_rolled_forward_and_every_rank_brought_onto_it():
     pending = Placement.from_phy2log(TOPO, perm, committed.epoch + 1)
     ctl._next_epoch = pending.epoch + 1
     ctl._save(pending=pending)
+    serve(workers, committed, 1, 6, 30)  # traffic still routed by the committed map when the controller died
     restarted = EplbController(TOPO, handles, ctl.config, store=ctl.store, restart=True)
     rec = asyncio.run(restarted.step())
     assert restarted.placement.map_id() == pending.map_id()
+    # Its first round counts that traffic: the committed map is known to it beside the rolled-forward one.
+    assert float(restarted.load.total[1, 6]) >= 30 and restarted.forecast is not None
     assert rec["action"] == "healed" and not rec["renumbered"] and rec["ranks"] == [0, 1, 2, 3]
     assert on_map(workers, pending) and wrong_tokens(workers, pending) == 0
     assert [w.verify() for w in workers.values()] == [[]] * 4
