@@ -32,7 +32,8 @@ def incremental(
     target: np.ndarray | None = None,
     cnt: np.ndarray | None = None,
     old_dups: np.ndarray | None = None,
-) -> np.ndarray:
+    report: bool = False,
+):
     """Improve ``old`` for load ``w`` by at most ``budget`` slot changes per layer.
 
     1. *Relocations* (one slot each) toward ``target`` (default: the water-filling counts of
@@ -62,7 +63,11 @@ def incremental(
     ``cnt [L, E]`` (optional, not modified): ``old``'s replicas per expert when already counted;
     ``old_dups [L]`` (optional): ``old``'s avoidable duplicates when already counted (a layer
     without any, where no expert has more replicas than GPUs before or after, has none after the
-    relocations either, so it is not searched for them). Returns ``[L, R]`` int64.
+    relocations either, so it is not searched for them). Returns ``[L, R]`` int64; with ``report``,
+    ``(plan [L, R], peak [L], moved [L])``, where the compiled goal swaps ran (else ``None`` for
+    both): each layer's max GPU load and its slots that differ from ``old``, as
+    :func:`~ray_eplb.solver.plan_stats.plan_stats` and
+    :func:`~ray_eplb.solver.migration.moved_slots` would give them.
     """
     num_layers, num_experts = w.shape
     num_slots = old.shape[1]
@@ -86,7 +91,10 @@ def incremental(
         may_dup = np.nonzero((old_dups > 0) | (cnt.max(1) > num_gpus) | (target.max(1) > num_gpus))[0]
     relocate(w, own, cnt, target, budget)
     per = w / cnt
-    cap = -(-cnt // num_gpus)
+    cap = np.ones_like(cnt)  # [L, E] copies one GPU may hold, ceil(cnt / P): 1 unless an expert outnumbers the GPUs
+    wide = cnt > num_gpus
+    if wide.any():  # (integer division of the whole table cost more than the rest of this glue)
+        cap[wide] = -(-cnt[wide] // num_gpus)
     # Avoidable duplicates left (a foreign old plan's, or a thinned expert's) are swapped apart
     # before any balancing swap: each frees a slot. A layer whose repair does not fit its budget
     # keeps them.
@@ -103,13 +111,16 @@ def incremental(
         fits = cost <= budget[dup]
         own[dup[fits]] = fixed[fits]
         budget[dup[fits]] -= cost[fits]
+    peak = moved = None
     if goal is not None and slots == 1:
         pass  # one slot per GPU: a swap exchanges two GPUs' loads, no peak can fall (the peak is the counts')
     elif goal is not None and peaks_kernel is not None:
-        own = lower_peaks(own, per, cap, goal, budget, GOAL_SWEEPS, old.reshape(own.shape), fix_first)
+        own, peak, moved = lower_peaks(own, per, cap, goal, budget, GOAL_SWEEPS, old.reshape(own.shape), fix_first,
+                                       report=True)
     else:
         own, _ = refine_swaps(own, per, cap, pairs=pairs, sweeps=sweeps, budget=budget)
-    return own.reshape(num_layers, num_slots)
+    own = own.reshape(num_layers, num_slots)
+    return (own, peak, moved) if report else own
 
 
 def relocate(w: np.ndarray, own: np.ndarray, cnt: np.ndarray, target: np.ndarray, budget: np.ndarray) -> None:

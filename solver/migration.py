@@ -30,7 +30,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from ray_eplb.solver.incremental import incremental
-from ray_eplb.solver.maps import bin_counts
+from ray_eplb.solver.maps import bin_counts, replica_counts
 from ray_eplb.solver.overlap import kept_upper_bound, match_gpus, sparse_overlap
 from ray_eplb.solver.plan_stats import plan_stats
 
@@ -143,7 +143,7 @@ def check_old(old, num_layers: int, num_replicas: int, num_experts: int) -> np.n
         raise ValueError(f"old_phy2log must hold expert ids in [0, {num_experts}), got {arr.dtype} "
                          f"in [{arr.min()}, {arr.max()}]")
     arr = arr.astype(np.int64, copy=False)
-    cnt = bin_counts(arr, 1, num_experts)[:, 0]  # [L, E]
+    cnt = replica_counts(arr, num_experts)  # [L, E]
     if num_layers and (cnt == 0).any():
         layer, expert = np.argwhere(cnt == 0)[0]
         raise ValueError(f"old_phy2log gives expert {expert} of layer {layer} no slot")
@@ -200,7 +200,8 @@ class FreshCandidate:
         kept = np.minimum(cnt_old, self.cnt).sum(1)
         self.fewest = old.shape[1] - kept
         self.tight = np.zeros(num_layers, dtype=bool)  # [L] fewest from GPU overlaps already
-        self.plan, self.moves = old.copy(), np.full(num_layers, old.shape[1] + 1)  # aligned rows, [L]
+        self.plan = None  # [L, R] aligned rows, allocated when a layer is first aligned
+        self.moves = np.full(num_layers, old.shape[1] + 1)  # [L]
         self.done = np.zeros(num_layers, dtype=bool)
 
     def pick(self, new: np.ndarray, peak: np.ndarray, moves: np.ndarray, dups: np.ndarray | None = None):
@@ -222,12 +223,16 @@ class FreshCandidate:
             maybe = self.ok & ((lower & (self.fewest <= moves)) | (no_higher & (self.fewest < moves)))
         rows = np.nonzero(maybe & ~self.done)[0]
         if rows.size:
+            if self.plan is None:
+                self.plan = self.old.copy()
             self.plan[rows] = align(self.old[rows], self.fresh[rows], 1, self.num_gpus)
             self.moves[rows] = moved_slots(self.old[rows], self.plan[rows])
             self.peak[rows] = plan_stats(self.plan[rows], self.w[rows], self.num_gpus, dups=False)[1]  # other sum order
             self.done[rows] = True
         lower = self.peak < peak * (1 - 1e-9)
         take = maybe & (self.moves <= moves) & (lower | (self.moves < moves))
+        if not take.any():  # (a layer never aligned has moves above any plan's: it is never taken)
+            return new, peak, moves, dups
         return (np.where(take[:, None], self.plan, new), np.where(take, self.peak, peak),
                 np.where(take, self.moves, moves), None if dups is None else np.where(take, self.dups, dups))
 
@@ -322,9 +327,13 @@ def migrate(
     count_dups = bool(dup_old.any())
 
     def plan(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        new = incremental(w, old, num_gpus, b, method, goal=goal, target=target, cnt=cnt_old, old_dups=dup_old)
-        _, peak, dups, _ = plan_stats(new, w, num_gpus, dups=count_dups)
-        moves = moved_slots(old, new)
+        new, peak, moves = incremental(w, old, num_gpus, b, method, goal=goal, target=target, cnt=cnt_old,
+                                       old_dups=dup_old, report=True)
+        dups = None
+        if peak is None or count_dups:  # (the compiled goal swaps report the peak and the moves)
+            _, peak, dups, _ = plan_stats(new, w, num_gpus, dups=count_dups)
+        if moves is None:
+            moves = moved_slots(old, new)
         if cand is not None:
             new, peak, moves, dups = cand.pick(new, peak, moves, dups)
         gain = peak_old - peak  # [L] absolute peak reduction
@@ -332,6 +341,8 @@ def migrate(
         worth = gain > min_gain * peak_old
         if count_dups:
             worth |= dups < dup_old
+        if worth.all():
+            return new, gain, moves
         return np.where(worth[:, None], new, old), np.where(worth, gain, 0.0), np.where(worth, moves, 0)
 
     new, gain, moves = plan(budget)

@@ -37,7 +37,8 @@ def lower_peaks(
     sweeps: int,
     orig: np.ndarray | None = None,
     fix_first: np.ndarray | None = None,
-) -> np.ndarray:
+    report: bool = False,
+):
     """Swap replicas between bins above ``goal`` and the lightest bins until none is above it.
 
     The heaviest bin first: among swaps of one of its replicas (``a``) for one of a light bin's
@@ -61,19 +62,24 @@ def lower_peaks(
     shape, tiled trace, 25% budget: in-window 0.991 without it, 0.995 with it, fresh 0.997).
 
     Shapes: ``slot_owner [B, P, S]`` (a changed copy is returned), ``per_replica``/``cap``
-    ``[B, n]``, ``goal [B]`` float64, ``budget [B]`` int64 (updated in place).
+    ``[B, n]``, ``goal [B]`` float64, ``budget [B]`` int64 (updated in place). With ``report``,
+    returns ``(plan [B, P, S], peak [B], moved [B])``: the compiled path also gives each row's max
+    bin load (summed as :func:`~ray_eplb.solver.plan_stats.plan_stats` sums it: the same value)
+    and its slots that differ from ``orig``, which spares the caller a pass over the plan; the
+    numpy path gives ``None`` for both.
     """
     num_rows, num_bins, slots = slot_owner.shape
     if num_bins < 2 or not num_rows:
-        return slot_owner
+        return (slot_owner, None, None) if report else slot_owner
     n = per_replica.shape[1]
     limit = goal * (1 + 1e-9) + 1e-12
     if peaks_kernel is not None:
         io = slot_owner.copy()
+        peak, moved = np.empty(num_rows), np.empty(num_rows, dtype=np.int64)
         peaks_kernel(io, np.ascontiguousarray(per_replica, dtype=np.float64), np.ascontiguousarray(cap, dtype=np.int64),
                      slot_owner if orig is None else orig, limit, budget, LIGHT,
-                     np.ones(num_rows, dtype=np.bool_) if fix_first is None else fix_first)
-        return io
+                     np.ones(num_rows, dtype=np.bool_) if fix_first is None else fix_first, peak, moved)
+        return (io, peak, moved) if report else io
     io = slot_owner.reshape(num_rows * num_bins, slots).copy()  # [B*P, S] owner per slot, flat bins
     il = per_slot(per_replica, slot_owner).reshape(io.shape)  # [B*P, S] load per slot
     ic = per_slot(cap, slot_owner).reshape(io.shape)  # [B*P, S] the slot owner's cap
@@ -153,7 +159,8 @@ def lower_peaks(
         bin_load.ravel()[lo] += shed
         for arr in (io, il, ic):
             arr[h, sa], arr[lo, sb] = arr[lo, sb], arr[h, sa].copy()
-    return io.reshape(num_rows, num_bins, slots)
+    io = io.reshape(num_rows, num_bins, slots)
+    return (io, None, None) if report else io
 
 
 def _move(order, sl, i, g, x):  # pragma: no cover
@@ -171,14 +178,15 @@ def _move(order, sl, i, g, x):  # pragma: no cover
     return i
 
 
-def _peaks_kernel(io, per_replica, cap, orig, limit, budget, light, fix_first):  # pragma: no cover
+def _peaks_kernel(io, per_replica, cap, orig, limit, budget, light, fix_first, peak, moved):  # pragma: no cover
     """One row at a time, the heaviest bin first, until it is at its goal: see :func:`lower_peaks`.
 
     ``io``/``orig`` ``[B, P, S]`` (owner, owner in the starting plan), ``per_replica``/``cap``
     ``[B, n]``, ``limit [B]``, ``budget [B]`` (slots that may still differ from ``orig``;
     updated); ``io`` and ``budget`` in place. A swap costs the slots it makes differ from
     ``orig`` less those it makes equal again. Bin loads start as numpy's ``sum(-1)`` of the
-    slot loads gives them.
+    slot loads gives them. Out: ``peak [B]`` (each row's max bin load at the end, summed afresh
+    that way, not the running loads) and ``moved [B]`` (its slots that differ from ``orig``).
     """
     num_rows, num_bins, slots = io.shape
     num_owners = per_replica.shape[1]
@@ -308,9 +316,17 @@ def _peaks_kernel(io, per_replica, cap, orig, limit, budget, light, fix_first): 
                 lo_at -= 1
             _move(order, sl, lo_at, lo, load[lo])
         budget[r] = spend
-        for g in range(num_bins):  # clear the row's copies for the next row
+        best, differ = -np.inf, 0
+        for g in range(num_bins):  # clear the row's copies for the next row; its peak and moves
+            x = 0.0
             for s in range(slots):
                 held[g, own[g, s]] = 0
+                differ += own[g, s] != start[g, s]
+                x += il[g, s]
+            if slots >= 8:
+                x = _pairwise_sum(il[g], 0, slots)
+            best = max(best, x)
+        peak[r], moved[r] = best, differ
 
 
 if njit is not None:
