@@ -38,6 +38,8 @@ def _relocate_kernel(w, own, cnt, target, budget):  # pragma: no cover (compiled
     many = np.zeros(num_experts, dtype=np.int64)
     gainers = np.empty(num_experts, dtype=np.int64)  # experts below / above their target, ascending
     losers = np.empty(num_experts, dtype=np.int64)
+    gain_q = np.empty(num_experts)  # a gainer's quotient w / cnt, a loser's w / max(cnt - 1, 1):
+    lose_q = np.empty(num_experts)  # kept, and updated for the two experts a relocation changes
     for r in range(num_layers):
         surplus = 0
         for e in range(num_experts):
@@ -61,9 +63,11 @@ def _relocate_kernel(w, own, cnt, target, budget):  # pragma: no cover (compiled
             if target[r, e] > cnt[r, e]:
                 gainers[num_gain] = e
                 num_gain += 1
+                gain_q[e] = w[r, e] / cnt[r, e]
             elif cnt[r, e] > target[r, e]:
                 losers[num_lose] = e
                 num_lose += 1
+                lose_q[e] = w[r, e] / max(cnt[r, e] - 1, 1)
         for _ in range(k):
             # Only experts still off their target are scanned (in ascending order, so a tie
             # still goes to the lowest expert); one that reached it leaves its list.
@@ -74,7 +78,7 @@ def _relocate_kernel(w, own, cnt, target, budget):  # pragma: no cover (compiled
                 if target[r, e] > cnt[r, e]:
                     gainers[kept] = e
                     kept += 1
-                    q = w[r, e] / cnt[r, e]
+                    q = gain_q[e]
                     if q > xq:
                         x, xq = e, q
             num_gain = kept
@@ -84,7 +88,7 @@ def _relocate_kernel(w, own, cnt, target, budget):  # pragma: no cover (compiled
                 if cnt[r, e] > target[r, e]:
                     losers[kept] = e
                     kept += 1
-                    q = w[r, e] / max(cnt[r, e] - 1, 1)
+                    q = lose_q[e]
                     if q < yq:
                         y, yq = e, q
             num_lose = kept
@@ -135,6 +139,7 @@ def _relocate_kernel(w, own, cnt, target, budget):  # pragma: no cover (compiled
             cnt[r, x] += 1
             cnt[r, y] -= 1
             new_x, new_y = w[r, x] / cnt[r, x], w[r, y] / cnt[r, y]
+            gain_q[x], lose_q[y] = new_x, w[r, y] / max(cnt[r, y] - 1, 1)
             for i in range(many[x]):
                 load[where_g[x, i]] += new_x - old_x
             for i in range(many[y]):
