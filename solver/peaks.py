@@ -216,9 +216,13 @@ def _peaks_kernel(io, per_replica, cap, orig, limit, budget, light, fix_first, p
             load[g] = x if slots < 8 else _pairwise_sum(il[g], 0, slots)
         # The bins in (load, index) order, kept sorted as swaps change two loads: the heaviest
         # (lowest index among equals) and the lightest are read off it, not searched for.
-        order[:] = np.argsort(load, kind="mergesort")
-        for i in range(num_bins):
-            sl[i] = load[order[i]]
+        for g in range(num_bins):  # (an insertion sort: stable, and nothing allocated per row)
+            x = load[g]
+            i = g
+            while i > 0 and sl[i - 1] > x:
+                order[i], sl[i] = order[i - 1], sl[i - 1]
+                i -= 1
+            order[i], sl[i] = g, x
         for _ in range(4 * num_bins * slots):
             i = num_bins - 1
             while i > 0 and sl[i - 1] == sl[num_bins - 1]:
