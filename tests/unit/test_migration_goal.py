@@ -179,3 +179,33 @@ def test_compiled_duplicate_repair_equals_separate_copies(seed):
     got = separate_kernel(own, per, cap)
     assert np.array_equal(got, separate_copies(own, per, cap))
     assert surplus_copies(got, cap).sum() <= surplus_copies(own, cap).sum()
+
+
+@pytest.mark.skipif(peaks_mod.peaks_kernel is None, reason="the report comes from the compiled kernel")
+@pytest.mark.parametrize("slots", [3, 9])  # below 8 slots summed in order, from 8 pairwise (numpy's way)
+def test_goal_swaps_report_the_peak_and_moves_plan_stats_would(slots):
+    from ray_eplb.solver.plan_stats import plan_stats
+
+    w, own = _problem(11, 6, 20, 7, slots)
+    num_layers, num_experts = w.shape
+    cnt = bin_counts(own.reshape(num_layers, -1), 1, num_experts)[:, 0]
+    per, cap = w / cnt, -(-cnt // own.shape[1])
+    orig = np.roll(own, 1, axis=2)  # a start that differs from the plan in most slots
+    goal = per_slot(per, own).sum(-1).mean(1)
+    budget = np.full(num_layers, 10**6, dtype=np.int64)
+    out, peak, moved = peaks_mod.lower_peaks(own, per, cap, goal, budget, 64, orig, report=True)
+    flat = out.reshape(num_layers, -1)
+    assert np.array_equal(peak, plan_stats(flat, w, own.shape[1])[1])  # the same floats, not close ones
+    assert np.array_equal(moved, moved_slots(orig.reshape(num_layers, -1), flat))
+    assert (moved > 0).all()
+    plain = peaks_mod.lower_peaks(own, per, cap, goal, np.full(num_layers, 10**6, dtype=np.int64), 64, orig)
+    assert np.array_equal(plain, out)  # reporting changes nothing
+
+
+def test_replica_counts_match_the_bincount():
+    from ray_eplb.solver.maps import replica_counts
+
+    rng = np.random.default_rng(3)
+    plan = rng.integers(0, 40, (5, 96))
+    for p in (plan, plan[:, ::2], plan.astype(np.int32)):  # a contiguous, a strided and a narrow array
+        assert np.array_equal(replica_counts(p, 40), bin_counts(p, 1, 40)[:, 0])
