@@ -309,6 +309,21 @@ def slot_counts_kernel(phy2log, num_experts):  # pragma: no cover (compiled)
 
 
 @_jit
+def checked_counts_kernel(phy2log, num_experts):  # pragma: no cover (compiled)
+    """:func:`slot_counts_kernel` on ids not yet checked: ``(logcnt [L, E], True)``, or ``(partial
+    counts, False)`` at the first id outside ``[0, E)`` (one pass instead of a min, a max and a count)."""
+    num_layers, num_slots = phy2log.shape
+    logcnt = np.zeros((num_layers, num_experts), dtype=np.int64)
+    for r in range(num_layers):
+        for s in range(num_slots):
+            e = phy2log[r, s]
+            if e < 0 or e >= num_experts:
+                return logcnt, False
+            logcnt[r, e] += 1
+    return logcnt, True
+
+
+@_jit
 def fill_maps_kernel(phy2log, log2phy):  # pragma: no cover (compiled)
     """Fill ``log2phy [L, E, M]`` (``-1`` on entry; allocated by numpy, which asks the OS for huge
     pages: at full width this output is the largest array of a solve) with each expert's slots of

@@ -93,12 +93,16 @@ def logical_maps(
     return torch.from_numpy(log2phy).to(phy2log.device), torch.from_numpy(logcnt).to(phy2log.device)
 
 
-def replica_counts(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
-    """``logcnt [L, E]`` int64: the slots of each expert per row of ``phy2log [L, R]`` (ids in
-    ``[0, E)``, checked by the caller), compiled where numba is installed (one pass, no
-    ``[L, R]`` temporaries: 5-10x faster than the bincount at the production shapes)."""
+def checked_slot_counts(phy2log: np.ndarray, num_experts: int) -> np.ndarray | None:
+    """``logcnt [L, E]`` int64, the slots of each expert per row of ``phy2log [L, R]`` (any integer
+    dtype, ids not checked yet), or ``None`` if an id is outside ``[0, E)``. Compiled where numba is
+    installed: the check is the counting pass itself (one pass instead of a min, a max and a
+    bincount)."""
     if compiled.ENABLED:
-        return compiled.slot_counts_kernel(np.ascontiguousarray(phy2log, dtype=np.int64), num_experts)
+        cnt, ok = compiled.checked_counts_kernel(np.ascontiguousarray(phy2log, dtype=np.int64), num_experts)
+        return cnt if ok else None
+    if phy2log.size and (phy2log.min() < 0 or phy2log.max() >= num_experts):
+        return None
     return bin_counts(phy2log, 1, num_experts)[:, 0]
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from ray_eplb.solver.incremental import incremental
-from ray_eplb.solver.maps import bin_counts, replica_counts
+from ray_eplb.solver.maps import bin_counts, checked_slot_counts
 from ray_eplb.solver.overlap import kept_upper_bound, match_gpus, sparse_overlap
 from ray_eplb.solver.plan_stats import plan_stats
 
@@ -139,11 +139,11 @@ def check_old(old, num_layers: int, num_replicas: int, num_experts: int) -> np.n
     arr = old.detach().cpu().numpy() if hasattr(old, "detach") else np.asarray(old)
     if arr.shape != (num_layers, num_replicas):
         raise ValueError(f"old_phy2log has shape {tuple(arr.shape)}, expected ({num_layers}, {num_replicas})")
-    if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() >= num_experts):
+    cnt = checked_slot_counts(arr, num_experts) if np.issubdtype(arr.dtype, np.integer) else None  # [L, E]
+    if arr.size and cnt is None:
         raise ValueError(f"old_phy2log must hold expert ids in [0, {num_experts}), got {arr.dtype} "
                          f"in [{arr.min()}, {arr.max()}]")
     arr = arr.astype(np.int64, copy=False)
-    cnt = replica_counts(arr, num_experts)  # [L, E]
     if num_layers and (cnt == 0).any():
         layer, expert = np.argwhere(cnt == 0)[0]
         raise ValueError(f"old_phy2log gives expert {expert} of layer {layer} no slot")

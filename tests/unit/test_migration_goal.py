@@ -202,10 +202,17 @@ def test_goal_swaps_report_the_peak_and_moves_plan_stats_would(slots):
     assert np.array_equal(plain, out)  # reporting changes nothing
 
 
-def test_replica_counts_match_the_bincount():
-    from ray_eplb.solver.maps import replica_counts
+@pytest.mark.parametrize("compiled_on", [True, False])
+def test_checked_slot_counts_match_the_bincount_and_refuse_bad_ids(compiled_on, monkeypatch):
+    from ray_eplb.solver import compiled
+    from ray_eplb.solver.maps import checked_slot_counts
 
+    monkeypatch.setattr(compiled, "ENABLED", compiled.ENABLED and compiled_on)
     rng = np.random.default_rng(3)
     plan = rng.integers(0, 40, (5, 96))
     for p in (plan, plan[:, ::2], plan.astype(np.int32)):  # a contiguous, a strided and a narrow array
-        assert np.array_equal(replica_counts(p, 40), bin_counts(p, 1, 40)[:, 0])
+        assert np.array_equal(checked_slot_counts(p, 40), bin_counts(p, 1, 40)[:, 0])
+    for bad in (-1, 40):
+        wrong = plan.copy()
+        wrong[3, 17] = bad
+        assert checked_slot_counts(wrong, 40) is None
