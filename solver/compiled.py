@@ -29,7 +29,6 @@ from ray_eplb.solver.kernels_place import (  # noqa: F401 (the kernels, called a
     _order_desc,
     _scan_rows,
     any_surplus,
-    checked_counts_kernel,
     fill_maps_kernel,
     refine_kernel,
     rounds_kernel,
@@ -54,7 +53,6 @@ def warm_up() -> None:
     for dhondt in (False, True):
         solve_kernel(w, 8, 2, 1, 2, 1, dhondt)
     slot_counts_kernel(io.reshape(2, 4), 4)
-    checked_counts_kernel(io.reshape(2, 4), 4)
     fill_maps_kernel(io.reshape(2, 4), np.full((2, 4, 5), -1, dtype=np.int64))
     any_surplus(io.reshape(1, 4, 2), np.ones((1, 4), dtype=np.int64))
     for dhondt in (False, True):

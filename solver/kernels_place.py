@@ -298,20 +298,9 @@ def any_surplus(slot_owner, cap):  # pragma: no cover (compiled)
 
 @_jit
 def slot_counts_kernel(phy2log, num_experts):  # pragma: no cover (compiled)
-    """``logcnt [L, E]`` int64, the slots of each expert per row of ``phy2log [L, R]`` int64 (ids in
-    ``[0, E)``): what :func:`~ray_eplb.solver.maps.logical_maps_np` counts before it sizes ``log2phy``."""
-    num_layers, num_slots = phy2log.shape
-    logcnt = np.zeros((num_layers, num_experts), dtype=np.int64)
-    for r in range(num_layers):
-        for s in range(num_slots):
-            logcnt[r, phy2log[r, s]] += 1
-    return logcnt
-
-
-@_jit
-def checked_counts_kernel(phy2log, num_experts):  # pragma: no cover (compiled)
-    """:func:`slot_counts_kernel` on ids not yet checked: ``(logcnt [L, E], True)``, or ``(partial
-    counts, False)`` at the first id outside ``[0, E)`` (one pass instead of a min, a max and a count)."""
+    """``(logcnt [L, E] int64, True)``: the slots of each expert per row of ``phy2log [L, R]`` int64;
+    or ``(partial counts, False)`` at the first id outside ``[0, E)`` (the check is the counting
+    pass itself: one pass instead of a min, a max and a count)."""
     num_layers, num_slots = phy2log.shape
     logcnt = np.zeros((num_layers, num_experts), dtype=np.int64)
     for r in range(num_layers):
@@ -328,7 +317,7 @@ def fill_maps_kernel(phy2log, log2phy):  # pragma: no cover (compiled)
     """Fill ``log2phy [L, E, M]`` (``-1`` on entry; allocated by numpy, which asks the OS for huge
     pages: at full width this output is the largest array of a solve) with each expert's slots of
     ``phy2log [L, R]`` int64 in ascending order. ``M`` must be at least the most slots of any expert
-    (the caller checks it with :func:`slot_counts_kernel`)."""
+    (the caller counts them first with :func:`slot_counts_kernel`)."""
     num_layers, num_slots = phy2log.shape
     fill = np.zeros(log2phy.shape[1], dtype=np.int64)
     for r in range(num_layers):

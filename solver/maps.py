@@ -99,7 +99,7 @@ def checked_slot_counts(phy2log: np.ndarray, num_experts: int) -> np.ndarray | N
     installed: the check is the counting pass itself (one pass instead of a min, a max and a
     bincount)."""
     if compiled.ENABLED:
-        cnt, ok = compiled.checked_counts_kernel(np.ascontiguousarray(phy2log, dtype=np.int64), num_experts)
+        cnt, ok = compiled.slot_counts_kernel(np.ascontiguousarray(phy2log, dtype=np.int64), num_experts)
         return cnt if ok else None
     if phy2log.size and (phy2log.min() < 0 or phy2log.max() >= num_experts):
         return None
@@ -120,7 +120,9 @@ def logical_maps_np(
     num_layers, num_slots = phy2log.shape
     if compiled.ENABLED:  # the same maps, compiled
         phy2log = np.ascontiguousarray(phy2log, dtype=np.int64)
-        logcnt = compiled.slot_counts_kernel(phy2log, num_experts)
+        logcnt, ok = compiled.slot_counts_kernel(phy2log, num_experts)
+        if not ok:  # (the fill below does not check its indices)
+            raise ValueError(f"phy2log holds an expert id outside [0, {num_experts})")
         log2phy = minus_ones((num_layers, num_experts, map_width(logcnt, num_slots, width)))
         compiled.fill_maps_kernel(phy2log, log2phy)
         return log2phy, logcnt
