@@ -259,9 +259,13 @@ async def _read_log_page(tab: _Tab, settle_s: float, actor: str) -> dict:
         "(() => { const row = Array.from(document.querySelectorAll('tr'))"
         f".find(r => r.innerText.split(/\\s+/).includes({actor!r}));"
         " const a = row && Array.from(row.querySelectorAll('a')).find(a => a.textContent.trim() === 'Log');"
-        " if (!a) return null; a.click(); return a.getAttribute('href') || a.href; })()",
-        f"the Actors page showed no Log link in the row of {actor}", settle_s)
-    page = await tab.until("/#\\/actors\\/[0-9a-f]+/.test(location.hash) && location.hash",
+        " const h = a && (a.getAttribute('href') || a.href);"
+        # A row can show a link to the nil actor id (all f) before the actor's own id has loaded:
+        # it opens an empty page whose log never comes, so wait for the real one.
+        " if (!h || /actors\\/f+(?![0-9a-f])/.test(h)) return null; a.click(); return h; })()",
+        f"the Actors page showed no Log link with an actor id in the row of {actor}", settle_s)
+    page = await tab.until("/#\\/actors\\/[0-9a-f]+/.test(location.hash) && !/actors\\/f+(?![0-9a-f])/"
+                           ".test(location.hash) && location.hash",
                            f"the Log link of {actor} ({href}) did not open the actor's page", settle_s)
     await _until_log_shown(tab, actor, page.rsplit("/", 1)[-1], 2 * settle_s)
     # The viewer's Keyword field (a person's search): keep the balancer's lines only.
