@@ -105,6 +105,32 @@ def test_relocations_reach_the_target_counts_within_the_budget(path, seed, slots
             assert _over_cap(o, c) <= _over_cap(own, c) + _over_cap(own, cnt)
 
 
+@pytest.mark.skipif(incremental_mod.relocate_kernel is None, reason="numba not installed")
+@pytest.mark.parametrize("seed", range(8))
+def test_compiled_relocations_equal_the_numpy_rule_with_tied_loads(seed):
+    """The kernel keeps its gainers and losers sorted instead of scanning them: each pick (the
+    highest gain quotient, the lowest loss quotient, ties to the lower expert) and each GPU must
+    still be the numpy rule's, one relocation at a time. Loads of few distinct values make ties."""
+    rng = np.random.default_rng(seed)
+    num_layers, num_experts, num_gpus, slots = 6, 24, 8, 4
+    _, own = _problem(seed, num_layers, num_experts, num_gpus, slots)
+    w = rng.integers(1, 4, (num_layers, num_experts)).astype(np.float64) * 10
+    flat = own.reshape(num_layers, -1)
+    cnt = bin_counts(flat, 1, num_experts)[:, 0]
+    target = bin_counts(_problem(seed + 50, num_layers, num_experts, num_gpus, slots)[1].reshape(num_layers, -1), 1,
+                        num_experts)[:, 0]
+    assert np.abs(target - cnt).sum(1).max() // 2 <= 8 * incremental_mod.BATCHES  # one at a time in numpy too
+    for allowed in (2, 5, 1000):
+        outs = []
+        for fn in (incremental_mod.relocate_kernel, incremental_mod._relocate):
+            o, c, b = own.copy(), cnt.copy(), np.full(num_layers, allowed, dtype=np.int64)
+            fn(w, o, c, target, b)
+            outs.append((o, c, b))
+        assert (outs[0][0] != own).any()
+        for a, b in zip(*outs):
+            assert np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("num_gpus,slots", [(8, 3), (16, 1)])
 def test_the_no_move_exit_returns_the_old_plan_unchanged(num_gpus, slots):
     load = synthetic_trace(2, 4, 16, top_k=4, seed=1).load
