@@ -107,7 +107,6 @@ def _fill_row(w, c, free, tail):  # pragma: no cover (compiled)
         c[p_s if use_sl else p_d] += 1
 
 
-@_jit
 def _block_sum(a, start, n):  # pragma: no cover (compiled)
     """numpy's sum of ``n <= 128`` contiguous numbers: sequential below 8, else 8 lanes."""
     if n < 8:
@@ -144,7 +143,9 @@ def _pairwise_sum(a, start, n):  # pragma: no cover (compiled)
     return _block_sum(a, start, n) if n <= 128 else _long_sum(a, start, n)
 
 
-if _njit is not None:  # inlined into each caller by numba itself (a compiled call is not)
+if _njit is not None:  # inlined into each caller by numba itself (a compiled call is not; the fresh
+    # solve sums every GPU's load with it: 5-10% of its time at the scale shapes)
+    _block_sum = _njit(cache=True, nogil=True, inline="always")(_block_sum)
     _pairwise_sum = _njit(cache=True, nogil=True, inline="always")(_pairwise_sum)
 
 
