@@ -188,12 +188,25 @@ class FreshCandidate:
     """
 
     def __init__(self, old: np.ndarray, fresh: np.ndarray, w: np.ndarray, num_gpus: int,
-                 cnt_old: np.ndarray | None = None):
+                 cnt_old: np.ndarray | None = None, known: tuple[np.ndarray, np.ndarray] | None = None):
         num_layers, num_experts = w.shape
         self.old, self.fresh, self.w, self.num_gpus = old, fresh, w, num_gpus
         # [L, E] replicas, [L] peak, [L] avoidable duplicates (alignment keeps every GPU's set: the
         # aligned plan's too), [L] no expert stacked beyond its cap.
-        self.cnt, self.peak, self.dups, self.ok = plan_stats(fresh, w, num_gpus, dups=True, cap=True)
+        if known is None:
+            self.cnt, self.peak, self.dups, self.ok = plan_stats(fresh, w, num_gpus, dups=True, cap=True)
+        else:
+            # ``known``: ``(peak [L], spread [L] bool)`` from the solve, ``spread`` where a row's
+            # replicas of an expert are on distinct GPUs by construction (a global solve's); such
+            # a row without an expert on more than all GPUs has no duplicate, none beyond its cap.
+            self.cnt = checked_slot_counts(fresh, num_experts)  # (compiled where it can be: a third of a bincount)
+            self.peak = known[0].astype(np.float64)  # (a copy: aligned rows' peaks are written here)
+            self.dups = np.zeros(num_layers, dtype=np.int64)
+            self.ok = np.ones(num_layers, dtype=bool)
+            rows = np.nonzero(~known[1] | (self.cnt.max(1, initial=0) > num_gpus))[0]
+            if rows.size:
+                _, self.peak[rows], self.dups[rows], self.ok[rows] = plan_stats(
+                    fresh[rows], w[rows], num_gpus, dups=True, cap=True)
         if cnt_old is None:
             cnt_old = bin_counts(old, 1, num_experts)[:, 0]
         # [L] lower bound on its moved slots: an expert keeps at most min(old, new) replicas' slots.
@@ -275,6 +288,7 @@ def migrate(
     min_gain: float,
     method: str,
     fresh: np.ndarray | None = None,
+    known: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Incremental re-placement from ``old`` with per-layer ``budget [L]`` or a ``total`` budget.
 
@@ -299,6 +313,11 @@ def migrate(
     steps between these plans with the most peak reduction per extra moved slot
     (:func:`hull_spend`); the same total split evenly over the layers is the fallback.
 
+    ``known`` (optional, with ``fresh``): ``(peak [L], spread [L] bool)`` from the solve that made
+    ``fresh``: its max GPU load per layer, and the layers whose experts' replicas it put on
+    distinct GPUs by construction (a global solve's), which are then not recounted for
+    duplicates (:class:`FreshCandidate`).
+
     Shapes: ``w [L, E]`` float64, ``old [L, R]`` int64, ``fresh [L, R]`` int64. Returns ``[L, R]``.
     """
     num_layers, num_experts = w.shape
@@ -316,12 +335,13 @@ def migrate(
             out = old.copy()
             rows = np.nonzero(~settled)[0]
             if rows.size:
-                out[rows] = migrate(w[rows], old[rows], num_gpus, budget[rows], total, min_gain, method, fresh[rows])
+                out[rows] = migrate(w[rows], old[rows], num_gpus, budget[rows], total, min_gain, method, fresh[rows],
+                                    None if known is None else (known[0][rows], known[1][rows]))
             return out
     cnt_old, peak_old, dup_old, _ = plan_stats(old, w, num_gpus, dups=not one_slot)  # [L, E], [L], [L]
     if one_slot:
         dup_old = np.zeros(num_layers, dtype=np.int64)
-    cand = None if fresh is None else FreshCandidate(old, fresh, w, num_gpus, cnt_old)
+    cand = None if fresh is None else FreshCandidate(old, fresh, w, num_gpus, cnt_old, known)
     goal = None if cand is None else cand.peak.copy()
     target = None if cand is None else cand.cnt
     count_dups = bool(dup_old.any())

@@ -194,7 +194,7 @@ def _plan(
     elif old_phy2log is not None and policy == "hierarchical":
         if max_moves is not None:
             raise ValueError("max_moves needs policy 'global' or 'auto': hierarchical plans move whole groups")
-        fresh = _fresh(w, num_replicas, num_groups, num_nodes, num_gpus, policy, method, hier_ok)
+        fresh = _fresh(w, num_replicas, num_groups, num_nodes, num_gpus, policy, method, hier_ok)[0]
         phy2log = align(old, fresh, num_nodes, num_gpus)
         worse = peak_load(phy2log, w, num_gpus) >= (1 - min_gain) * peak_load(old, w, num_gpus)
         # A layer that sheds duplicates of ``old`` (a foreign plan's) takes the new plan anyway.
@@ -204,17 +204,21 @@ def _plan(
             old, num_gpus, num_experts, per_node)
         phy2log[worse] = old[worse]
     else:
-        fresh = _fresh(w, num_replicas, num_groups, num_nodes, num_gpus, policy, method, hier_ok)
+        fresh, peak, spread = _fresh(w, num_replicas, num_groups, num_nodes, num_gpus, policy, method, hier_ok)
         # With an old placement: incremental, or the fresh plan relabelled where it dominates.
-        phy2log = fresh if old_phy2log is None else migrate(w, old, num_gpus, budget, total, min_gain, method, fresh)
+        phy2log = fresh if old_phy2log is None else migrate(w, old, num_gpus, budget, total, min_gain, method, fresh,
+                                                            (peak, spread))
     return phy2log
 
 
 def _fresh(
     w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, policy: str, method: str,
     hier_ok: bool,
-) -> np.ndarray:
-    """The from-scratch plan ``phy2log [L, R]`` of ``policy`` for ``w [L, E]`` (see the module docstring).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The from-scratch plan ``phy2log [L, R]`` of ``policy`` for ``w [L, E]`` (see the module docstring),
+    its max GPU load per layer ``[L]`` float64, and ``[L]`` bool: the layers solved globally (their
+    replicas of an expert are on distinct GPUs unless it has more replicas than GPUs; a hierarchical
+    layer keeps an expert on its node's GPUs, so it may stack more).
 
     Refinement pairs (:func:`~ray_eplb.solver.packing.place_replicas`): 4 per sweep where the
     shape has a hierarchical alternative (groups and nodes fit, several nodes), half the GPUs
@@ -226,11 +230,13 @@ def _fresh(
     ``global`` or of ``hierarchical``.
     """
     pairs = 4 if hier_ok and num_nodes > 1 else None
+    num_layers = w.shape[0]
     if policy == "global" or not hier_ok or num_nodes == 1:
-        return _solve(w, num_replicas, 1, 1, num_gpus, method, pairs)[0]
+        return *_solve(w, num_replicas, 1, 1, num_gpus, method, pairs), np.ones(num_layers, dtype=bool)
     if policy == "hierarchical":
-        return _solve(w, num_replicas, num_groups, num_nodes, num_gpus, method, pairs)[0]
+        return *_solve(w, num_replicas, num_groups, num_nodes, num_gpus, method, pairs), np.zeros(num_layers, dtype=bool)
     phy2log, peak = _solve(w, num_replicas, 1, 1, num_gpus, method, pairs)
+    spread = np.ones(num_layers, dtype=bool)
     # Hierarchical can only match or beat a layer where its bound (a node's load spread over
     # that node's GPUs, with groups packed as _solve packs them: max node load / GPUs per node)
     # reaches the global max GPU load.
@@ -242,7 +248,9 @@ def _fresh(
                                  groups[maybe])
         take = hier_peak <= peak[maybe]  # no higher: a tie keeps the locality for free
         phy2log[maybe[take]] = hier[take]
-    return phy2log
+        peak[maybe[take]] = hier_peak[take]
+        spread[maybe[take]] = False
+    return phy2log, peak, spread
 
 
 def _pack_groups(w: np.ndarray, num_groups: int, num_nodes: int) -> tuple[np.ndarray, np.ndarray]:

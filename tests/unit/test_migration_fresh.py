@@ -74,6 +74,35 @@ def test_a_stacked_fresh_layer_is_never_a_candidate():
 
 
 @SETTINGS
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["auto", "global", "hierarchical"]), st.integers(1, 3),
+       st.sampled_from([(8, 2, 2, 4), (12, 3, 1, 3), (16, 4, 2, 4), (6, 2, 2, 2)]), st.integers(1, 4))
+def test_the_solve_s_own_peak_and_spread_give_the_recounted_statistics(seed, policy, num_layers, dims, slots):
+    """``migrate`` passes the fresh solve's peak and which layers it solved globally instead of
+    recounting them: the candidate's statistics must be what a recount gives (counts and caps
+    exactly, the peak within rounding), also where an expert has more replicas than GPUs (a hot
+    expert) and on hierarchical layers (recounted)."""
+    from ray_eplb.solver.rebalance import _fresh
+    from ray_eplb.solver.plan_stats import plan_stats
+
+    num_experts, num_groups, num_nodes, num_gpus = dims
+    rng = np.random.default_rng(seed)
+    w = rng.integers(0, 40, (num_layers, num_experts)).astype(float)
+    w[:, 0] *= rng.integers(1, 30)  # often hot enough for more replicas than GPUs
+    num_slots = num_gpus * max(slots, -(-num_experts // num_gpus))
+    hier_ok = num_experts % num_groups == 0 and num_groups % num_nodes == 0
+    fresh, peak, spread = _fresh(w, num_slots, num_groups, num_nodes, num_gpus, policy, "hybrid_tail", hier_ok)
+    old = rebalance_experts(torch.from_numpy(rng.integers(0, 40, w.shape).astype(float)), num_slots, 1, 1, num_gpus)[0]
+    known = FreshCandidate(old.numpy(), fresh, w, num_gpus, known=(peak, spread))
+    cnt, want_peak, dups, ok = plan_stats(fresh, w, num_gpus, dups=True, cap=True)
+    assert np.array_equal(known.cnt, cnt) and np.array_equal(known.dups, dups) and np.array_equal(known.ok, ok)
+    np.testing.assert_allclose(known.peak, want_peak, rtol=1e-12, atol=1e-12)
+    if policy == "global" or num_nodes == 1:  # (one node: the hierarchical plan is the global one)
+        assert spread.all()
+    elif policy == "hierarchical":
+        assert not spread.any()
+
+
+@SETTINGS
 @given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(2, 8), st.integers(1, 4), st.integers(1, 3),
        st.one_of(st.none(), st.integers(0, 6), st.sampled_from([0.25, 0.5])))
 def test_result_is_never_dominated_by_the_aligned_fresh_plan(seed, num_layers, num_experts, num_gpus, slots,
