@@ -87,13 +87,15 @@ def incremental(
     # puts its gainer on a GPU without a copy unless the gainer outnumbers the GPUs.
     if old_dups is None:
         may_dup = np.arange(num_layers)
+    elif max(cnt.max(initial=0), target.max(initial=0)) <= num_gpus:  # (the common case, in two reductions)
+        may_dup = np.nonzero(old_dups > 0)[0]
     else:
         may_dup = np.nonzero((old_dups > 0) | (cnt.max(1) > num_gpus) | (target.max(1) > num_gpus))[0]
     relocate(w, own, cnt, target, budget)
     per = w / cnt
     cap = np.ones_like(cnt)  # [L, E] copies one GPU may hold, ceil(cnt / P): 1 unless an expert outnumbers the GPUs
-    wide = cnt > num_gpus
-    if wide.any():  # (integer division of the whole table cost more than the rest of this glue)
+    if cnt.max(initial=0) > num_gpus:  # (integer division of the whole table cost more than the rest of this glue)
+        wide = cnt > num_gpus
         cap[wide] = -(-cnt[wide] // num_gpus)
     # Avoidable duplicates left (a foreign old plan's, or a thinned expert's) are swapped apart
     # before any balancing swap: each frees a slot. A layer whose repair does not fit its budget

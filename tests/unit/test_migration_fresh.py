@@ -21,6 +21,8 @@ from ray_eplb.solver.migration import (
     overlap,
     peak_load,
 )
+from ray_eplb.solver.plan_stats import plan_stats
+from ray_eplb.solver.rebalance import _fresh
 
 SETTINGS = settings(deadline=None)
 
@@ -81,9 +83,6 @@ def test_the_solve_s_own_peak_and_spread_give_the_recounted_statistics(seed, pol
     recounting them: the candidate's statistics must be what a recount gives (counts and caps
     exactly, the peak within rounding), also where an expert has more replicas than GPUs (a hot
     expert) and on hierarchical layers (recounted)."""
-    from ray_eplb.solver.rebalance import _fresh
-    from ray_eplb.solver.plan_stats import plan_stats
-
     num_experts, num_groups, num_nodes, num_gpus = dims
     rng = np.random.default_rng(seed)
     w = rng.integers(0, 40, (num_layers, num_experts)).astype(float)
