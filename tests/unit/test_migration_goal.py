@@ -207,6 +207,30 @@ def test_compiled_duplicate_repair_equals_separate_copies(seed):
     assert surplus_copies(got, cap).sum() <= surplus_copies(own, cap).sum()
 
 
+@pytest.mark.parametrize("seed", [280, 584, 728, 1055, *range(40)])
+def test_compiled_repair_equals_separate_copies_when_a_copy_is_stuck(seed):
+    """Skewed plans (a few experts with many copies), where the repair order matters most: the
+    kernel's repairs must be the numpy rule's. Seeds 280, 584, 728 and 1055 each have a surplus
+    copy with no legal swap until a later repair frees one (found by counting the numpy rule's
+    stuck slots); the random plans of the test above have none."""
+    from ray_eplb.solver.repair import separate_copies, separate_kernel
+
+    if separate_kernel is None:
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(seed)
+    num_experts, num_gpus, slots = int(rng.integers(2, 8)), int(rng.integers(2, 6)), int(rng.integers(2, 6))
+    num_gpus = max(num_gpus, -(-num_experts // slots))
+    rows = []
+    for _ in range(3):
+        extra = rng.choice(num_experts, num_gpus * slots - num_experts, p=rng.dirichlet(np.ones(num_experts) * 0.2))
+        rows.append(rng.permutation(np.concatenate([np.arange(num_experts), extra])))
+    own = np.stack(rows).reshape(3, num_gpus, slots).astype(np.int64)
+    w = np.floor(rng.pareto(1.1, (3, num_experts)) * 50) + 1
+    cnt = bin_counts(own.reshape(3, -1), 1, num_experts)[:, 0]
+    per, cap = w / cnt, -(-cnt // num_gpus)
+    assert np.array_equal(separate_kernel(own, per, cap), separate_copies(own, per, cap))
+
+
 @pytest.mark.skipif(peaks_mod.peaks_kernel is None, reason="the report comes from the compiled kernel")
 @pytest.mark.parametrize("slots", [3, 9])  # below 8 slots summed in order, from 8 pairwise (numpy's way)
 def test_goal_swaps_report_the_peak_and_moves_plan_stats_would(slots):
