@@ -113,21 +113,20 @@ def logical_maps_np(
     [L, E, M]`` and ``logcnt [L, E]``, ``M`` chosen by ``width`` as there.
 
     Counts first, then allocates ``log2phy`` at its final width and writes each expert's slots
-    once. Raises ``ValueError`` when an expert has more than ``R - E + 1`` replicas (so another has
-    none), whatever the width. Single-threaded numpy on purpose: torch's parallel fill of the large
+    once. Raises ``ValueError`` when an id is outside ``[0, E)`` (counted and checked by
+    :func:`checked_slot_counts`, compiled or not), or when an expert has more than ``R - E + 1``
+    replicas (so another has none), whatever the width. Single-threaded numpy on purpose: torch's parallel fill of the large
     ``-1`` padded array measured 3x faster on an idle machine but milliseconds slower on a busy one.
     """
     num_layers, num_slots = phy2log.shape
-    if compiled.ENABLED:  # the same maps, compiled
-        phy2log = np.ascontiguousarray(phy2log, dtype=np.int64)
-        logcnt, ok = compiled.slot_counts_kernel(phy2log, num_experts)
-        if not ok:  # (the fill below does not check its indices)
-            raise ValueError(f"phy2log holds an expert id outside [0, {num_experts})")
-        log2phy = minus_ones((num_layers, num_experts, map_width(logcnt, num_slots, width)))
-        compiled.fill_maps_kernel(phy2log, log2phy)
-        return log2phy, logcnt
-    logcnt = bin_counts(phy2log, 1, num_experts)[:, 0]  # [L, E]
+    logcnt = checked_slot_counts(phy2log, num_experts)  # [L, E]
+    if logcnt is None:  # (neither fill below checks its indices)
+        raise ValueError(f"phy2log holds an expert id outside [0, {num_experts})")
     m = map_width(logcnt, num_slots, width)
+    if compiled.ENABLED:  # the same maps, compiled
+        log2phy = minus_ones((num_layers, num_experts, m))
+        compiled.fill_maps_kernel(np.ascontiguousarray(phy2log, dtype=np.int64), log2phy)
+        return log2phy, logcnt
     flat = phy2log + (np.arange(num_layers) * num_experts)[:, None]  # [L, R] row-unique expert ids
     keys = phy2log.astype(np.int16) if num_experts < 2**15 else phy2log  # int16: numpy radix-sorts it
     order = np.argsort(keys, axis=1, kind="stable")  # [L, R] slots grouped by expert, ascending

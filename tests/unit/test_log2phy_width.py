@@ -105,6 +105,15 @@ def test_compiled_and_numpy_maps_agree_at_every_width(monkeypatch):
             np.testing.assert_array_equal(a, _expected_maps(p, e, m))
 
 
+@pytest.mark.parametrize("enabled", [True, False] if compiled.ENABLED else [False])
+@pytest.mark.parametrize("bad", [-1, 3])
+def test_maps_refuse_an_expert_id_out_of_range_compiled_or_not(monkeypatch, enabled, bad):
+    """Neither fill checks its indices: the count before it must refuse the id, on both paths."""
+    monkeypatch.setattr(compiled, "ENABLED", enabled)
+    with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
+        logical_maps_np(np.array([[0, 1, 2, bad]]), 3, "used")
+
+
 def test_vllm_policy_returns_the_plan_of_the_default_call():
     w0, w1 = _load(3, 64, seed=8), _load(3, 64, seed=9)
     fresh = RayEplbPolicy.rebalance_experts(w0, 96, 8, 2, 16)
