@@ -11,9 +11,8 @@ from ray_eplb.solver.counts import counts_np
 from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts, per_slot
 from ray_eplb.solver.packing import refine_swaps, refine_sweeps
 from ray_eplb.solver.peaks import lower_peaks, peaks_kernel
-from ray_eplb.solver.plan_stats import plan_stats, plan_stats_kernel
 from ray_eplb.solver.relocate import relocate_kernel
-from ray_eplb.solver.repair import separate_copies_batched, separate_kernel
+from ray_eplb.solver.repair import repair_kernel, separate_copies_batched
 
 BATCHES = 8  # relocations of a layer are made in about this many rounds when there are many
 GOAL_SWEEPS = 32
@@ -64,9 +63,9 @@ def incremental(
     ``old_dups [L]`` (optional): ``old``'s avoidable duplicates when already counted (a layer
     without any, where no expert has more replicas than GPUs before or after, has none after the
     relocations either, so it is not searched for them). Returns ``[L, R]`` int64; with ``report``,
-    ``(plan [L, R], peak [L], moved [L])``, where the compiled goal swaps ran (else ``None`` for
-    both): each layer's max GPU load and its slots that differ from ``old``, as
-    :func:`~ray_eplb.solver.plan_stats.plan_stats` and
+    ``(plan [L, R], peak [L], moved [L], dups [L])``, where the compiled goal swaps ran (else
+    ``None`` for all three): each layer's max GPU load, its slots that differ from ``old`` and its
+    avoidable duplicates, as :func:`~ray_eplb.solver.plan_stats.plan_stats` and
     :func:`~ray_eplb.solver.migration.moved_slots` would give them.
     """
     num_layers, num_experts = w.shape
@@ -101,28 +100,30 @@ def incremental(
     # before any balancing swap: each frees a slot. A layer whose repair does not fit its budget
     # keeps them.
     if slots == 1 or not may_dup.size:  # nothing can stack
-        dup = np.zeros(0, dtype=np.int64)
-    elif plan_stats_kernel is not None:
-        dup = may_dup[plan_stats(own[may_dup].reshape(may_dup.size, -1), w[may_dup], num_gpus)[2] > 0]
+        pass
+    elif repair_kernel is not None:  # (counted, repaired and charged in one pass per layer)
+        repair_kernel(own, per, cap, may_dup, budget)
     else:
         dup = may_dup[avoidable_duplicates_np(own[may_dup].reshape(may_dup.size, -1), num_gpus, num_experts) > 0]
-    if dup.size:
-        repair = separate_copies_batched if separate_kernel is None else separate_kernel
-        fixed = repair(own[dup], per[dup], cap[dup])
+        fixed = separate_copies_batched(own[dup], per[dup], cap[dup])
         cost = (fixed != own[dup]).sum((1, 2))  # [D] slots each repair changes
         fits = cost <= budget[dup]
         own[dup[fits]] = fixed[fits]
         budget[dup[fits]] -= cost[fits]
-    peak = moved = None
+    peak = moved = dups = None
     if goal is not None and slots == 1:
         pass  # one slot per GPU: a swap exchanges two GPUs' loads, no peak can fall (the peak is the counts')
     elif goal is not None and peaks_kernel is not None:
-        own, peak, moved = lower_peaks(own, per, cap, goal, budget, GOAL_SWEEPS, old.reshape(own.shape), fix_first,
-                                       report=True)
+        own, peak, moved, stacked = lower_peaks(own, per, cap, goal, budget, GOAL_SWEEPS, old.reshape(own.shape),
+                                                fix_first, report=True)
+        # Avoidable duplicates: the stacked copies, less those an expert with more replicas than
+        # GPUs must stack (swaps keep the counts: cnt is the plan's).
+        if stacked is not None:
+            dups = stacked if cnt.max(initial=0) <= num_gpus else stacked - np.maximum(cnt - num_gpus, 0).sum(1)
     else:
         own, _ = refine_swaps(own, per, cap, pairs=pairs, sweeps=sweeps, budget=budget)
     own = own.reshape(num_layers, num_slots)
-    return (own, peak, moved) if report else own
+    return (own, peak, moved, dups) if report else own
 
 
 def relocate(w: np.ndarray, own: np.ndarray, cnt: np.ndarray, target: np.ndarray, budget: np.ndarray) -> None:

@@ -347,11 +347,12 @@ def migrate(
     count_dups = bool(dup_old.any())
 
     def plan(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        new, peak, moves = incremental(w, old, num_gpus, b, method, goal=goal, target=target, cnt=cnt_old,
-                                       old_dups=dup_old, report=True)
-        dups = None
-        if peak is None or count_dups:  # (the compiled goal swaps report the peak and the moves)
+        new, peak, moves, dups = incremental(w, old, num_gpus, b, method, goal=goal, target=target, cnt=cnt_old,
+                                             old_dups=dup_old, report=True)
+        if peak is None:  # (the compiled goal swaps report the peak, the moves and the duplicates)
             _, peak, dups, _ = plan_stats(new, w, num_gpus, dups=count_dups)
+        if not count_dups:
+            dups = None
         if moves is None:
             moves = moved_slots(old, new)
         if cand is not None:

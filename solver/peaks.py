@@ -63,23 +63,24 @@ def lower_peaks(
 
     Shapes: ``slot_owner [B, P, S]`` (a changed copy is returned), ``per_replica``/``cap``
     ``[B, n]``, ``goal [B]`` float64, ``budget [B]`` int64 (updated in place). With ``report``,
-    returns ``(plan [B, P, S], peak [B], moved [B])``: the compiled path also gives each row's max
-    bin load (summed as :func:`~ray_eplb.solver.plan_stats.plan_stats` sums it: the same value)
-    and its slots that differ from ``orig``, which spares the caller a pass over the plan; the
-    numpy path gives ``None`` for both.
+    returns ``(plan [B, P, S], peak [B], moved [B], stacked [B])``: the compiled path also gives
+    each row's max bin load (summed as :func:`~ray_eplb.solver.plan_stats.plan_stats` sums it: the
+    same value), its slots that differ from ``orig``, and its copies of an owner beyond the first
+    on a bin (avoidable duplicates once an owner's copies beyond the bins are taken off), which
+    spares the caller a pass over the plan; the numpy path gives ``None`` for all three.
     """
     num_rows, num_bins, slots = slot_owner.shape
     if num_bins < 2 or not num_rows:
-        return (slot_owner, None, None) if report else slot_owner
+        return (slot_owner, None, None, None) if report else slot_owner
     n = per_replica.shape[1]
     limit = goal * (1 + 1e-9) + 1e-12
     if peaks_kernel is not None:
         io = slot_owner.copy()
-        peak, moved = np.empty(num_rows), np.empty(num_rows, dtype=np.int64)
+        peak, moved, stacked = np.empty(num_rows), np.empty(num_rows, dtype=np.int64), np.empty(num_rows, dtype=np.int64)
         peaks_kernel(io, np.ascontiguousarray(per_replica, dtype=np.float64), np.ascontiguousarray(cap, dtype=np.int64),
                      slot_owner if orig is None else orig, limit, budget, LIGHT,
-                     np.ones(num_rows, dtype=np.bool_) if fix_first is None else fix_first, peak, moved)
-        return (io, peak, moved) if report else io
+                     np.ones(num_rows, dtype=np.bool_) if fix_first is None else fix_first, peak, moved, stacked)
+        return (io, peak, moved, stacked) if report else io
     io = slot_owner.reshape(num_rows * num_bins, slots).copy()  # [B*P, S] owner per slot, flat bins
     il = per_slot(per_replica, slot_owner).reshape(io.shape)  # [B*P, S] load per slot
     ic = per_slot(cap, slot_owner).reshape(io.shape)  # [B*P, S] the slot owner's cap
@@ -160,7 +161,7 @@ def lower_peaks(
         for arr in (io, il, ic):
             arr[h, sa], arr[lo, sb] = arr[lo, sb], arr[h, sa].copy()
     io = io.reshape(num_rows, num_bins, slots)
-    return (io, None, None) if report else io
+    return (io, None, None, None) if report else io
 
 
 def _move(order, sl, i, g, x):  # pragma: no cover
@@ -178,7 +179,7 @@ def _move(order, sl, i, g, x):  # pragma: no cover
     return i
 
 
-def _peaks_kernel(io, per_replica, cap, orig, limit, budget, light, fix_first, peak, moved):  # pragma: no cover
+def _peaks_kernel(io, per_replica, cap, orig, limit, budget, light, fix_first, peak, moved, stacked):  # pragma: no cover
     """One row at a time, the heaviest bin first, until it is at its goal: see :func:`lower_peaks`.
 
     ``io``/``orig`` ``[B, P, S]`` (owner, owner in the starting plan), ``per_replica``/``cap``
@@ -186,7 +187,8 @@ def _peaks_kernel(io, per_replica, cap, orig, limit, budget, light, fix_first, p
     updated); ``io`` and ``budget`` in place. A swap costs the slots it makes differ from
     ``orig`` less those it makes equal again. Bin loads start as numpy's ``sum(-1)`` of the
     slot loads gives them. Out: ``peak [B]`` (each row's max bin load at the end, summed afresh
-    that way, not the running loads) and ``moved [B]`` (its slots that differ from ``orig``).
+    that way, not the running loads), ``moved [B]`` (its slots that differ from ``orig``) and
+    ``stacked [B]`` (its copies of an owner beyond the first on a bin).
     """
     num_rows, num_bins, slots = io.shape
     num_owners = per_replica.shape[1]
@@ -320,17 +322,19 @@ def _peaks_kernel(io, per_replica, cap, orig, limit, budget, light, fix_first, p
                 lo_at -= 1
             _move(order, sl, lo_at, lo, load[lo])
         budget[r] = spend
-        best, differ = -np.inf, 0
-        for g in range(num_bins):  # clear the row's copies for the next row; its peak and moves
+        best, differ, extra = -np.inf, 0, 0
+        for g in range(num_bins):  # clear the row's copies for the next row; its peak, moves and stacks
             x = 0.0
             for s in range(slots):
-                held[g, own[g, s]] = 0
-                differ += own[g, s] != start[g, s]
+                e = own[g, s]
+                extra += max(held[g, e] - 1, 0)  # (counted at the owner's first slot in the bin, then cleared)
+                held[g, e] = 0
+                differ += e != start[g, s]
                 x += il[g, s]
             if slots >= 8:
                 x = _pairwise_sum(il[g], 0, slots)
             best = max(best, x)
-        peak[r], moved[r] = best, differ
+        peak[r], moved[r], stacked[r] = best, differ, extra
 
 
 if njit is not None:

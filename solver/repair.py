@@ -154,6 +154,81 @@ def separate_copies(slot_owner: np.ndarray, per_replica: np.ndarray, cap: np.nda
     return own
 
 
+def _count_row(own, held, covered, count):  # pragma: no cover (compiled)
+    """Copies per (bin, owner) into ``held [P, n]`` (all zero on entry), bins holding each owner
+    into ``covered [n]`` and replicas per owner into ``count [n]``, for one row ``own [P, S]``."""
+    covered[:] = 0
+    count[:] = 0
+    for g in range(own.shape[0]):
+        for s in range(own.shape[1]):
+            e = own[g, s]
+            if held[g, e] == 0:
+                covered[e] += 1
+            held[g, e] += 1
+            count[e] += 1
+
+
+def _separate_row(own, per, cap, held, covered, count, stuck):  # pragma: no cover (compiled)
+    """:func:`separate_copies` on one row ``own [P, S]`` (in place; ``per``/``cap`` ``[n]``), its
+    copies counted by :func:`_count_row` and kept up to date; ``stuck [P, S]`` is scratch."""
+    num_bins, slots = own.shape
+    stuck[:, :] = False
+    for _ in range(2 * num_bins * slots):
+        pg, ps = -1, -1
+        for g in range(num_bins):  # the first surplus copy not marked stuck
+            for s in range(slots):
+                if stuck[g, s]:
+                    continue
+                e = own[g, s]
+                earlier = 0
+                for t in range(s):
+                    earlier += own[g, t] == e
+                if earlier >= cap[e] or (earlier > 0 and covered[e] < min(count[e], num_bins)):
+                    pg, ps = g, s
+                    break
+            if pg >= 0:
+                break
+        if pg < 0:
+            break
+        x = own[pg, ps]
+        over = held[pg, x] > cap[x]
+        best, best_cost = -1, np.inf
+        for b in range(num_bins):
+            if b == pg:
+                continue
+            if not (held[b, x] < cap[x] and (held[b, x] == 0 or over)):
+                continue
+            for t in range(slots):
+                y = own[b, t]
+                if y == x:
+                    continue
+                if not (held[pg, y] < cap[y] and (held[pg, y] == 0 or held[b, y] >= 2)):
+                    continue
+                cost = abs(per[y] - per[x])
+                if cost < best_cost:
+                    best, best_cost = b * slots + t, cost
+        if best < 0:
+            stuck[pg, ps] = True
+            continue
+        b, t = best // slots, best % slots
+        y = own[b, t]
+        own[pg, ps], own[b, t] = y, x
+        for g, e, d in ((pg, x, -1), (b, x, 1), (b, y, -1), (pg, y, 1)):
+            if d < 0 and held[g, e] == 1:
+                covered[e] -= 1
+            if d > 0 and held[g, e] == 0:
+                covered[e] += 1
+            held[g, e] += d
+        stuck[:, :] = False
+
+
+def _clear_row(own, held):  # pragma: no cover (compiled)
+    """Zero the entries of ``held [P, n]`` that row ``own [P, S]`` set."""
+    for g in range(own.shape[0]):
+        for s in range(own.shape[1]):
+            held[g, own[g, s]] = 0
+
+
 def _separate_kernel(slot_owner, per_replica, cap):  # pragma: no cover (compiled)
     """:func:`separate_copies`, compiled: the same repairs in the same order, one row at a time,
     with copies per (bin, owner) kept up to date instead of recounted per pass."""
@@ -165,68 +240,51 @@ def _separate_kernel(slot_owner, per_replica, cap):  # pragma: no cover (compile
     count = np.zeros(n, dtype=np.int64)
     stuck = np.zeros((num_bins, slots), dtype=np.bool_)
     for r in range(num_rows):
-        for e in range(n):
-            covered[e] = 0
-            count[e] = 0
-        for g in range(num_bins):
-            for s in range(slots):
-                e = own[r, g, s]
-                if held[g, e] == 0:
-                    covered[e] += 1
-                held[g, e] += 1
-                count[e] += 1
-        stuck[:, :] = False
-        for _ in range(2 * num_bins * slots):
-            pg, ps = -1, -1
-            for g in range(num_bins):  # the first surplus copy not marked stuck
-                for s in range(slots):
-                    if stuck[g, s]:
-                        continue
-                    e = own[r, g, s]
-                    earlier = 0
-                    for t in range(s):
-                        earlier += own[r, g, t] == e
-                    if earlier >= cap[r, e] or (earlier > 0 and covered[e] < min(count[e], num_bins)):
-                        pg, ps = g, s
-                        break
-                if pg >= 0:
-                    break
-            if pg < 0:
-                break
-            x = own[r, pg, ps]
-            over = held[pg, x] > cap[r, x]
-            best, best_cost = -1, np.inf
-            for b in range(num_bins):
-                if b == pg:
-                    continue
-                if not (held[b, x] < cap[r, x] and (held[b, x] == 0 or over)):
-                    continue
-                for t in range(slots):
-                    y = own[r, b, t]
-                    if y == x:
-                        continue
-                    if not (held[pg, y] < cap[r, y] and (held[pg, y] == 0 or held[b, y] >= 2)):
-                        continue
-                    cost = abs(per_replica[r, y] - per_replica[r, x])
-                    if cost < best_cost:
-                        best, best_cost = b * slots + t, cost
-            if best < 0:
-                stuck[pg, ps] = True
-                continue
-            b, t = best // slots, best % slots
-            y = own[r, b, t]
-            own[r, pg, ps], own[r, b, t] = y, x
-            for g, e, d in ((pg, x, -1), (b, x, 1), (b, y, -1), (pg, y, 1)):
-                if d < 0 and held[g, e] == 1:
-                    covered[e] -= 1
-                if d > 0 and held[g, e] == 0:
-                    covered[e] += 1
-                held[g, e] += d
-            stuck[:, :] = False
-        for g in range(num_bins):  # clear the row's copies
-            for s in range(slots):
-                held[g, own[r, g, s]] = 0
+        _count_row(own[r], held, covered, count)
+        _separate_row(own[r], per_replica[r], cap[r], held, covered, count, stuck)
+        _clear_row(own[r], held)
     return own
 
 
+def _repair_kernel(own, per_replica, cap, rows, budget):  # pragma: no cover (compiled)
+    """In place on ``own [L, P, S]``: each of ``rows [K]`` that holds an avoidable duplicate (as
+    :func:`~ray_eplb.solver.maps.avoidable_duplicates_np` counts them, ``P`` bins as the GPUs) is
+    repaired as :func:`separate_copies` repairs it, and keeps the repair only if the slots it
+    changes fit ``budget [L]`` (then spent, in place); ``per_replica``/``cap`` ``[L, n]``. What
+    :func:`~ray_eplb.solver.incremental.incremental` did with a count, a copy and the repair of
+    the rows that have one, in one pass over each row."""
+    _, num_bins, slots = own.shape
+    n = cap.shape[1]
+    held = np.zeros((num_bins, n), dtype=np.int64)
+    covered = np.zeros(n, dtype=np.int64)
+    count = np.zeros(n, dtype=np.int64)
+    stuck = np.zeros((num_bins, slots), dtype=np.bool_)
+    saved = np.empty((num_bins, slots), dtype=own.dtype)
+    for r in rows:
+        row = own[r]
+        _count_row(row, held, covered, count)
+        avoidable = 0  # copies beyond the first on a bin, less those an owner with more replicas than bins must have
+        for e in range(n):
+            avoidable += count[e] - covered[e] - max(count[e] - num_bins, 0)
+        if avoidable > 0:
+            saved[:, :] = row
+            _separate_row(row, per_replica[r], cap[r], held, covered, count, stuck)
+            changed = 0
+            for g in range(num_bins):
+                for s in range(slots):
+                    changed += row[g, s] != saved[g, s]
+            if changed <= budget[r]:
+                budget[r] -= changed
+            else:
+                _clear_row(row, held)
+                row[:, :] = saved
+                continue
+        _clear_row(row, held)
+
+
+if njit is not None:
+    _count_row = njit(cache=True, nogil=True)(_count_row)
+    _separate_row = njit(cache=True, nogil=True)(_separate_row)
+    _clear_row = njit(cache=True, nogil=True)(_clear_row)
 separate_kernel = njit(cache=True, nogil=True)(_separate_kernel) if njit is not None else None
+repair_kernel = njit(cache=True, nogil=True)(_repair_kernel) if njit is not None else None

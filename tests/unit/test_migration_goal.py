@@ -231,6 +231,42 @@ def test_compiled_repair_equals_separate_copies_when_a_copy_is_stuck(seed):
     assert np.array_equal(separate_kernel(own, per, cap), separate_copies(own, per, cap))
 
 
+@pytest.mark.parametrize("seed", [280, 584, 728, 1055, *range(20)])
+def test_compiled_budgeted_repair_equals_counting_then_repairing(seed):
+    """The planner's one-pass repair (count a layer's avoidable duplicates, repair it as
+    separate_copies does, keep the repair only if its changed slots fit the budget) gives what
+    those three steps give one after another, including layers whose repair does not fit."""
+    from ray_eplb.solver.repair import repair_kernel, separate_copies
+
+    if repair_kernel is None:
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(seed)
+    num_experts, num_gpus, slots = int(rng.integers(2, 10)), int(rng.integers(2, 6)), int(rng.integers(2, 6))
+    num_gpus = max(num_gpus, -(-num_experts // slots))
+    num_layers = 8
+    rows = []
+    for _ in range(num_layers):
+        extra = rng.choice(num_experts, num_gpus * slots - num_experts, p=rng.dirichlet(np.ones(num_experts) * 0.3))
+        rows.append(rng.permutation(np.concatenate([np.arange(num_experts), extra])))
+    own = np.stack(rows).reshape(num_layers, num_gpus, slots).astype(np.int64)
+    own[0] = np.arange(num_gpus * slots).reshape(num_gpus, slots) % num_experts  # often no duplicate
+    w = np.floor(rng.pareto(1.1, (num_layers, num_experts)) * 50) + 1
+    cnt = bin_counts(own.reshape(num_layers, -1), 1, num_experts)[:, 0]
+    per, cap = w / cnt, -(-cnt // num_gpus)
+    budget = rng.integers(0, 2 * num_gpus * slots // 3 + 1, num_layers)
+    picked = np.sort(rng.choice(num_layers, 6, replace=False))
+    want, want_budget = own.copy(), budget.copy()
+    for r in picked:
+        if avoidable_duplicates_np(own[r].reshape(1, -1), num_gpus, num_experts)[0] > 0:
+            fixed = separate_copies(own[r:r + 1], per[r:r + 1], cap[r:r + 1])[0]
+            cost = int((fixed != own[r]).sum())
+            if cost <= want_budget[r]:
+                want[r], want_budget[r] = fixed, want_budget[r] - cost
+    got, got_budget = own.copy(), budget.copy()
+    repair_kernel(got, per, cap, picked, got_budget)
+    assert np.array_equal(got, want) and np.array_equal(got_budget, want_budget)
+
+
 @pytest.mark.skipif(peaks_mod.peaks_kernel is None, reason="the report comes from the compiled kernel")
 @pytest.mark.parametrize("slots", [3, 9])  # below 8 slots summed in order, from 8 pairwise (numpy's way)
 def test_goal_swaps_report_the_peak_and_moves_plan_stats_would(slots):
@@ -243,11 +279,15 @@ def test_goal_swaps_report_the_peak_and_moves_plan_stats_would(slots):
     orig = np.roll(own, 1, axis=2)  # a start that differs from the plan in most slots
     goal = per_slot(per, own).sum(-1).mean(1)
     budget = np.full(num_layers, 10**6, dtype=np.int64)
-    out, peak, moved = peaks_mod.lower_peaks(own, per, cap, goal, budget, 64, orig, report=True)
+    out, peak, moved, stacked = peaks_mod.lower_peaks(own, per, cap, goal, budget, 64, orig, report=True)
     flat = out.reshape(num_layers, -1)
-    assert np.array_equal(peak, plan_stats(flat, w, own.shape[1])[1])  # the same floats, not close ones
+    _, want_peak, want_dups, _ = plan_stats(flat, w, own.shape[1])
+    assert np.array_equal(peak, want_peak)  # the same floats, not close ones
     assert np.array_equal(moved, moved_slots(orig.reshape(num_layers, -1), flat))
     assert (moved > 0).all()
+    # Stacked copies less those an expert with more replicas than GPUs must stack: its duplicates.
+    assert np.array_equal(stacked - np.maximum(cnt - own.shape[1], 0).sum(1), want_dups)
+    assert (want_dups > 0).any() or slots < 9  # (at 3 slots, with one spare slot, nothing is stacked)
     plain = peaks_mod.lower_peaks(own, per, cap, goal, np.full(num_layers, 10**6, dtype=np.int64), 64, orig)
     assert np.array_equal(plain, out)  # reporting changes nothing
 
