@@ -91,20 +91,26 @@ def incremental(
     else:
         may_dup = np.nonzero((old_dups > 0) | (cnt.max(1) > num_gpus) | (target.max(1) > num_gpus))[0]
     relocate(w, own, cnt, target, budget)
-    per = w / cnt
-    cap = np.ones_like(cnt)  # [L, E] copies one GPU may hold, ceil(cnt / P): 1 unless an expert outnumbers the GPUs
-    if cnt.max(initial=0) > num_gpus:  # (integer division of the whole table cost more than the rest of this glue)
-        wide = cnt > num_gpus
-        cap[wide] = -(-cnt[wide] // num_gpus)
+
+    def per_and_cap() -> tuple[np.ndarray, np.ndarray]:
+        """``[L, E]`` load per replica and copies one GPU may hold (``ceil(cnt / P)``: 1 unless an
+        expert outnumbers the GPUs), for the numpy stages (the compiled ones take ``w`` and ``cnt``)."""
+        cap = np.ones_like(cnt)
+        if cnt.max(initial=0) > num_gpus:  # (integer division of the whole table cost more than the rest)
+            wide = cnt > num_gpus
+            cap[wide] = -(-cnt[wide] // num_gpus)
+        return w / cnt, cap
+
     # Avoidable duplicates left (a foreign old plan's, or a thinned expert's) are swapped apart
     # before any balancing swap: each frees a slot. A layer whose repair does not fit its budget
     # keeps them.
     if slots == 1 or not may_dup.size:  # nothing can stack
         pass
     elif repair_kernel is not None:  # (counted, repaired and charged in one pass per layer)
-        repair_kernel(own, per, cap, may_dup, budget)
+        repair_kernel(own, w, cnt, may_dup, budget)
     else:
         dup = may_dup[avoidable_duplicates_np(own[may_dup].reshape(may_dup.size, -1), num_gpus, num_experts) > 0]
+        per, cap = per_and_cap()
         fixed = separate_copies_batched(own[dup], per[dup], cap[dup])
         cost = (fixed != own[dup]).sum((1, 2))  # [D] slots each repair changes
         fits = cost <= budget[dup]
@@ -113,15 +119,11 @@ def incremental(
     peak = moved = dups = None
     if goal is not None and slots == 1:
         pass  # one slot per GPU: a swap exchanges two GPUs' loads, no peak can fall (the peak is the counts')
-    elif goal is not None and peaks_kernel is not None:
-        own, peak, moved, stacked = lower_peaks(own, per, cap, goal, budget, GOAL_SWEEPS, old.reshape(own.shape),
-                                                fix_first, report=True)
-        # Avoidable duplicates: the stacked copies, less those an expert with more replicas than
-        # GPUs must stack (swaps keep the counts: cnt is the plan's).
-        if stacked is not None:
-            dups = stacked if cnt.max(initial=0) <= num_gpus else stacked - np.maximum(cnt - num_gpus, 0).sum(1)
+    elif goal is not None and peaks_kernel is not None:  # (own is this call's copy: changed in place)
+        own, peak, moved, dups = lower_peaks(own, w, cnt, goal, budget, GOAL_SWEEPS, old.reshape(own.shape), fix_first,
+                                             report=True, in_place=True)
     else:
-        own, _ = refine_swaps(own, per, cap, pairs=pairs, sweeps=sweeps, budget=budget)
+        own, _ = refine_swaps(own, *per_and_cap(), pairs=pairs, sweeps=sweeps, budget=budget)
     own = own.reshape(num_layers, num_slots)
     return (own, peak, moved, dups) if report else own
 

@@ -30,14 +30,15 @@ QUIET_SWEEPS = 3  # sweeps in a row without a swap before a row's search ends (i
 
 def lower_peaks(
     slot_owner: np.ndarray,
-    per_replica: np.ndarray,
-    cap: np.ndarray,
+    w: np.ndarray,
+    cnt: np.ndarray,
     goal: np.ndarray,
     budget: np.ndarray,
     sweeps: int,
     orig: np.ndarray | None = None,
     fix_first: np.ndarray | None = None,
     report: bool = False,
+    in_place: bool = False,
 ):
     """Swap replicas between bins above ``goal`` and the lightest bins until none is above it.
 
@@ -45,8 +46,10 @@ def lower_peaks(
     (``b``) with ``0 < load_a - load_b < gap`` (the pair's max falls), where ``fix_first`` (``[B]``
     bool; default all) the one that evens the pair most among those that bring the heavy bin to
     the goal without taking the light one past it, else (and otherwise) the one that evens the
-    pair most. A swap must take no owner over its cap in its new bin, and may put an owner on a
-    bin that holds it only if the bin it leaves keeps a copy (no avoidable duplicate is made).
+    pair most. A replica's load is its owner's ``w / cnt``. A swap must take no owner over its cap
+    in its new bin (``ceil(cnt / P)``: one copy unless the owner has more replicas than bins), and
+    may put an owner on a bin that holds it only if the bin it leaves keeps a copy (no avoidable
+    duplicate is made).
 
     * Compiled (numba): one swap at a time, the heaviest bin against the ``LIGHT`` lightest
       (the lightest that has such a fixing swap); a swap costs the slots it makes differ from
@@ -61,26 +64,29 @@ def lower_peaks(
     costs 0.1-0.3% on dsv2lite 288 when moves are free, and a binding budget needs it (Kimi-like
     shape, tiled trace, 25% budget: in-window 0.991 without it, 0.995 with it, fresh 0.997).
 
-    Shapes: ``slot_owner [B, P, S]`` (a changed copy is returned), ``per_replica``/``cap``
-    ``[B, n]``, ``goal [B]`` float64, ``budget [B]`` int64 (updated in place). With ``report``,
-    returns ``(plan [B, P, S], peak [B], moved [B], stacked [B])``: the compiled path also gives
-    each row's max bin load (summed as :func:`~ray_eplb.solver.plan_stats.plan_stats` sums it: the
-    same value), its slots that differ from ``orig``, and its copies of an owner beyond the first
-    on a bin (avoidable duplicates once an owner's copies beyond the bins are taken off), which
-    spares the caller a pass over the plan; the numpy path gives ``None`` for all three.
+    Shapes: ``slot_owner [B, P, S]`` (a changed copy is returned; with ``in_place``, on the
+    compiled path, that array itself is changed and returned), ``w [B, n]`` float64 (load per
+    owner), ``cnt [B, n]`` int64 (replicas per owner: ``slot_owner``'s counts, which swaps keep),
+    ``goal [B]`` float64, ``budget [B]`` int64 (updated in place). With ``report``, returns
+    ``(plan [B, P, S], peak [B], moved [B], dups [B])``: the compiled path also gives each row's
+    max bin load (summed as :func:`~ray_eplb.solver.plan_stats.plan_stats` sums it: the same
+    value), its slots that differ from ``orig`` and its avoidable duplicates (bins as the GPUs),
+    which spares the caller a pass over the plan; the numpy path gives ``None`` for all three.
     """
     num_rows, num_bins, slots = slot_owner.shape
     if num_bins < 2 or not num_rows:
         return (slot_owner, None, None, None) if report else slot_owner
-    n = per_replica.shape[1]
+    n = w.shape[1]
     limit = goal * (1 + 1e-9) + 1e-12
     if peaks_kernel is not None:
-        io = slot_owner.copy()
-        peak, moved, stacked = np.empty(num_rows), np.empty(num_rows, dtype=np.int64), np.empty(num_rows, dtype=np.int64)
-        peaks_kernel(io, np.ascontiguousarray(per_replica, dtype=np.float64), np.ascontiguousarray(cap, dtype=np.int64),
+        io = slot_owner if in_place else slot_owner.copy()
+        peak, moved, dups = np.empty(num_rows), np.empty(num_rows, dtype=np.int64), np.empty(num_rows, dtype=np.int64)
+        peaks_kernel(io, np.ascontiguousarray(w, dtype=np.float64), np.ascontiguousarray(cnt, dtype=np.int64),
                      slot_owner if orig is None else orig, limit, budget, LIGHT,
-                     np.ones(num_rows, dtype=np.bool_) if fix_first is None else fix_first, peak, moved, stacked)
-        return (io, peak, moved, stacked) if report else io
+                     np.ones(num_rows, dtype=np.bool_) if fix_first is None else fix_first, peak, moved, dups)
+        return (io, peak, moved, dups) if report else io
+    per_replica = w / np.maximum(cnt, 1)  # [B, n] (an owner without a replica is never read)
+    cap = -(-cnt // num_bins)  # [B, n]
     io = slot_owner.reshape(num_rows * num_bins, slots).copy()  # [B*P, S] owner per slot, flat bins
     il = per_slot(per_replica, slot_owner).reshape(io.shape)  # [B*P, S] load per slot
     ic = per_slot(cap, slot_owner).reshape(io.shape)  # [B*P, S] the slot owner's cap
@@ -179,20 +185,24 @@ def _move(order, sl, i, g, x):  # pragma: no cover
     return i
 
 
-def _peaks_kernel(io, per_replica, cap, orig, limit, budget, light, fix_first, peak, moved, stacked):  # pragma: no cover
+def _peaks_kernel(io, w, cnt, orig, limit, budget, light, fix_first, peak, moved, dups):  # pragma: no cover
     """One row at a time, the heaviest bin first, until it is at its goal: see :func:`lower_peaks`.
 
-    ``io``/``orig`` ``[B, P, S]`` (owner, owner in the starting plan), ``per_replica``/``cap``
-    ``[B, n]``, ``limit [B]``, ``budget [B]`` (slots that may still differ from ``orig``;
-    updated); ``io`` and ``budget`` in place. A swap costs the slots it makes differ from
+    ``io``/``orig`` ``[B, P, S]`` (owner, owner in the starting plan), ``w``/``cnt`` ``[B, n]``
+    (load and replicas per owner: a replica carries ``w / cnt``, an owner may have ``ceil(cnt /
+    P)`` copies on a bin), ``limit [B]``, ``budget [B]`` (slots that may still differ from
+    ``orig``; updated); ``io`` and ``budget`` in place. A swap costs the slots it makes differ from
     ``orig`` less those it makes equal again. Bin loads start as numpy's ``sum(-1)`` of the
     slot loads gives them. Out: ``peak [B]`` (each row's max bin load at the end, summed afresh
     that way, not the running loads), ``moved [B]`` (its slots that differ from ``orig``) and
-    ``stacked [B]`` (its copies of an owner beyond the first on a bin).
+    ``dups [B]`` (its copies of an owner beyond the first on a bin, less the ``cnt - P`` an
+    owner with more replicas than bins cannot avoid: its avoidable duplicates).
     """
     num_rows, num_bins, slots = io.shape
-    num_owners = per_replica.shape[1]
+    num_owners = w.shape[1]
     held = np.zeros((num_bins, num_owners), dtype=np.int32)  # copies per (bin, owner) of the row
+    per = np.empty(num_owners)  # the row's load per replica of each owner
+    cap = np.empty(num_owners, dtype=np.int64)  # the row's copies per bin allowed for each owner
     il = np.empty((num_bins, slots))  # the row's load per slot
     ic = np.empty((num_bins, slots), dtype=np.int64)  # the row's slot owner's cap
     load = np.empty(num_bins)  # the row's bin loads
@@ -207,13 +217,19 @@ def _peaks_kernel(io, per_replica, cap, orig, limit, budget, light, fix_first, p
     for r in range(num_rows):
         own, start = io[r], orig[r]  # [P, S] views
         lim, spend, fix = limit[r], budget[r], fix_first[r]
+        unavoidable = 0
+        for e in range(num_owners):
+            c = cnt[r, e]
+            per[e] = w[r, e] / c if c > 0 else 0.0  # (an owner without a replica is never read)
+            cap[e] = 1 if c <= num_bins else (c + num_bins - 1) // num_bins
+            unavoidable += max(c - num_bins, 0)
         for g in range(num_bins):
             x = 0.0  # (numpy sums fewer than 8 numbers in order)
             for s in range(slots):
                 e = own[g, s]
                 held[g, e] += 1
-                il[g, s] = per_replica[r, e]
-                ic[g, s] = cap[r, e]
+                il[g, s] = per[e]
+                ic[g, s] = cap[e]
                 x += il[g, s]
             load[g] = x if slots < 8 else _pairwise_sum(il[g], 0, slots)
         # The bins in (load, index) order, kept sorted as swaps change two loads: the heaviest
@@ -322,19 +338,19 @@ def _peaks_kernel(io, per_replica, cap, orig, limit, budget, light, fix_first, p
                 lo_at -= 1
             _move(order, sl, lo_at, lo, load[lo])
         budget[r] = spend
-        best, differ, extra = -np.inf, 0, 0
+        best, differ, stacked = -np.inf, 0, 0
         for g in range(num_bins):  # clear the row's copies for the next row; its peak, moves and stacks
             x = 0.0
             for s in range(slots):
                 e = own[g, s]
-                extra += max(held[g, e] - 1, 0)  # (counted at the owner's first slot in the bin, then cleared)
+                stacked += max(held[g, e] - 1, 0)  # (counted at the owner's first slot in the bin, then cleared)
                 held[g, e] = 0
                 differ += e != start[g, s]
                 x += il[g, s]
             if slots >= 8:
                 x = _pairwise_sum(il[g], 0, slots)
             best = max(best, x)
-        peak[r], moved[r], stacked[r] = best, differ, extra
+        peak[r], moved[r], dups[r] = best, differ, stacked - unavoidable
 
 
 if njit is not None:

@@ -246,18 +246,21 @@ def _separate_kernel(slot_owner, per_replica, cap):  # pragma: no cover (compile
     return own
 
 
-def _repair_kernel(own, per_replica, cap, rows, budget):  # pragma: no cover (compiled)
+def _repair_kernel(own, w, cnt, rows, budget):  # pragma: no cover (compiled)
     """In place on ``own [L, P, S]``: each of ``rows [K]`` that holds an avoidable duplicate (as
     :func:`~ray_eplb.solver.maps.avoidable_duplicates_np` counts them, ``P`` bins as the GPUs) is
     repaired as :func:`separate_copies` repairs it, and keeps the repair only if the slots it
-    changes fit ``budget [L]`` (then spent, in place); ``per_replica``/``cap`` ``[L, n]``. What
-    :func:`~ray_eplb.solver.incremental.incremental` did with a count, a copy and the repair of
-    the rows that have one, in one pass over each row."""
+    changes fit ``budget [L]`` (then spent, in place). ``w``/``cnt`` ``[L, n]``: load and replicas
+    per owner (a replica carries ``w / cnt``, an owner may have ``ceil(cnt / P)`` copies on a bin).
+    What :func:`~ray_eplb.solver.incremental.incremental` did with a count, a copy and the repair
+    of the rows that have one, in one pass over each row."""
     _, num_bins, slots = own.shape
-    n = cap.shape[1]
+    n = w.shape[1]
     held = np.zeros((num_bins, n), dtype=np.int64)
     covered = np.zeros(n, dtype=np.int64)
     count = np.zeros(n, dtype=np.int64)
+    per = np.empty(n)
+    cap = np.empty(n, dtype=np.int64)
     stuck = np.zeros((num_bins, slots), dtype=np.bool_)
     saved = np.empty((num_bins, slots), dtype=own.dtype)
     for r in rows:
@@ -267,8 +270,12 @@ def _repair_kernel(own, per_replica, cap, rows, budget):  # pragma: no cover (co
         for e in range(n):
             avoidable += count[e] - covered[e] - max(count[e] - num_bins, 0)
         if avoidable > 0:
+            for e in range(n):
+                c = cnt[r, e]
+                per[e] = w[r, e] / c if c > 0 else 0.0  # (an owner without a replica is never read)
+                cap[e] = 1 if c <= num_bins else (c + num_bins - 1) // num_bins
             saved[:, :] = row
-            _separate_row(row, per_replica[r], cap[r], held, covered, count, stuck)
+            _separate_row(row, per, cap, held, covered, count, stuck)
             changed = 0
             for g in range(num_bins):
                 for s in range(slots):

@@ -52,13 +52,13 @@ def test_goal_swaps_keep_budget_caps_and_never_raise_the_peak(path, seed):
     num_layers, num_experts = w.shape
     # Spread the plan first so caps hold, then ask for a peak below what it has.
     cnt = bin_counts(own.reshape(num_layers, -1), 1, num_experts)[:, 0]
-    per, cap = w / cnt, -(-cnt // own.shape[1])
+    per = w / cnt
     before = per_slot(per, own).sum(-1)  # [L, P]
     start_over = _over_cap(own, cnt)
     goal = before.mean(1)
     for allowed in (0, 1, 2, 5, 100):
         budget = np.full(num_layers, allowed, dtype=np.int64)
-        out = peaks_mod.lower_peaks(own, per, cap, goal, budget, 64, own)
+        out = peaks_mod.lower_peaks(own, w, cnt, goal, budget, 64, own)
         moved = (out != own).reshape(num_layers, -1).sum(1)
         assert (moved <= allowed).all() and (budget >= 0).all()
         assert (allowed - budget >= moved).all()  # what it paid covers what it changed
@@ -71,10 +71,9 @@ def test_goal_swaps_keep_budget_caps_and_never_raise_the_peak(path, seed):
 def test_goal_swaps_reach_a_goal_one_swap_away(path):
     # Two GPUs evened by one swap: [9, 5] and [1, 5] -> peak 14 -> 10 after swapping 9 for a 5.
     own = np.array([[[0, 2], [1, 3]]])
-    per = np.array([[9.0, 1.0, 5.0, 5.0]])
-    cap = np.ones((1, 4), dtype=np.int64)
+    per = np.array([[9.0, 1.0, 5.0, 5.0]])  # one replica each: the load is the replica's
     budget = np.array([10])
-    out = peaks_mod.lower_peaks(own, per, cap, np.array([10.0]), budget, 8, own)
+    out = peaks_mod.lower_peaks(own, per, np.ones((1, 4), dtype=np.int64), np.array([10.0]), budget, 8, own)
     assert per_slot(per, out).sum(-1).max() == pytest.approx(10.0)
     assert (out != own).sum() == 2 and budget[0] == 8
 
@@ -263,7 +262,7 @@ def test_compiled_budgeted_repair_equals_counting_then_repairing(seed):
             if cost <= want_budget[r]:
                 want[r], want_budget[r] = fixed, want_budget[r] - cost
     got, got_budget = own.copy(), budget.copy()
-    repair_kernel(got, per, cap, picked, got_budget)
+    repair_kernel(got, w, cnt, picked, got_budget)
     assert np.array_equal(got, want) and np.array_equal(got_budget, want_budget)
 
 
@@ -275,21 +274,23 @@ def test_goal_swaps_report_the_peak_and_moves_plan_stats_would(slots):
     w, own = _problem(11, 6, 20, 7, slots)
     num_layers, num_experts = w.shape
     cnt = bin_counts(own.reshape(num_layers, -1), 1, num_experts)[:, 0]
-    per, cap = w / cnt, -(-cnt // own.shape[1])
+    per = w / cnt
     orig = np.roll(own, 1, axis=2)  # a start that differs from the plan in most slots
     goal = per_slot(per, own).sum(-1).mean(1)
     budget = np.full(num_layers, 10**6, dtype=np.int64)
-    out, peak, moved, stacked = peaks_mod.lower_peaks(own, per, cap, goal, budget, 64, orig, report=True)
+    out, peak, moved, dups = peaks_mod.lower_peaks(own, w, cnt, goal, budget, 64, orig, report=True)
     flat = out.reshape(num_layers, -1)
     _, want_peak, want_dups, _ = plan_stats(flat, w, own.shape[1])
     assert np.array_equal(peak, want_peak)  # the same floats, not close ones
     assert np.array_equal(moved, moved_slots(orig.reshape(num_layers, -1), flat))
     assert (moved > 0).all()
-    # Stacked copies less those an expert with more replicas than GPUs must stack: its duplicates.
-    assert np.array_equal(stacked - np.maximum(cnt - own.shape[1], 0).sum(1), want_dups)
+    assert np.array_equal(dups, want_dups)
     assert (want_dups > 0).any() or slots < 9  # (at 3 slots, with one spare slot, nothing is stacked)
-    plain = peaks_mod.lower_peaks(own, per, cap, goal, np.full(num_layers, 10**6, dtype=np.int64), 64, orig)
+    plain = peaks_mod.lower_peaks(own, w, cnt, goal, np.full(num_layers, 10**6, dtype=np.int64), 64, orig)
     assert np.array_equal(plain, out)  # reporting changes nothing
+    mine = own.copy()
+    same = peaks_mod.lower_peaks(mine, w, cnt, goal, np.full(num_layers, 10**6, dtype=np.int64), 64, orig, in_place=True)
+    assert same is mine and np.array_equal(mine, out)  # in place: the caller's array is the plan
 
 
 @pytest.mark.parametrize("compiled_on", [True, False])
