@@ -108,8 +108,8 @@ def incremental(
         pass
     elif repair_kernel is not None:  # (counted, repaired and charged in one pass per layer)
         repair_kernel(own, w, cnt, may_dup, budget)
-    else:
-        dup = may_dup[avoidable_duplicates_np(own[may_dup].reshape(may_dup.size, -1), num_gpus, num_experts) > 0]
+    elif (dup := may_dup[avoidable_duplicates_np(own[may_dup].reshape(may_dup.size, -1), num_gpus,
+                                                 num_experts) > 0]).size:
         per, cap = per_and_cap()
         fixed = separate_copies_batched(own[dup], per[dup], cap[dup])
         cost = (fixed != own[dup]).sum((1, 2))  # [D] slots each repair changes

@@ -25,6 +25,7 @@ def path(request, monkeypatch):
     if request.param == "numpy":
         monkeypatch.setattr(peaks_mod, "peaks_kernel", None)
         monkeypatch.setattr(incremental_mod, "relocate_kernel", None)
+        monkeypatch.setattr(incremental_mod, "repair_kernel", None)
         monkeypatch.setattr(overlap_mod, "kept_kernel", None)
     return request.param
 
