@@ -40,8 +40,10 @@ def incremental(
        place of one of the over-replicated expert that loses least (lowest ``w / (c - 1)``), on
        the GPU holding the loser that ends up lightest (:func:`relocate`).
     2. *Duplicate repair*: avoidable duplicates still there (a foreign old plan's) are swapped
-       apart, two slots each (:func:`~ray_eplb.solver.repair.separate_copies` compiled, where
-       numba is installed; else :func:`~ray_eplb.solver.repair.separate_copies_batched`).
+       apart, two slots each, where the layer's budget pays for the whole repair (the rule of
+       :func:`~ray_eplb.solver.repair.separate_copies`, compiled where numba is installed: each
+       layer counted, repaired and charged in one pass; else
+       :func:`~ray_eplb.solver.repair.separate_copies_batched`).
     3. *Swaps* (two slots each) with what is left. Given a ``goal [L]`` (the peak a fresh solve
        reaches; :func:`~ray_eplb.solver.migration.migrate` passes it): swaps that lower the
        GPUs above it, heaviest first, until none is (:func:`~ray_eplb.solver.peaks.lower_peaks`;

@@ -19,8 +19,9 @@ other work, relocations and swaps are compiled loops (numba; numpy code without 
 is per move, and the fresh alternative is ruled out by a bound from sparse GPU overlaps before
 any assignment solve (which then runs only on GPUs whose expert sets differ). What the call
 reads off a plan (replica counts, peak, avoidable duplicates, the cap check) comes from one
-compiled pass per plan (:func:`~ray_eplb.solver.plan_stats.plan_stats`), counted once and
-shared; with one slot per GPU the goal swaps are skipped (no swap can lower a peak there).
+compiled pass per plan, counted once and shared: :func:`~ray_eplb.solver.plan_stats.plan_stats`
+for the old and the fresh plan, the goal swaps' last pass for the new one; with one slot per GPU
+the goal swaps are skipped (no swap can lower a peak there).
 """
 from __future__ import annotations
 
