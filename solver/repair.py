@@ -177,9 +177,9 @@ def _separate_row(own, per, cap, held, covered, count, stuck):  # pragma: no cov
         pg, ps = -1, -1
         for g in range(num_bins):  # the first surplus copy not marked stuck
             for s in range(slots):
-                if stuck[g, s]:
-                    continue
                 e = own[g, s]
+                if held[g, e] < 2 or stuck[g, s]:
+                    continue  # (a lone copy on its bin is never surplus: every cap is at least 1)
                 earlier = 0
                 for t in range(s):
                     earlier += own[g, t] == e
