@@ -34,7 +34,7 @@ def _token() -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
-def browser_check(url: str, screenshot: str | None = None, settle_s: float = 20.0, timeout_s: float = 90.0,
+def browser_check(url: str, screenshot: str | None = None, settle_s: float = 20.0, timeout_s: float = 150.0,
                   log_actor: str = "ray_eplb_controller") -> dict:
     """Open the dashboard in headless Chromium (with the cluster's token, as the dashboard's own
     login stores it) and read what a person sees: the Actors page, then the page behind the Log
@@ -43,7 +43,8 @@ def browser_check(url: str, screenshot: str | None = None, settle_s: float = 20.
     Returns ``{"actors": {name: the row's text}, "log": {"page", "lines", "committed", "aborted"},
     "png", "log_png", "auth", "login_dialog", "seconds"}``: ``log["lines"]`` are the balancer's
     lines the log viewer rendered, ``committed`` / ``aborted`` the epochs they name. ``settle_s``
-    bounds each wait for a page to show what it should. Raises ``RuntimeError`` naming the step that
+    bounds each wait for a page to show what it should (a Log link without the actor's id is
+    waited for twice, the page reloaded in between). Raises ``RuntimeError`` naming the step that
     failed (no Chromium, no DevTools endpoint, a page that did not show its content in time, or the
     whole check past ``timeout_s``). Chromium runs in a process group of its own, ended afterwards,
     and its profile folder is removed, whatever happens."""
@@ -251,19 +252,50 @@ async def _until_log_shown(tab: _Tab, actor: str, actor_id: str, timeout_s: floa
                        f"{logs!r}; the log API answers: {' '.join(str(api).split())!r})")
 
 
+def _row_js(actor: str) -> str:
+    """A script that finds ``actor``'s row on the Actors page (``row``) and its Log link (``a``)."""
+    return ("const row = Array.from(document.querySelectorAll('tr'))"
+            f".find(r => r.innerText.split(/\\s+/).includes({actor!r}));"
+            " const a = row && Array.from(row.querySelectorAll('a')).find(a => a.textContent.trim() === 'Log');")
+
+
+async def _click_log_link(tab: _Tab, settle_s: float, actor: str) -> str:
+    """Click the Log link of ``actor``'s row once it carries the actor's own id; returns its href.
+
+    A row can show a link to the nil actor id (all f) before the actor's own id has loaded: it opens
+    an empty page whose log never comes, so the real one is waited for. Where it has not come
+    within ``settle_s`` (seen on a loaded CI machine), the page is loaded again, as a person would
+    reload it, and waited for once more; the error then names what the row showed both times."""
+    click = ("(() => { " + _row_js(actor) + " const h = a && (a.getAttribute('href') || a.href);"
+             " if (!h || /actors\\/f+(?![0-9a-f])/.test(h)) return null; a.click(); return h; })()")
+    shown = ("(() => { " + _row_js(actor) + " return row ? row.innerText.split(/\\s+/).join(' ').slice(0, 200)"
+             " + ' | Log link: ' + (a ? (a.getAttribute('href') || a.href) : 'none') : 'no row'; })()")
+    what = f"the Actors page showed no Log link with an actor id in the row of {actor}"
+
+    async def row_shown() -> str:
+        try:
+            return str(await tab.js(shown))
+        except RuntimeError as exc:
+            return f"(unreadable: {exc})"
+
+    try:
+        return await tab.until(click, what, settle_s)
+    except RuntimeError:
+        before = await row_shown()
+    await tab.call("Page.reload")
+    await tab.until(f"({BODY_TEXT}).includes({actor!r})", f"the reloaded Actors page did not list {actor}", settle_s)
+    try:
+        return await tab.until(click, what, settle_s)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}; the row showed {before!r} before a reload and {await row_shown()!r} after "
+                           "it") from None
+
+
 async def _read_log_page(tab: _Tab, settle_s: float, actor: str) -> dict:
     """Click the Log link of ``actor``'s row on the Actors page, then read the lines its log viewer
     renders (its first tab: the actor's stderr, where the balancer logs), filtered by the viewer's
     own Keyword field to the balancer's lines and scrolled through."""
-    href = await tab.until(
-        "(() => { const row = Array.from(document.querySelectorAll('tr'))"
-        f".find(r => r.innerText.split(/\\s+/).includes({actor!r}));"
-        " const a = row && Array.from(row.querySelectorAll('a')).find(a => a.textContent.trim() === 'Log');"
-        " const h = a && (a.getAttribute('href') || a.href);"
-        # A row can show a link to the nil actor id (all f) before the actor's own id has loaded:
-        # it opens an empty page whose log never comes, so wait for the real one.
-        " if (!h || /actors\\/f+(?![0-9a-f])/.test(h)) return null; a.click(); return h; })()",
-        f"the Actors page showed no Log link with an actor id in the row of {actor}", settle_s)
+    href = await _click_log_link(tab, settle_s, actor)
     page = await tab.until("/#\\/actors\\/[0-9a-f]+/.test(location.hash) && !/actors\\/f+(?![0-9a-f])/"
                            ".test(location.hash) && location.hash",
                            f"the Log link of {actor} ({href}) did not open the actor's page", settle_s)

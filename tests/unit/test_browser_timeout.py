@@ -54,3 +54,40 @@ def test_the_epoch_lines_the_log_page_is_searched_for():
                                  ("WARNING", ".balancer", 12, "aborted in prepare"),
                                  ("INFO", "", 0, "ready"), ("DEBUG", "", 4, "committed")]]
     assert [m and m.groups() for m in got] == [("3", "committed"), ("12", "aborted"), None, None]
+
+
+class _FakeTab:
+    """Stands in for the DevTools tab: the Log link carries the nil actor id until the page has been
+    reloaded ``fixed_after`` times."""
+
+    def __init__(self, fixed_after: int):
+        self.reloads, self.fixed_after = 0, fixed_after
+
+    async def until(self, expression: str, what: str, timeout_s: float):
+        if "a.click()" in expression and self.reloads < self.fixed_after:
+            raise RuntimeError(f"{what} within {timeout_s:g} s")
+        return "#/actors/0123abcd" if "a.click()" in expression else True
+
+    async def js(self, expression: str):
+        return f"ray_eplb_controller ALIVE | Log link: #/actors/ffff (after {self.reloads} reloads)"
+
+    async def call(self, method: str, **params):
+        assert method == "Page.reload"
+        self.reloads += 1
+
+
+@pytest.mark.parametrize("fixed_after", [0, 1, 2])
+def test_a_log_link_without_the_actor_id_is_waited_for_again_after_one_reload(fixed_after):
+    import asyncio
+
+    from ray_eplb.controller.cli.browser import _click_log_link
+
+    tab = _FakeTab(fixed_after)
+    if fixed_after < 2:
+        assert asyncio.run(_click_log_link(tab, 0.1, "ray_eplb_controller")) == "#/actors/0123abcd"
+        assert tab.reloads == fixed_after  # a reload only where the first wait failed
+    else:
+        with pytest.raises(RuntimeError, match=r"no Log link with an actor id in the row of ray_eplb_controller"
+                                               r".*after 0 reloads.*before a reload.*after 1 reloads.*after it"):
+            asyncio.run(_click_log_link(tab, 0.1, "ray_eplb_controller"))
+        assert tab.reloads == 1  # one reload, then the error
