@@ -252,8 +252,8 @@ def _repair_kernel(own, w, cnt, rows, budget):  # pragma: no cover (compiled)
     repaired as :func:`separate_copies` repairs it, and keeps the repair only if the slots it
     changes fit ``budget [L]`` (then spent, in place). ``w``/``cnt`` ``[L, n]``: load and replicas
     per owner (a replica carries ``w / cnt``, an owner may have ``ceil(cnt / P)`` copies on a bin).
-    What :func:`~ray_eplb.solver.incremental.incremental` did with a count, a copy and the repair
-    of the rows that have one, in one pass over each row."""
+    One pass over each row, instead of a count of every row's duplicates, copies of the rows that
+    have one, their repair and a comparison to charge it."""
     _, num_bins, slots = own.shape
     n = w.shape[1]
     held = np.zeros((num_bins, n), dtype=np.int64)
