@@ -97,11 +97,7 @@ def incremental(
     def per_and_cap() -> tuple[np.ndarray, np.ndarray]:
         """``[L, E]`` load per replica and copies one GPU may hold (``ceil(cnt / P)``: 1 unless an
         expert outnumbers the GPUs), for the numpy stages (the compiled ones take ``w`` and ``cnt``)."""
-        cap = np.ones_like(cnt)
-        if cnt.max(initial=0) > num_gpus:  # (integer division of the whole table cost more than the rest)
-            wide = cnt > num_gpus
-            cap[wide] = -(-cnt[wide] // num_gpus)
-        return w / cnt, cap
+        return w / cnt, -(-cnt // num_gpus)
 
     # Avoidable duplicates left (a foreign old plan's, or a thinned expert's) are swapped apart
     # before any balancing swap: each frees a slot. A layer whose repair does not fit its budget

@@ -15,6 +15,7 @@ from ray_eplb.solver.jit import njit
 
 if njit is not None:
     from ray_eplb.solver.kernels_solve import _pairwise_sum
+    from ray_eplb.solver.plan_stats import _row_shares
 from ray_eplb.solver.maps import bin_counts, per_slot
 
 TABLE_LIMIT = 1 << 22  # largest [B, P, n] copies table kept
@@ -217,12 +218,7 @@ def _peaks_kernel(io, w, cnt, orig, limit, budget, light, fix_first, peak, moved
     for r in range(num_rows):
         own, start = io[r], orig[r]  # [P, S] views
         lim, spend, fix = limit[r], budget[r], fix_first[r]
-        unavoidable = 0
-        for e in range(num_owners):
-            c = cnt[r, e]
-            per[e] = w[r, e] / c if c > 0 else 0.0  # (an owner without a replica is never read)
-            cap[e] = 1 if c <= num_bins else (c + num_bins - 1) // num_bins
-            unavoidable += max(c - num_bins, 0)
+        unavoidable = _row_shares(w[r], cnt[r], num_bins, per, cap)
         for g in range(num_bins):
             x = 0.0  # (numpy sums fewer than 8 numbers in order)
             for s in range(slots):

@@ -44,6 +44,26 @@ def plan_stats(
     return cnt, peak, dup, ok
 
 
+def _row_shares(w_row, cnt_row, num_bins, per, cap):  # pragma: no cover (compiled, inlined)
+    """One row's owners (``w_row``/``cnt_row`` ``[n]``: load and replicas each), in place: ``per
+    [n]`` the load one replica carries (``w / cnt``; 0 for an owner without a replica, which no
+    slot holds), ``cap [n]`` the copies one of ``num_bins`` bins may hold (``ceil(cnt / P)``: 1
+    unless the owner has more replicas than bins). Returns the copies the row must stack however it
+    is placed, ``sum(max(cnt - P, 0))``. Shared by the plan statistics, the goal swaps and the
+    duplicate repair."""
+    unavoidable = 0
+    for e in range(w_row.shape[0]):
+        c = cnt_row[e]
+        per[e] = w_row[e] / c if c > 0 else 0.0
+        cap[e] = 1 if c <= num_bins else (c + num_bins - 1) // num_bins  # (no division mostly)
+        unavoidable += max(c - num_bins, 0)
+    return unavoidable
+
+
+if njit is not None:
+    _row_shares = njit(cache=True, nogil=True, inline="always")(_row_shares)
+
+
 def _plan_stats_kernel(plan, w, num_gpus):  # pragma: no cover (compiled)
     """:func:`plan_stats` for ``plan [L, R]`` int64, ``w [L, E]`` float64, one layer at a time."""
     num_layers, num_slots = plan.shape
@@ -60,11 +80,7 @@ def _plan_stats_kernel(plan, w, num_gpus):  # pragma: no cover (compiled)
     for r in range(num_layers):
         for i in range(num_slots):
             cnt[r, plan[r, i]] += 1
-        extra = 0
-        for e in range(num_experts):
-            per[e] = w[r, e] / max(cnt[r, e], 1)
-            cap[e] = 1 if cnt[r, e] <= num_gpus else (cnt[r, e] + num_gpus - 1) // num_gpus  # (no division mostly)
-            extra += max(cnt[r, e] - num_gpus, 0)
+        extra = _row_shares(w[r], cnt[r], num_gpus, per, cap)
         best = -np.inf
         pairs = 0
         for g in range(num_gpus):

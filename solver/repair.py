@@ -11,6 +11,7 @@ import numpy as np
 
 from ray_eplb.solver.jit import njit
 from ray_eplb.solver.maps import bin_counts, per_slot
+from ray_eplb.solver.plan_stats import _row_shares
 
 
 def separate_copies_batched(slot_owner: np.ndarray, per_replica: np.ndarray, cap: np.ndarray) -> np.ndarray:
@@ -270,10 +271,7 @@ def _repair_kernel(own, w, cnt, rows, budget):  # pragma: no cover (compiled)
         for e in range(n):
             avoidable += count[e] - covered[e] - max(count[e] - num_bins, 0)
         if avoidable > 0:
-            for e in range(n):
-                c = cnt[r, e]
-                per[e] = w[r, e] / c if c > 0 else 0.0  # (an owner without a replica is never read)
-                cap[e] = 1 if c <= num_bins else (c + num_bins - 1) // num_bins
+            _row_shares(w[r], cnt[r], num_bins, per, cap)
             saved[:, :] = row
             _separate_row(row, per, cap, held, covered, count, stuck)
             changed = 0
