@@ -212,6 +212,7 @@ def _peaks_kernel(io, w, cnt, orig, limit, budget, light, fix_first, peak, moved
     ok_slot = np.empty(slots, dtype=np.int64)  # a light bin's replicas that may move to the heavy bin:
     ok_own = np.empty(slots, dtype=np.int64)  # their slots, owners and loads
     ok_load = np.empty(slots)
+    scores = np.empty(slots)  # the pairs' scores of one heavy replica
     order = np.empty(num_bins, dtype=np.int64)
     sl = np.empty(num_bins)  # load[order]: the order's loads, read without an indirection
     cand_at = np.empty(top, dtype=np.int64)  # where each light bin is in the order
@@ -290,6 +291,27 @@ def _peaks_kernel(io, w, cnt, orig, limit, budget, light, fix_first, peak, moved
                     # (Kimi-K2-like tiled trace: 21% less time in this kernel, the same swaps).
                     base = (q * slots + sa) * slots
                     tol = 1e-12 * gap
+                    if not fix and spend >= 2:
+                        # No fixing swap to prefer and no cost to check (no budget binds): the pairs'
+                        # scores (-1 where a pair may not swap) and their max in one pass, then the
+                        # first pair with that max, which is the one the running selects below would
+                        # keep. Their loop-carried selects were the critical path here (the compiler
+                        # turns them into jumps where the loop is this short): 14-19% less time in
+                        # this kernel on the scale shapes without a budget, the same swaps.
+                        top_score = -1.0
+                        for k in range(nb):
+                            d = load_a - ok_load[k]
+                            score = min(d, gap - d)
+                            score = score if (a != ok_own[k]) & (d > tol) & (d < gap) else -1.0
+                            scores[k] = score
+                            top_score = max(top_score, score)
+                        if top_score > best_any:
+                            for k in range(nb):
+                                if scores[k] == top_score:
+                                    pick_any = base + ok_slot[k]
+                                    break
+                            best_any = top_score
+                        continue
                     for k in range(nb):
                         b = ok_own[k]
                         d = load_a - ok_load[k]
