@@ -297,7 +297,7 @@ def print_report(report: dict) -> None:
             nxt = f"{r['next_window']:.4f}" if r["next_window"] is not None else "-"
             extra = ""
             if v in ("migrate", "migrate_25", "from_greedy", "no_move"):
-                extra = f"  x{r['ms'] / fresh_ms:.2f} fresh, +{r['ms'] - fresh_ms:.2f} ms"
+                extra = f"  x{r['ms'] / fresh_ms:.2f} fresh, {r['ms'] - fresh_ms:+.2f} ms"
             print(f"{row['shape'] + ' / ' + row['load']:34} {v:12} {r['ms']:9.2f} {r['ratio_to_greedy']:8.3f} "
                   f"{r['in_window']:7.4f} {nxt:>7} {r['avoidable_dups']:6d} {r['moved_frac']:6.3f}{extra}")
     if report.get("growth"):
