@@ -79,6 +79,26 @@ def test_goal_swaps_reach_a_goal_one_swap_away(path):
     assert (out != own).sum() == 2 and budget[0] == 8
 
 
+@pytest.mark.parametrize("lights", [1, 3])
+@pytest.mark.parametrize("fix", [False, True])
+def test_goal_swaps_take_the_first_of_equal_best_pairs(path, lights, fix):
+    """Every pair of the heavy GPU's replicas with a light GPU's evens the two equally: the swap
+    taken is the first pair in slot order (the heavy GPU's first replica, the lightest GPU's
+    first replica), on the compiled path (without a fixing preference: one scoring pass, then
+    the first pair at the max; with it: running selects) and the numpy one (a row-major argmax)."""
+    num_bins = 1 + lights
+    own = np.arange(2 * num_bins).reshape(1, num_bins, 2)  # GPU 0 heavy, the others light
+    per = np.full((1, 2 * num_bins), 2.0)
+    per[0, :2] = 6.0  # GPU 0: 12; each light GPU: 4
+    budget = np.array([100])  # no budget binds
+    out = peaks_mod.lower_peaks(own, per, np.ones((1, 2 * num_bins), dtype=np.int64), np.array([8.0]), budget, 8, own,
+                                np.array([fix]))
+    want = own.copy()
+    want[0, 0, 0], want[0, 1, 0] = own[0, 1, 0], own[0, 0, 0]
+    assert np.array_equal(out, want)
+    assert budget[0] == 98
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("slots", [1, 3])
 def test_relocations_reach_the_target_counts_within_the_budget(path, seed, slots):
