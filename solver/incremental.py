@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ray_eplb.solver.counts import counts_np
-from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts, per_slot
+from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts, per_slot, replica_shares
 from ray_eplb.solver.packing import refine_swaps, refine_sweeps
 from ray_eplb.solver.peaks import lower_peaks, peaks_kernel
 from ray_eplb.solver.relocate import relocate_kernel
@@ -94,11 +94,6 @@ def incremental(
         may_dup = np.nonzero((old_dups > 0) | (cnt.max(1) > num_gpus) | (target.max(1) > num_gpus))[0]
     relocate(w, own, cnt, target, budget)
 
-    def per_and_cap() -> tuple[np.ndarray, np.ndarray]:
-        """``[L, E]`` load per replica and copies one GPU may hold (``ceil(cnt / P)``: 1 unless an
-        expert outnumbers the GPUs), for the numpy stages (the compiled ones take ``w`` and ``cnt``)."""
-        return w / cnt, -(-cnt // num_gpus)
-
     # Avoidable duplicates left (a foreign old plan's, or a thinned expert's) are swapped apart
     # before any balancing swap: each frees a slot. A layer whose repair does not fit its budget
     # keeps them.
@@ -108,7 +103,7 @@ def incremental(
         repair_kernel(own, w, cnt, may_dup, budget)
     elif (dup := may_dup[avoidable_duplicates_np(own[may_dup].reshape(may_dup.size, -1), num_gpus,
                                                  num_experts) > 0]).size:
-        per, cap = per_and_cap()
+        per, cap = replica_shares(w, cnt, num_gpus)  # [L, E] each (the compiled stages take w and cnt)
         fixed = separate_copies_batched(own[dup], per[dup], cap[dup])
         cost = (fixed != own[dup]).sum((1, 2))  # [D] slots each repair changes
         fits = cost <= budget[dup]
@@ -121,7 +116,7 @@ def incremental(
         own, peak, moved, dups = lower_peaks(own, w, cnt, goal, budget, GOAL_SWEEPS, old.reshape(own.shape), fix_first,
                                              report=True, in_place=True)
     else:
-        own, _ = refine_swaps(own, *per_and_cap(), pairs=pairs, sweeps=sweeps, budget=budget)
+        own, _ = refine_swaps(own, *replica_shares(w, cnt, num_gpus), pairs=pairs, sweeps=sweeps, budget=budget)
     own = own.reshape(num_layers, num_slots)
     return (own, peak, moved, dups) if report else own
 

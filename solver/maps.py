@@ -152,6 +152,15 @@ def avoidable_duplicates_np(
     return pairs - np.maximum(cnt - (num_gpus if avail is None else avail), 0).sum(1)
 
 
+def replica_shares(load: np.ndarray, cnt: np.ndarray, num_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(per [B, n], cap [B, n])`` for owners with ``load``/``cnt`` ``[B, n]`` (load, replicas) on
+    ``num_bins`` bins: the load one replica carries (``load / cnt``; an owner without a replica,
+    which no slot holds, gets its whole load) and the copies one bin may hold (``ceil(cnt / P)``:
+    one unless the owner has more replicas than bins). The numpy stages' form of the compiled
+    :func:`~ray_eplb.solver.plan_stats._row_shares`."""
+    return load / np.maximum(cnt, 1), -(-cnt // num_bins)
+
+
 def per_slot(table: np.ndarray, slot_owner: np.ndarray) -> np.ndarray:
     """``table [B, n]`` looked up at every slot of ``slot_owner [B, P, S]`` -> ``[B, P, S]``."""
     num_rows, n = table.shape

@@ -23,7 +23,7 @@ import numpy as np
 
 from ray_eplb.solver import compiled
 from ray_eplb.solver.counts import counts_np
-from ray_eplb.solver.maps import bin_counts, per_slot
+from ray_eplb.solver.maps import bin_counts, per_slot, replica_shares
 from ray_eplb.solver.repair import (  # noqa: F401 (surplus_copies, separate_copies: re-exported)
     separate_copies,
     separate_copies_batched,
@@ -214,8 +214,7 @@ def place_replicas(
         sweeps = refine_sweeps(int(counts[0].sum()) // num_bins)
     if pairs is None:
         pairs = max(4, num_bins // 4)
-    per_replica = expert_load / counts  # [B, n]
-    cap = -(-counts // num_bins)  # [B, n] fewest copies per bin an owner must be allowed
+    per_replica, cap = replica_shares(expert_load, counts, num_bins)  # [B, n]: cap, the fewest copies per bin an owner must be allowed
     slot_owner = pack_snake(expert_load, counts, num_bins) if (cap == 1).all() else pack_with_base(
         expert_load, counts, num_bins)
     if (cap > 1).any() and (not compiled.ENABLED or compiled.any_surplus(slot_owner, cap)):

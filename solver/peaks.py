@@ -16,7 +16,7 @@ from ray_eplb.solver.jit import njit
 if njit is not None:
     from ray_eplb.solver.kernels_solve import _pairwise_sum
     from ray_eplb.solver.plan_stats import _row_shares
-from ray_eplb.solver.maps import bin_counts, per_slot
+from ray_eplb.solver.maps import bin_counts, per_slot, replica_shares
 
 TABLE_LIMIT = 1 << 22  # largest [B, P, n] copies table kept
 # The lightest bins the heaviest bin tries. Measured against 8 (the goal swaps alone on captured
@@ -86,8 +86,7 @@ def lower_peaks(
                      slot_owner if orig is None else orig, limit, budget, LIGHT,
                      np.ones(num_rows, dtype=np.bool_) if fix_first is None else fix_first, peak, moved, dups)
         return (io, peak, moved, dups) if report else io
-    per_replica = w / np.maximum(cnt, 1)  # [B, n] (an owner without a replica is never read)
-    cap = -(-cnt // num_bins)  # [B, n]
+    per_replica, cap = replica_shares(w, cnt, num_bins)  # [B, n] each
     io = slot_owner.reshape(num_rows * num_bins, slots).copy()  # [B*P, S] owner per slot, flat bins
     il = per_slot(per_replica, slot_owner).reshape(io.shape)  # [B*P, S] load per slot
     ic = per_slot(cap, slot_owner).reshape(io.shape)  # [B*P, S] the slot owner's cap

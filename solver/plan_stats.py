@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ray_eplb.solver.jit import njit
-from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts
+from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts, replica_shares
 
 if njit is not None:
     from ray_eplb.solver.kernels_solve import _pairwise_sum
@@ -33,14 +33,15 @@ def plan_stats(
         cnt, peak, dup, ok = plan_stats_kernel(np.ascontiguousarray(plan), np.ascontiguousarray(w), num_gpus)
         return cnt, peak, dup if dups else None, ok if cap else None
     cnt = bin_counts(plan, 1, num_experts)[:, 0]  # [L, E]
+    share, most = replica_shares(w, cnt, num_gpus)  # [L, E] each
     flat = plan + (np.arange(num_layers) * num_experts)[:, None]
-    per = (w / np.maximum(cnt, 1)).ravel()[flat]  # [L, R]
+    per = share.ravel()[flat]  # [L, R]
     peak = per.reshape(num_layers, num_gpus, -1).sum(-1).max(1) if num_layers else np.zeros(0)
     dup = avoidable_duplicates_np(plan, num_gpus, num_experts) if dups else None
     ok = None
     if cap:
         held = bin_counts(plan, num_gpus, num_experts)  # [L, P, E]
-        ok = (held <= -(-cnt[:, None, :] // num_gpus)).all((1, 2))
+        ok = (held <= most[:, None, :]).all((1, 2))
     return cnt, peak, dup, ok
 
 
@@ -50,7 +51,7 @@ def _row_shares(w_row, cnt_row, num_bins, per, cap):  # pragma: no cover (compil
     slot holds), ``cap [n]`` the copies one of ``num_bins`` bins may hold (``ceil(cnt / P)``: 1
     unless the owner has more replicas than bins). Returns the copies the row must stack however it
     is placed, ``sum(max(cnt - P, 0))``. Shared by the plan statistics, the goal swaps and the
-    duplicate repair."""
+    duplicate repair; the numpy stages use :func:`~ray_eplb.solver.maps.replica_shares`."""
     unavoidable = 0
     for e in range(w_row.shape[0]):
         c = cnt_row[e]
