@@ -33,7 +33,7 @@ from scipy.optimize import linear_sum_assignment
 from ray_eplb.solver.incremental import incremental
 from ray_eplb.solver.maps import bin_counts, checked_slot_counts
 from ray_eplb.solver.overlap import kept_upper_bound, match_gpus, sparse_overlap
-from ray_eplb.solver.plan_stats import plan_stats
+from ray_eplb.solver.plan_stats import plan_stats, shared_counts
 
 
 def moved_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -135,8 +135,9 @@ def peak_load(phy2log: np.ndarray, w: np.ndarray, num_gpus: int) -> np.ndarray:
     return per.reshape(num_layers, num_gpus, -1).sum(-1).max(1)
 
 
-def check_old(old, num_layers: int, num_replicas: int, num_experts: int) -> np.ndarray:
-    """Validate ``old_phy2log`` (a tensor or array ``[L, R]``) and return it as int64 numpy."""
+def check_old(old, num_layers: int, num_replicas: int, num_experts: int, counts: bool = False):
+    """Validate ``old_phy2log`` (a tensor or array ``[L, R]``) and return it as int64 numpy; with
+    ``counts``, also its replicas per expert ``[L, E]`` int64 (counted by the check anyway)."""
     arr = old.detach().cpu().numpy() if hasattr(old, "detach") else np.asarray(old)
     if arr.shape != (num_layers, num_replicas):
         raise ValueError(f"old_phy2log has shape {tuple(arr.shape)}, expected ({num_layers}, {num_replicas})")
@@ -148,6 +149,8 @@ def check_old(old, num_layers: int, num_replicas: int, num_experts: int) -> np.n
     if num_layers and (cnt == 0).any():
         layer, expert = np.argwhere(cnt == 0)[0]
         raise ValueError(f"old_phy2log gives expert {expert} of layer {layer} no slot")
+    if counts:
+        return arr, bin_counts(arr, 1, num_experts)[:, 0] if cnt is None else cnt
     return arr
 
 
@@ -194,24 +197,25 @@ class FreshCandidate:
         self.old, self.fresh, self.w, self.num_gpus = old, fresh, w, num_gpus
         # [L, E] replicas, [L] peak, [L] avoidable duplicates (alignment keeps every GPU's set: the
         # aligned plan's too), [L] no expert stacked beyond its cap.
+        if cnt_old is None:
+            cnt_old = bin_counts(old, 1, num_experts)[:, 0]
         if known is None:
             self.cnt, self.peak, self.dups, self.ok = plan_stats(fresh, w, num_gpus, dups=True, cap=True)
+            kept = np.minimum(cnt_old, self.cnt).sum(1)
         else:
             # ``known``: ``(peak [L], spread [L] bool)`` from the solve, ``spread`` where a row's
             # replicas of an expert are on distinct GPUs by construction (a global solve's); such
             # a row without an expert on more than all GPUs has no duplicate, none beyond its cap.
-            self.cnt = checked_slot_counts(fresh, num_experts)  # (compiled where it can be: a third of a bincount)
+            self.cnt, kept, most = shared_counts(fresh, cnt_old)  # [L, E], [L], [L] in one pass
             self.peak = known[0].astype(np.float64)  # (a copy: aligned rows' peaks are written here)
             self.dups = np.zeros(num_layers, dtype=np.int64)
             self.ok = np.ones(num_layers, dtype=bool)
-            rows = np.nonzero(~known[1] | (self.cnt.max(1, initial=0) > num_gpus))[0]
+            rows = np.nonzero(~known[1] | (most > num_gpus))[0]
             if rows.size:
                 _, self.peak[rows], self.dups[rows], self.ok[rows] = plan_stats(
                     fresh[rows], w[rows], num_gpus, dups=True, cap=True)
-        if cnt_old is None:
-            cnt_old = bin_counts(old, 1, num_experts)[:, 0]
-        # [L] lower bound on its moved slots: an expert keeps at most min(old, new) replicas' slots.
-        kept = np.minimum(cnt_old, self.cnt).sum(1)
+        # [L] lower bound on its moved slots: an expert keeps at most min(old, new) replicas' slots
+        # (``kept``: the sum of those minima).
         self.fewest = old.shape[1] - kept
         self.tight = np.zeros(num_layers, dtype=bool)  # [L] fewest from GPU overlaps already
         self.plan = None  # [L, R] aligned rows, allocated when a layer is first aligned
@@ -290,6 +294,7 @@ def migrate(
     method: str,
     fresh: np.ndarray | None = None,
     known: tuple[np.ndarray, np.ndarray] | None = None,
+    cnt_old: np.ndarray | None = None,
 ) -> np.ndarray:
     """Incremental re-placement from ``old`` with per-layer ``budget [L]`` or a ``total`` budget.
 
@@ -317,9 +322,11 @@ def migrate(
     ``known`` (optional, with ``fresh``): ``(peak [L], spread [L] bool)`` from the solve that made
     ``fresh``: its max GPU load per layer, and the layers whose experts' replicas it put on
     distinct GPUs by construction (a global solve's), which are then not recounted for
-    duplicates (:class:`FreshCandidate`).
+    duplicates (:class:`FreshCandidate`). ``cnt_old`` (optional): ``old``'s replicas per expert
+    when already counted (:func:`check_old` counts them).
 
-    Shapes: ``w [L, E]`` float64, ``old [L, R]`` int64, ``fresh [L, R]`` int64. Returns ``[L, R]``.
+    Shapes: ``w [L, E]`` float64, ``old [L, R]`` int64, ``fresh [L, R]`` int64, ``cnt_old [L, E]``
+    int64. Returns ``[L, R]``.
     """
     num_layers, num_experts = w.shape
     one_slot = old.shape[1] == num_gpus
@@ -331,15 +338,18 @@ def migrate(
         # refining such a layer still pays there.)
         settled = (old == fresh).all(1)  # [L] (the fresh plan is the answer for its own layers)
         if one_slot and not settled.all():
-            settled |= (bin_counts(old, 1, num_experts) == bin_counts(fresh, 1, num_experts)).all((1, 2))
+            if cnt_old is None:
+                cnt_old = bin_counts(old, 1, num_experts)[:, 0]
+            settled |= (cnt_old == bin_counts(fresh, 1, num_experts)[:, 0]).all(1)
         if settled.any():
             out = old.copy()
             rows = np.nonzero(~settled)[0]
             if rows.size:
                 out[rows] = migrate(w[rows], old[rows], num_gpus, budget[rows], total, min_gain, method, fresh[rows],
-                                    None if known is None else (known[0][rows], known[1][rows]))
+                                    None if known is None else (known[0][rows], known[1][rows]),
+                                    None if cnt_old is None else cnt_old[rows])
             return out
-    cnt_old, peak_old, dup_old, _ = plan_stats(old, w, num_gpus, dups=not one_slot)  # [L, E], [L], [L]
+    cnt_old, peak_old, dup_old, _ = plan_stats(old, w, num_gpus, dups=not one_slot, cnt=cnt_old)  # [L, E], [L], [L]
     if one_slot:
         dup_old = np.zeros(num_layers, dtype=np.int64)
     cand = None if fresh is None else FreshCandidate(old, fresh, w, num_gpus, cnt_old, known)

@@ -20,19 +20,24 @@ else:  # pragma: no cover
 
 
 def plan_stats(
-    plan: np.ndarray, w: np.ndarray, num_gpus: int, dups: bool = True, cap: bool = False
+    plan: np.ndarray, w: np.ndarray, num_gpus: int, dups: bool = True, cap: bool = False,
+    cnt: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """``(cnt [L, E] int64, peak [L] float64, dups [L] int64, within_cap [L] bool)`` of
     ``plan [L, R]`` under ``w [L, E]``: replicas per expert, the max GPU load (an expert's load
     split evenly among its replicas, as :func:`~ray_eplb.solver.migration.peak_load`), avoidable
     duplicates (as :func:`~ray_eplb.solver.maps.avoidable_duplicates_np`; ``None`` unless
     ``dups``), and whether no GPU holds more than ``ceil(count / P)`` copies of an expert
-    (``None`` unless ``cap``)."""
+    (``None`` unless ``cap``). ``cnt`` (optional): ``plan``'s replicas per expert when already
+    counted (returned as given, not recounted)."""
     num_layers, num_experts = w.shape
     if plan_stats_kernel is not None and num_layers:
-        cnt, peak, dup, ok = plan_stats_kernel(np.ascontiguousarray(plan), np.ascontiguousarray(w), num_gpus)
+        counted = cnt is not None
+        cnt = np.ascontiguousarray(cnt, dtype=np.int64) if counted else np.zeros((num_layers, num_experts), dtype=np.int64)
+        peak, dup, ok = plan_stats_kernel(np.ascontiguousarray(plan), np.ascontiguousarray(w), num_gpus, cnt, counted)
         return cnt, peak, dup if dups else None, ok if cap else None
-    cnt = bin_counts(plan, 1, num_experts)[:, 0]  # [L, E]
+    if cnt is None:
+        cnt = bin_counts(plan, 1, num_experts)[:, 0]  # [L, E]
     share, most = replica_shares(w, cnt, num_gpus)  # [L, E] each
     flat = plan + (np.arange(num_layers) * num_experts)[:, None]
     per = share.ravel()[flat]  # [L, R]
@@ -65,12 +70,13 @@ if njit is not None:
     _row_shares = njit(cache=True, nogil=True, inline="always")(_row_shares)
 
 
-def _plan_stats_kernel(plan, w, num_gpus):  # pragma: no cover (compiled)
-    """:func:`plan_stats` for ``plan [L, R]`` int64, ``w [L, E]`` float64, one layer at a time."""
+def _plan_stats_kernel(plan, w, num_gpus, cnt, counted):  # pragma: no cover (compiled)
+    """:func:`plan_stats` for ``plan [L, R]`` int64, ``w [L, E]`` float64, one layer at a time:
+    ``(peak, dups, within_cap)``; ``cnt [L, E]`` is counted here (zeros on entry) unless
+    ``counted``."""
     num_layers, num_slots = plan.shape
     num_experts = w.shape[1]
     slots = num_slots // num_gpus
-    cnt = np.zeros((num_layers, num_experts), dtype=np.int64)
     peak = np.zeros(num_layers)
     dup = np.zeros(num_layers, dtype=np.int64)
     ok = np.ones(num_layers, dtype=np.bool_)
@@ -79,8 +85,9 @@ def _plan_stats_kernel(plan, w, num_gpus):  # pragma: no cover (compiled)
     loads = np.empty(slots)
     seen = np.zeros(num_experts, dtype=np.int64)  # copies on the current GPU
     for r in range(num_layers):
-        for i in range(num_slots):
-            cnt[r, plan[r, i]] += 1
+        if not counted:
+            for i in range(num_slots):
+                cnt[r, plan[r, i]] += 1
         extra = _row_shares(w[r], cnt[r], num_gpus, per, cap)
         best = -np.inf
         pairs = 0
@@ -104,7 +111,42 @@ def _plan_stats_kernel(plan, w, num_gpus):  # pragma: no cover (compiled)
                 best = x
         peak[r] = best
         dup[r] = pairs - extra
-    return cnt, peak, dup, ok
+    return peak, dup, ok
 
 
 plan_stats_kernel = njit(cache=True, nogil=True)(_plan_stats_kernel) if njit is not None else None
+
+
+def shared_counts(plan: np.ndarray, cnt_other: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(cnt [L, E], kept [L], most [L])`` of ``plan [L, R]`` int64 (ids in ``[0, E)``, not
+    checked: a plan the solver made) against ``cnt_other [L, E]`` (another plan's replicas per
+    expert): its replicas per expert, ``sum_e min(cnt, cnt_other)`` (the slots the two plans can
+    share at most) and ``max_e cnt``, all int64. One compiled pass where numba is installed (a
+    count, a minimum, two sums and a maximum in numpy)."""
+    if shared_counts_kernel is not None:
+        return shared_counts_kernel(np.ascontiguousarray(plan, dtype=np.int64),
+                                    np.ascontiguousarray(cnt_other, dtype=np.int64))
+    cnt = bin_counts(plan, 1, cnt_other.shape[1])[:, 0]
+    return cnt, np.minimum(cnt, cnt_other).sum(1), cnt.max(1, initial=0)
+
+
+def _shared_counts_kernel(plan, cnt_other):  # pragma: no cover (compiled)
+    """:func:`shared_counts`, one row at a time."""
+    num_layers, num_slots = plan.shape
+    num_experts = cnt_other.shape[1]
+    cnt = np.zeros((num_layers, num_experts), dtype=np.int64)
+    kept = np.zeros(num_layers, dtype=np.int64)
+    most = np.zeros(num_layers, dtype=np.int64)
+    for r in range(num_layers):
+        for s in range(num_slots):
+            cnt[r, plan[r, s]] += 1
+        k, m = 0, 0
+        for e in range(num_experts):
+            c = cnt[r, e]
+            k += min(c, cnt_other[r, e])
+            m = max(m, c)
+        kept[r], most[r] = k, m
+    return cnt, kept, most
+
+
+shared_counts_kernel = njit(cache=True, nogil=True)(_shared_counts_kernel) if njit is not None else None

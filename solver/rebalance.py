@@ -187,7 +187,7 @@ def _plan(
     if not 0 <= min_gain < 1:
         raise ValueError(f"min_gain={min_gain!r} must be in [0, 1)")
     if old_phy2log is not None:
-        old = check_old(old_phy2log, num_layers, num_replicas, num_experts)
+        old, cnt_old = check_old(old_phy2log, num_layers, num_replicas, num_experts, counts=True)
         budget, total = budget_per_layer(max_moves, num_layers, num_replicas, budget_scope)
     if num_layers == 0:
         phy2log = np.zeros((0, num_replicas), dtype=np.int64)
@@ -207,7 +207,7 @@ def _plan(
         fresh, peak, spread = _fresh(w, num_replicas, num_groups, num_nodes, num_gpus, policy, method, hier_ok)
         # With an old placement: incremental, or the fresh plan relabelled where it dominates.
         phy2log = fresh if old_phy2log is None else migrate(w, old, num_gpus, budget, total, min_gain, method, fresh,
-                                                            (peak, spread))
+                                                            (peak, spread), cnt_old)
     return phy2log
 
 

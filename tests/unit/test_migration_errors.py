@@ -25,6 +25,8 @@ def test_bad_old_phy2log(old, msg, policy):
 def test_check_old_accepts_numpy_and_lists():
     assert check_old(OLD.numpy().astype(np.int16), 2, 6, 4).dtype == np.int64
     assert check_old(OLD.tolist(), 2, 6, 4).shape == (2, 6)
+    arr, cnt = check_old(OLD, 2, 6, 4, counts=True)  # the counts its check made, for the planner
+    assert cnt.tolist() == [[2, 2, 1, 1], [1, 1, 2, 2]] and arr.tolist() == OLD.tolist()
 
 
 @pytest.mark.parametrize("max_moves,msg", [
