@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
+import ray_eplb.solver.plan_stats as plan_stats_mod
 from ray_eplb.solver.maps import avoidable_duplicates_np, bin_counts
 from ray_eplb.solver.migration import peak_load
-import ray_eplb.solver.plan_stats as plan_stats_mod
 from ray_eplb.solver.plan_stats import plan_stats, shared_counts
 
 
