@@ -234,8 +234,8 @@ class FreshCandidate:
         need = np.nonzero(maybe & ~self.tight)[0]
         if need.size:  # a tighter bound from sparse GPU overlaps before any assignment solve
             num_slots = self.old.shape[1]
-            bins = (need.size, self.num_gpus, num_slots // self.num_gpus)
-            kept = kept_upper_bound(self.old[need].reshape(bins), self.fresh[need].reshape(bins), self.w.shape[1])
+            bins = (self.old.shape[0], self.num_gpus, num_slots // self.num_gpus)
+            kept = kept_upper_bound(self.old.reshape(bins), self.fresh.reshape(bins), self.w.shape[1], need)
             self.fewest[need] = np.maximum(self.fewest[need], num_slots - kept)
             self.tight[need] = True
             maybe = self.ok & ((lower & (self.fewest <= moves)) | (no_higher & (self.fewest < moves)))
