@@ -172,9 +172,9 @@ def _kept_kernel(old, new, num_experts, rows):  # pragma: no cover (compiled)
     """``min(sum_i max_j shared, sum_j max_i shared)`` for the rows ``rows [n]`` of ``old``, ``new``
     ``[K, m, S]`` (``[n]`` out), with ``shared`` the multiset overlap of old bin ``i`` and new bin
     ``j`` (each copy of an expert in new bin ``j`` meets the old bins still holding an unmatched
-    copy of it). Tables are
-    int32 (counts of a row's slots) and the maxima are taken in one pass in memory order, which
-    also clears the overlaps: 20-25% less time than int64 and a column-wise pass at 32-64 GPUs."""
+    copy of it). Tables are int32 (counts of a row's slots) and the maxima are taken in one pass in
+    memory order, which also clears the overlaps: 20-25% less time than int64 and a column-wise
+    pass at 32-64 GPUs."""
     _, num_bins, slots = old.shape
     out = np.zeros(rows.size, dtype=np.int64)
     shared = np.zeros((num_bins, num_bins), dtype=np.int32)
