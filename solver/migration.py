@@ -41,23 +41,6 @@ def moved_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:
     return (old != new).sum(1)
 
 
-def overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``[..., m, m]`` multiset overlap of every bin of ``a`` with every bin of ``b`` (``[..., m, E]``).
-
-    The dense reference (a BLAS product): the planner itself uses the sparse pairs of
-    :func:`ray_eplb.solver.overlap.sparse_overlap`, whose cost follows the slots.
-    """
-    # Sets (no expert twice in a bin): the overlap is a dot product. Rows where an expert fills
-    # two slots of a bin (an expert with more replicas than GPUs) take the minimum instead.
-    out = np.matmul(a.astype(np.float32), np.swapaxes(b, -1, -2).astype(np.float32)).astype(np.int64)
-    multi = np.nonzero((a.max((-2, -1), initial=0) > 1) | (b.max((-2, -1), initial=0) > 1))
-    if multi[0].size:
-        shape = out.shape[:-2] + a.shape[-2:]
-        ra, rb = np.broadcast_to(a, shape)[multi], np.broadcast_to(b, shape)[multi]  # [k, m, E]
-        out[multi] = np.minimum(ra[:, :, None, :], rb[:, None, :, :]).sum(-1)
-    return out
-
-
 def _assign(score: np.ndarray) -> np.ndarray:
     """Max-weight perfect matching per problem: ``score [K, m, m]`` -> ``perm [K, m]``,
     ``perm[k, i]`` = the column given to row ``i``."""

@@ -4,7 +4,8 @@ A GPU holds a few experts (``S`` slots), so two placements of a layer share expe
 a few GPU pairs: ``sum_e c_old[e] * c_new[e]`` pairs at most, against ``P^2`` for a dense overlap
 matrix. Everything here works on those pairs, so its cost follows the slots, not GPUs squared:
 
-* :func:`sparse_overlap` lists the (layer, old GPU, new GPU, shared slots) quadruples;
+* :func:`sparse_overlap` lists the (layer, old GPU, new GPU, shared slots) quadruples
+  (:func:`overlap` is the dense reference the tests compare with);
 * :func:`match_gpus` is the maximum-overlap matching used by
   :func:`~ray_eplb.solver.migration.align` on one node: GPUs whose expert multiset is the same in
   both plans are matched directly (always part of some maximum matching: for ``A = old_i =
@@ -33,6 +34,23 @@ def _entries(bins: np.ndarray, num_experts: int, keep: np.ndarray | None) -> tup
         mult = np.ones(key.size, dtype=np.int64)
     flat_bin = key // num_experts
     return (flat_bin // num_bins) * num_experts + key % num_experts, flat_bin % num_bins, mult
+
+
+def overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``[..., m, m]`` multiset overlap of every bin of ``a`` with every bin of ``b`` (``[..., m, E]``).
+
+    The dense reference (a BLAS product), for tests: the planner itself uses the sparse pairs of
+    :func:`sparse_overlap`, whose cost follows the slots.
+    """
+    # Sets (no expert twice in a bin): the overlap is a dot product. Rows where an expert fills
+    # two slots of a bin (an expert with more replicas than GPUs) take the minimum instead.
+    out = np.matmul(a.astype(np.float32), np.swapaxes(b, -1, -2).astype(np.float32)).astype(np.int64)
+    multi = np.nonzero((a.max((-2, -1), initial=0) > 1) | (b.max((-2, -1), initial=0) > 1))
+    if multi[0].size:
+        shape = out.shape[:-2] + a.shape[-2:]
+        ra, rb = np.broadcast_to(a, shape)[multi], np.broadcast_to(b, shape)[multi]  # [k, m, E]
+        out[multi] = np.minimum(ra[:, :, None, :], rb[:, None, :, :]).sum(-1)
+    return out
 
 
 def sparse_overlap(

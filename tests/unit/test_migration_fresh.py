@@ -1,6 +1,7 @@
 """Migration with the fresh plan as a candidate (solver/migration.py: ``migrate(..., fresh)``,
-``FreshCandidate``, ``hull_spend``, ``overlap``): taken only where it dominates the incremental
-plan, never over budget; total budgets spent along each layer's upper hull."""
+``FreshCandidate``, ``hull_spend``; the dense ``overlap`` of solver/overlap.py): taken only where
+it dominates the incremental plan, never over budget; total budgets spent along each layer's upper
+hull."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,9 +19,9 @@ from ray_eplb.solver.migration import (
     incremental,
     migrate,
     moved_slots,
-    overlap,
     peak_load,
 )
+from ray_eplb.solver.overlap import overlap
 from ray_eplb.solver.plan_stats import plan_stats
 from ray_eplb.solver.rebalance import _fresh
 
