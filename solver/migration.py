@@ -21,7 +21,9 @@ any assignment solve (which then runs only on GPUs whose expert sets differ). Wh
 reads off a plan (replica counts, peak, avoidable duplicates, the cap check) comes from one
 compiled pass per plan, counted once and shared: :func:`~ray_eplb.solver.plan_stats.plan_stats`
 for the old and the fresh plan, the goal swaps' last pass for the new one; with one slot per GPU
-the goal swaps are skipped (no swap can lower a peak there).
+the goal swaps are skipped (no swap can lower a peak there). In the common case the whole call is
+one compiled function that runs these kernels and makes the per-layer decisions in loops
+(:mod:`~ray_eplb.solver.migrate_compiled`: the same plan, without the numpy glue between stages).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from scipy.optimize import linear_sum_assignment
 
 from ray_eplb.solver.incremental import incremental
 from ray_eplb.solver.maps import bin_counts, checked_slot_counts
+from ray_eplb.solver.migrate_compiled import Partial, migrate_compiled
 from ray_eplb.solver.overlap import kept_upper_bound, match_gpus, sparse_overlap
 from ray_eplb.solver.plan_stats import plan_stats, shared_counts
 
@@ -205,6 +208,17 @@ class FreshCandidate:
         self.moves = np.full(num_layers, old.shape[1] + 1)  # [L]
         self.done = np.zeros(num_layers, dtype=bool)
 
+    @classmethod
+    def planned(cls, old: np.ndarray, fresh: np.ndarray, w: np.ndarray, num_gpus: int, part: Partial):
+        """The candidate with the statistics and bounds the compiled path computed (``part``, its
+        rows those of ``old``), as :meth:`__init__` and a first :meth:`pick` leave them."""
+        self = cls.__new__(cls)
+        self.old, self.fresh, self.w, self.num_gpus = old, fresh, w, num_gpus
+        self.cnt, self.peak, self.dups, self.ok = part.target, part.cand_peak, part.cand_dups, part.cand_ok
+        self.fewest, self.tight, self.plan = part.fewest, part.tight, None
+        self.moves, self.done = np.full(len(old), old.shape[1] + 1), np.zeros(len(old), dtype=bool)
+        return self
+
     def pick(self, new: np.ndarray, peak: np.ndarray, moves: np.ndarray, dups: np.ndarray | None = None):
         """Per layer, the fresh plan where it dominates ``new [L, R]`` (its ``peak``, ``moves``
         ``[L]``): a peak no higher, no more moves, and better in one of the two (peaks equal
@@ -236,6 +250,20 @@ class FreshCandidate:
             return new, peak, moves, dups
         return (np.where(take[:, None], self.plan, new), np.where(take, self.peak, peak),
                 np.where(take, self.moves, moves), None if dups is None else np.where(take, self.dups, dups))
+
+
+def _keep_worth(old, new, peak, moves, dups, peak_old, dup_old, min_gain):
+    """Per layer, ``new`` where its peak falls by more than ``min_gain`` of ``peak_old``, or where it
+    sheds avoidable duplicates of ``old`` (``dups < dup_old``; ``dups`` ``None``: ``old`` has none),
+    else ``old``: ``(plan [L, R], gain [L], moves [L])``. Removing an avoidable duplicate frees a
+    slot: always worth it, whatever the hysteresis."""
+    gain = peak_old - peak  # [L] absolute peak reduction
+    worth = gain > min_gain * peak_old
+    if dups is not None:
+        worth |= dups < dup_old
+    if worth.all():
+        return new, gain, moves
+    return np.where(worth[:, None], new, old), np.where(worth, gain, 0.0), np.where(worth, moves, 0)
 
 
 def hull_spend(gains: np.ndarray, moved: np.ndarray, total: int) -> np.ndarray:
@@ -313,6 +341,19 @@ def migrate(
     """
     num_layers, num_experts = w.shape
     one_slot = old.shape[1] == num_gpus
+    if fresh is not None and known is not None and total is None and not one_slot:  # one compiled call
+        cnt_old = bin_counts(old, 1, num_experts)[:, 0] if cnt_old is None else cnt_old
+        planned = migrate_compiled(w, old, fresh, cnt_old, num_gpus, budget, known, min_gain)
+        if isinstance(planned, Partial):  # a layer needs the fresh plan aligned: done here
+            rows = np.nonzero(~planned.settled)[0]  # (settled layers keep old)
+            part = Partial(*(a[rows] for a in planned))
+            cand = FreshCandidate.planned(old[rows], fresh[rows], w[rows], num_gpus, part)
+            new, peak, moves, dups = cand.pick(part.own.reshape(rows.size, -1), part.peak, part.moved,
+                                               part.dups if part.dup_old.any() else None)
+            planned = old.copy()
+            planned[rows] = _keep_worth(old[rows], new, peak, moves, dups, part.peak_old, part.dup_old, min_gain)[0]
+        if planned is not None:
+            return planned
     if fresh is not None:
         # Cheap exit for layers where nothing can pay, before any other work: ``old`` is the
         # fresh plan itself, or (one slot per GPU: the peak is set by the replica counts alone)
@@ -351,14 +392,7 @@ def migrate(
             moves = moved_slots(old, new)
         if cand is not None:
             new, peak, moves, dups = cand.pick(new, peak, moves, dups)
-        gain = peak_old - peak  # [L] absolute peak reduction
-        # Removing an avoidable duplicate frees a slot: always worth it, whatever the hysteresis.
-        worth = gain > min_gain * peak_old
-        if count_dups:
-            worth |= dups < dup_old
-        if worth.all():
-            return new, gain, moves
-        return np.where(worth[:, None], new, old), np.where(worth, gain, 0.0), np.where(worth, moves, 0)
+        return _keep_worth(old, new, peak, moves, dups, peak_old, dup_old, min_gain)
 
     new, gain, moves = plan(budget)
     if total is None or moves.sum() <= total:

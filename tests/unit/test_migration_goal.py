@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ray_eplb.solver.incremental as incremental_mod
+import ray_eplb.solver.migrate_compiled as migrate_compiled_mod
 import ray_eplb.solver.overlap as overlap_mod
 import ray_eplb.solver.peaks as peaks_mod
 from ray_eplb.controller.bench.workload import synthetic_trace
@@ -27,6 +28,7 @@ def path(request, monkeypatch):
         monkeypatch.setattr(incremental_mod, "relocate_kernel", None)
         monkeypatch.setattr(incremental_mod, "repair_kernel", None)
         monkeypatch.setattr(overlap_mod, "kept_kernel", None)
+        monkeypatch.setattr(migrate_compiled_mod, "_kernel", None)  # (it calls the kernels above itself)
     return request.param
 
 
