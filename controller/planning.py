@@ -60,7 +60,7 @@ def budget_slots(topology: Topology, config: ControllerConfig, fresh: bool = Fal
     """
     if fresh or config.planning == "fresh" or config.max_moves is None:
         return None
-    from ray_eplb.solver.migration import budget_per_layer
+    from ray_eplb.solver.budgets import budget_per_layer
 
     per_layer, total = budget_per_layer(config.max_moves, topology.num_layers, topology.num_slots, config.budget_scope)
     if total is not None:

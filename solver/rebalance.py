@@ -26,9 +26,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ray_eplb.solver.budgets import budget_per_layer
 from ray_eplb.solver.counts import METHODS, check_weight
 from ray_eplb.solver.maps import avoidable_duplicates_np, check_width, logical_maps_np
-from ray_eplb.solver.migration import align, budget_per_layer, check_old, migrate, peak_load
+from ray_eplb.solver.migration import align, check_old, migrate, peak_load
 from ray_eplb.solver.packing import counts_and_place, pack_rounds
 
 POLICIES = ("auto", "global", "hierarchical")

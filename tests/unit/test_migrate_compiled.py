@@ -11,8 +11,9 @@ import ray_eplb.solver.migrate_compiled as fast_mod
 import ray_eplb.solver.migration as migration_mod
 from ray_eplb.solver import rebalance_experts
 from ray_eplb.solver.baseline import greedy_rebalance_experts
+from ray_eplb.solver.budgets import budget_per_layer
 from ray_eplb.solver.maps import bin_counts
-from ray_eplb.solver.migration import budget_per_layer, migrate, peak_load
+from ray_eplb.solver.migration import migrate, peak_load
 from ray_eplb.solver.rebalance import _fresh
 
 pytestmark = pytest.mark.skipif(fast_mod._kernel is None, reason="numba not installed")

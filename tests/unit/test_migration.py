@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 from ray_eplb.controller.bench.workload import synthetic_trace
 from ray_eplb.solver import balancedness, rebalance_experts
+from ray_eplb.solver.budgets import budget_per_layer
 from ray_eplb.solver.maps import logical_maps_np
 from ray_eplb.solver.migration import (
     align,
-    budget_per_layer,
     incremental,
     keep_slots,
     migrate,

@@ -1,7 +1,7 @@
 """Migration with the fresh plan as a candidate (solver/migration.py: ``migrate(..., fresh)``,
-``FreshCandidate``, ``hull_spend``; the dense ``overlap`` of solver/overlap.py): taken only where
-it dominates the incremental plan, never over budget; total budgets spent along each layer's upper
-hull."""
+``FreshCandidate``; solver/budgets.py: ``hull_spend``; the dense ``overlap`` of solver/overlap.py):
+taken only where it dominates the incremental plan, never over budget; total budgets spent along
+each layer's upper hull."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,11 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ray_eplb.solver import rebalance_experts
+from ray_eplb.solver.budgets import budget_per_layer, hull_spend
 from ray_eplb.solver.migration import (
     FreshCandidate,
     align,
-    budget_per_layer,
-    hull_spend,
     incremental,
     migrate,
     moved_slots,
