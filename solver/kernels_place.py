@@ -314,10 +314,10 @@ def slot_counts_kernel(phy2log, num_experts):  # pragma: no cover (compiled)
 
 @_jit
 def fill_maps_kernel(phy2log, log2phy):  # pragma: no cover (compiled)
-    """Fill ``log2phy [L, E, M]`` (``-1`` on entry; allocated by numpy, which asks the OS for huge
-    pages: at full width this output is the largest array of a solve) with each expert's slots of
-    ``phy2log [L, R]`` int64 in ascending order. ``M`` must be at least the most slots of any expert
-    (the caller counts them first with :func:`slot_counts_kernel`)."""
+    """Fill ``log2phy [L, E, M]`` (``-1`` on entry; :func:`~ray_eplb.solver.maps.logical_maps_np`
+    passes a block of layers at a time, just filled) with each expert's slots of ``phy2log [L, R]``
+    int64 in ascending order. ``M`` must be at least the most slots of any expert (the caller counts
+    them first with :func:`slot_counts_kernel`)."""
     num_layers, num_slots = phy2log.shape
     fill = np.zeros(log2phy.shape[1], dtype=np.int64)
     for r in range(num_layers):

@@ -28,6 +28,12 @@ def minus_ones(shape: tuple[int, ...]) -> np.ndarray:
 
 
 WIDTHS = ("full", "used")
+# The compiled maps are written this many bytes of layers at a time: the -1 fill, then each
+# expert's slots while those lines are still in the core's L2 (half of a 1 MiB L2, the smallest of
+# current server cores), instead of a memset of the whole map and then a scatter into lines that it
+# pushed out. Measured (one solve's map at full width, median of 80): Kimi-K2-like 12 MB 0.64 ->
+# 0.54 ms, Qwen3-like 0.21 -> 0.16, DeepSeek-V3 prefill 0.27 -> 0.19; 1 MiB blocks were within 4%.
+MAP_BLOCK_BYTES = 1 << 19
 
 
 def check_width(width: object, name: str = "width") -> None:
@@ -123,9 +129,14 @@ def logical_maps_np(
     if logcnt is None:  # (neither fill below checks its indices)
         raise ValueError(f"phy2log holds an expert id outside [0, {num_experts})")
     m = map_width(logcnt, num_slots, width)
-    if compiled.ENABLED:  # the same maps, compiled
-        log2phy = minus_ones((num_layers, num_experts, m))
-        compiled.fill_maps_kernel(np.ascontiguousarray(phy2log, dtype=np.int64), log2phy)
+    if compiled.ENABLED:  # the same maps, compiled, a block of layers at a time (see MAP_BLOCK_BYTES)
+        log2phy = np.empty((num_layers, num_experts, m), dtype=np.int64)
+        plan = np.ascontiguousarray(phy2log, dtype=np.int64)
+        step = max(1, MAP_BLOCK_BYTES // (8 * num_experts * m))  # layers per block
+        for first in range(0, num_layers, step):
+            block = log2phy[first:first + step]
+            block.view(np.uint8).fill(255)  # -1 (a memset), then the slots while the block is in cache
+            compiled.fill_maps_kernel(plan[first:first + step], block)
         return log2phy, logcnt
     flat = phy2log + (np.arange(num_layers) * num_experts)[:, None]  # [L, R] row-unique expert ids
     keys = phy2log.astype(np.int16) if num_experts < 2**15 else phy2log  # int16: numpy radix-sorts it

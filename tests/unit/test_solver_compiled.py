@@ -117,6 +117,25 @@ def test_rounds_and_maps_same(monkeypatch):
 
 
 @needs_numba
+@pytest.mark.parametrize("block", [1, 8 * 20, 8 * 20 * 3 + 5, 1 << 19])
+def test_maps_written_a_block_of_layers_at_a_time_are_the_whole_maps(monkeypatch, block):
+    """The compiled maps fill ``MAP_BLOCK_BYTES`` of layers at a time (one layer when a layer is
+    larger): every block, the last partial one included, equals the numpy maps, at every width."""
+    import ray_eplb.solver.maps as maps_mod
+
+    monkeypatch.setattr(maps_mod, "MAP_BLOCK_BYTES", block)
+    rng = np.random.default_rng(block)
+    for layers in (1, 2, 7):
+        e = 20
+        phy2log = np.stack([rng.permutation(np.r_[np.arange(e), rng.integers(0, e, 9)]) for _ in range(layers)])
+        for width in ("full", "used", 12):
+            (a, ca), (b, cb) = both(monkeypatch, logical_maps_np, phy2log, e, width)
+            assert a.shape == b.shape and (a == -1).any()
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(ca, cb)
+
+
+@needs_numba
 @pytest.mark.parametrize("shape", [(288, 8, 4, 32), (72, 8, 2, 8), (136, 8, 1, 8), (16, 4, 2, 8)])
 def test_rebalance_same(monkeypatch, shape):
     from ray_eplb.controller.bench.workload import synthetic_trace
