@@ -123,9 +123,11 @@ def _migrate_kernel(w, old, fresh, cnt_old, num_gpus, budget_in, fresh_peak, spr
             cand_peak[rows[i]], cand_dups[rows[i]], cand_ok[rows[i]] = p[i], d[i], o[i]
     # incremental: relocations toward the fresh counts, the duplicate repair, the goal swaps.
     # (A settled layer gets no budget: nothing changes in it, and its result is not used.)
+    # A layer may hold an avoidable duplicate after the relocations if the old plan has one, or if
+    # an expert has more replicas than GPUs before or after them.
     fix_first = np.empty(num_layers, dtype=np.bool_)
     budget = budget_in.copy()
-    dup_rows = 0
+    may_dup = np.zeros(num_layers, dtype=np.bool_)
     for r in range(num_layers):
         fix_first[r] = 2 * budget_in[r] < num_slots
         if settled[r]:
@@ -134,23 +136,12 @@ def _migrate_kernel(w, old, fresh, cnt_old, num_gpus, budget_in, fresh_peak, spr
         top = 0
         for e in range(num_experts):
             top = max(top, cnt_old[r, e])
-        dup_rows += dup_old[r] > 0 or top > num_gpus or most[r] > num_gpus
+        may_dup[r] = dup_old[r] > 0 or top > num_gpus or most[r] > num_gpus
     own = old.copy().reshape(num_layers, num_gpus, slots)
     cnt = cnt_old.copy()
     relocate_kernel(w, own, cnt, target, budget)
-    if dup_rows:
-        may_dup = np.empty(dup_rows, dtype=np.int64)
-        k = 0
-        for r in range(num_layers):
-            if settled[r]:
-                continue
-            top = 0
-            for e in range(num_experts):
-                top = max(top, cnt_old[r, e])
-            if dup_old[r] > 0 or top > num_gpus or most[r] > num_gpus:
-                may_dup[k] = r
-                k += 1
-        repair_kernel(own, w, cnt, may_dup, budget)
+    if may_dup.any():
+        repair_kernel(own, w, cnt, np.nonzero(may_dup)[0], budget)
     limit = cand_peak * (1 + 1e-9) + 1e-12
     peak = np.empty(num_layers)
     moved = np.empty(num_layers, dtype=np.int64)
