@@ -132,7 +132,7 @@ def logical_maps_np(
     if compiled.ENABLED:  # the same maps, compiled, a block of layers at a time (see MAP_BLOCK_BYTES)
         log2phy = np.empty((num_layers, num_experts, m), dtype=np.int64)
         plan = np.ascontiguousarray(phy2log, dtype=np.int64)
-        step = max(1, MAP_BLOCK_BYTES // (8 * num_experts * m))  # layers per block
+        step = max(1, MAP_BLOCK_BYTES // max(1, 8 * num_experts * m))  # layers per block (no experts: one)
         for first in range(0, num_layers, step):
             block = log2phy[first:first + step]
             block.view(np.uint8).fill(255)  # -1 (a memset), then the slots while the block is in cache

@@ -133,6 +133,9 @@ def test_maps_written_a_block_of_layers_at_a_time_are_the_whole_maps(monkeypatch
             assert a.shape == b.shape and (a == -1).any()
             np.testing.assert_array_equal(a, b)
             np.testing.assert_array_equal(ca, cb)
+    # No experts and no slots: an empty map of width 1, as the numpy code gives (no division by zero).
+    (a, ca), (b, cb) = both(monkeypatch, logical_maps_np, np.zeros((2, 0), dtype=np.int64), 0)
+    assert a.shape == b.shape == (2, 0, 1) and ca.shape == cb.shape == (2, 0)
 
 
 @needs_numba
