@@ -108,18 +108,13 @@ def _migrate_kernel(w, old, fresh, cnt_old, num_gpus, budget_in, fresh_peak, spr
     cand_peak = fresh_peak.copy()
     cand_dups = np.zeros(num_layers, dtype=np.int64)
     cand_ok = np.ones(num_layers, dtype=np.bool_)
-    special = 0
+    special = np.zeros(num_layers, dtype=np.bool_)
     for r in range(num_layers):
-        special += (not spread[r]) or most[r] > num_gpus
-    if special:
-        rows = np.empty(special, dtype=np.int64)
-        k = 0
-        for r in range(num_layers):
-            if (not spread[r]) or most[r] > num_gpus:
-                rows[k] = r
-                k += 1
+        special[r] = (not spread[r]) or most[r] > num_gpus
+    if special.any():
+        rows = np.nonzero(special)[0]
         p, d, o = plan_stats_kernel(fresh[rows], w[rows], num_gpus, target[rows], True, True)
-        for i in range(special):
+        for i in range(rows.size):
             cand_peak[rows[i]], cand_dups[rows[i]], cand_ok[rows[i]] = p[i], d[i], o[i]
     # incremental: relocations toward the fresh counts, the duplicate repair, the goal swaps.
     # (A settled layer gets no budget: nothing changes in it, and its result is not used.)
@@ -153,19 +148,14 @@ def _migrate_kernel(w, old, fresh, cnt_old, num_gpus, budget_in, fresh_peak, spr
     fewest = num_slots - kept
     tight = np.zeros(num_layers, dtype=np.bool_)
     done = True
-    need = 0
+    need = np.zeros(num_layers, dtype=np.bool_)
     for r in range(num_layers):
-        need += (not settled[r]) and _maybe(cand_ok[r], cand_peak[r], peak[r], fewest[r], moved[r])
-    if need:
-        rows = np.empty(need, dtype=np.int64)
-        k = 0
-        for r in range(num_layers):
-            if (not settled[r]) and _maybe(cand_ok[r], cand_peak[r], peak[r], fewest[r], moved[r]):
-                rows[k] = r
-                k += 1
+        need[r] = (not settled[r]) and _maybe(cand_ok[r], cand_peak[r], peak[r], fewest[r], moved[r])
+    if need.any():
+        rows = np.nonzero(need)[0]
         bins = (num_layers, num_gpus, slots)
         bound = kept_kernel(old.reshape(bins), fresh.reshape(bins), num_experts, rows)
-        for i in range(need):
+        for i in range(rows.size):
             r = rows[i]
             fewest[r] = max(fewest[r], num_slots - bound[i])
             tight[r] = True
